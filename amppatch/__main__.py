@@ -1,0 +1,5 @@
+import sys
+
+from amppatch.cli import main
+
+sys.exit(main())

@@ -1,0 +1,50 @@
+"""Command line: parses, dispatches, prints. Each command lives in its own ``cmd_*`` module with
+``NAME``, ``HELP``, ``add_arguments(parser)`` and ``run(args)``; ``run`` returns the main result path,
+which is printed as the last line of stdout so scripts can use it."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from types import ModuleType
+
+from amppatch import __version__
+from amppatch.errors import AmppatchError
+
+
+def _command_modules() -> list[ModuleType]:
+    # Imported here so `amppatch --help` lists exactly the commands that exist.
+    from amppatch.cli import cmd_build, cmd_clean, cmd_doctor, cmd_llama, cmd_model
+
+    return [cmd_llama, cmd_build, cmd_model, cmd_doctor, cmd_clean]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="amppatch",
+        description="Measured, reproducible software prefetching for llama.cpp's CPU kernels.",
+    )
+    parser.add_argument("--version", action="version", version=f"amppatch {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for module in _command_modules():
+        command = sub.add_parser(module.NAME, help=module.HELP, description=module.HELP)
+        module.add_arguments(command)
+        command.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        result = args._run(args)
+    except AmppatchError as error:
+        print(f"amppatch: error: {error}", file=sys.stderr)
+        return error.exit_code
+    except KeyboardInterrupt:
+        print("amppatch: interrupted", file=sys.stderr)
+        return 130
+    if result is not None:
+        print(result)
+    return 0

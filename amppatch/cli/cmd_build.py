@@ -1,0 +1,68 @@
+"""`amppatch build`: an out-of-tree, cached CMake build of llama.cpp's tools."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from amppatch.build import DEFAULT_TARGETS, BuildOptions, build
+from amppatch.errors import UsageError
+
+NAME = "build"
+HELP = "build llama-bench, llama-completion, llama-quantize and llama-perplexity (cached by commit + flags)"
+
+
+def parse_define(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise UsageError(f"--define {text!r} is not KEY=VALUE", next_step="e.g. --define GGML_NATIVE=OFF")
+    return key, value
+
+
+def add_build_arguments(parser: argparse.ArgumentParser) -> None:
+    """Build options shared by every command that builds (build, apply)."""
+    parser.add_argument("--cflags", default="", help="extra C/C++ flags for every target")
+    parser.add_argument("--kernel-cflags", default="",
+                        help="extra flags for the ggml CPU backend only (e.g. -fprefetch-loop-arrays)")
+    parser.add_argument("--define", action="append", default=[], metavar="KEY=VALUE",
+                        help="extra CMake option, repeatable (e.g. GGML_NATIVE=OFF GGML_AVX512=ON)")
+    parser.add_argument("--pgo", action="store_true",
+                        help="profile-guided build of the CPU backend: instrument, train, rebuild")
+    parser.add_argument("--pgo-model", type=Path,
+                        help="model for the PGO training run (default: the tiny synthetic q8_0 model)")
+    parser.add_argument("--allow-faulting-isa", action="store_true",
+                        help="keep ISA features that the probe saw fault (default: build without them)")
+
+
+def build_options_from_args(args: argparse.Namespace, **overrides: object) -> BuildOptions:
+    pgo_model = args.pgo_model
+    if args.pgo and pgo_model is None:
+        from amppatch.model import SynthOptions, synth_model
+
+        pgo_model = synth_model(SynthOptions(shape="tiny", type="q8_0", repo=args.repo))
+    values: dict[str, object] = dict(
+        repo=args.repo,
+        cflags=args.cflags,
+        kernel_cflags=args.kernel_cflags,
+        defines=tuple(parse_define(d) for d in args.define),
+        pgo=args.pgo,
+        pgo_model=pgo_model,
+        allow_faulting_isa=args.allow_faulting_isa,
+    )
+    values.update(overrides)
+    return BuildOptions(**values)  # type: ignore[arg-type]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--repo", type=Path, required=True, help="llama.cpp source tree (a git repository)")
+    parser.add_argument("--ref", help="build this commit or branch (from amppatch's worktree) instead of HEAD")
+    parser.add_argument("--name", help="a label for progress and the manifest (not part of the cache key)")
+    parser.add_argument("--target", action="append", dest="targets", metavar="TARGET",
+                        help=f"CMake target, repeatable (default: {' '.join(DEFAULT_TARGETS)})")
+    add_build_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> Path:
+    options = build_options_from_args(args, ref=args.ref, name=args.name,
+                                      targets=tuple(args.targets) if args.targets else DEFAULT_TARGETS)
+    return build(options).dir

@@ -1,0 +1,31 @@
+"""`amppatch model synth`: a synthetic llama GGUF of a real shape."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from amppatch.build import load_build
+from amppatch.model import SHAPES, TYPES, SynthOptions, synth_model
+
+NAME = "model"
+HELP = "make synthetic llama-architecture GGUF models (random weights, real shapes and tokenizer)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="model_command", metavar="ACTION", required=True)
+    synth = sub.add_parser("synth", help="write (or reuse) a synthetic model and print its path")
+    synth.add_argument("--shape", choices=sorted(SHAPES), default="tiny",
+                       help="tiny (tests, ~1 s), 1b (TinyLlama 1.1B shape), 3b (Llama-3.2-3B-like)")
+    synth.add_argument("--type", choices=sorted(TYPES), default="q8_0", help="weight type (default q8_0)")
+    synth.add_argument("--seed", type=int, default=0, help="random seed; same seed, same file (default 0)")
+    synth.add_argument("-o", "--output", type=Path, help="also copy the model to this path")
+    synth.add_argument("--repo", type=Path, help="llama.cpp tree for the tokenizer and llama-quantize "
+                       "(default: the pinned fetched tree)")
+    synth.add_argument("--build", type=Path, help="build whose llama-quantize to use (default: build --repo)")
+
+
+def run(args: argparse.Namespace) -> Path:
+    bld = load_build(args.build) if args.build else None
+    return synth_model(SynthOptions(shape=args.shape, type=args.type, seed=args.seed, out=args.output,
+                                    build=bld, repo=args.repo))

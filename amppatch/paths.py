@@ -1,0 +1,69 @@
+"""Where amppatch keeps heavy artifacts: outside any repository, under the user's cache dir (XDG)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def cache_root() -> Path:
+    """$AMPPATCH_CACHE_DIR, else $XDG_CACHE_HOME/amppatch, else ~/.cache/amppatch."""
+    explicit = os.environ.get("AMPPATCH_CACHE_DIR")
+    if explicit:
+        return Path(explicit).expanduser().resolve()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    return (base / "amppatch").resolve()
+
+
+# The kinds of artifact `amppatch clean` knows, each in its own subdirectory of the cache root.
+CACHE_KINDS: dict[str, str] = {
+    "sources": "downloaded llama-cpp-python source archives",
+    "trees": "llama.cpp source trees made into git repositories",
+    "builds": "CMake build directories with their manifests",
+    "models": "synthetic GGUF models",
+    "tools": "compiled helper programs (feature probes, tracer, machine probe)",
+    "worktrees": "git worktrees amppatch uses to build patched branches",
+}
+
+
+def cache_dir(kind: str) -> Path:
+    """The directory for one kind of artifact (created on demand)."""
+    if kind not in CACHE_KINDS:
+        raise ValueError(f"unknown cache kind {kind!r}")
+    path = cache_root() / kind
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+class FileLock:
+    """An exclusive advisory lock (flock) on `path`, so two amppatch processes never build into or fetch
+    into the same cache entry at once; the second waits and then finds the first one's finished result."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd: int | None = None
+
+    def __enter__(self) -> FileLock:
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        import fcntl
+
+        assert self._fd is not None
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
+        os.close(self._fd)
+        self._fd = None
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write via a temporary file and rename, so a crash never leaves a half-written result file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)

@@ -1,0 +1,62 @@
+from pathlib import Path
+
+import pytest
+
+from amppatch.build import _error_excerpt, _kernel_flags_cmake, declared_cmake_options, load_build
+from amppatch.cli.cmd_build import parse_define
+from amppatch.errors import UsageError
+from amppatch.features import FEATURES, IsaReport, disable_flags
+
+
+def test_disable_flags_removes_only_faulting_features_with_dependants():
+    report = IsaReport(
+        compiler="gcc",
+        advertised=("avx2", "avx512f", "amx-tile", "amx-int8"),
+        executes={"avx2": True, "avx512f": True, "amx-tile": False, "amx-int8": False},
+        detail={},
+    )
+    flags = disable_flags(report)
+    assert "-mno-amx-tile" in flags and "-mno-amx-int8" in flags and "-mno-amx-bf16" in flags
+    assert not any("avx512f" in f or "avx2" in f for f in flags)
+    assert len(flags) == len(set(flags))
+
+
+def test_disable_flags_empty_when_everything_runs():
+    names = tuple(f.name for f in FEATURES)
+    report = IsaReport("gcc", names, dict.fromkeys(names, True), {})
+    assert disable_flags(report) == ()
+
+
+def test_kernel_flags_script_targets_ggml_cpu_after_configure():
+    text = _kernel_flags_cmake(["-fprefetch-loop-arrays", '-DX="a b"'], ["-fprofile-generate"])
+    assert "cmake_language(DEFER DIRECTORY" in text
+    assert 'target_compile_options(ggml-cpu PRIVATE "-fprefetch-loop-arrays" "-DX=\\"a b\\""' in text
+    assert 'target_link_options(ggml-cpu PRIVATE "-fprofile-generate")' in text
+
+
+def test_declared_options_are_read_from_cmakelists(tmp_path: Path):
+    (tmp_path / "ggml").mkdir()
+    (tmp_path / "CMakeLists.txt").write_text('option(LLAMA_BUILD_SERVER "x" ON)\n  option( LLAMA_CURL "y" OFF)\n')
+    (tmp_path / "ggml" / "CMakeLists.txt").write_text('option(GGML_NATIVE "n" ON)\n')
+    assert declared_cmake_options(tmp_path) == {"LLAMA_BUILD_SERVER", "LLAMA_CURL", "GGML_NATIVE"}
+
+
+def test_error_excerpt_prefers_compiler_errors():
+    lines = ["[1/3] ok", "FAILED: foo.o", "foo.c:3:1: error: expected ';'", "  3 | int x", "ninja: build stopped"]
+    excerpt = _error_excerpt(lines)
+    assert "error: expected ';'" in excerpt and "FAILED: foo.o" in excerpt
+
+
+def test_load_build_without_manifest_is_refused(tmp_path: Path):
+    with pytest.raises(UsageError, match="not a finished amppatch build"):
+        load_build(tmp_path)
+
+
+@pytest.mark.parametrize("text", ["GGML_NATIVE", "=ON", ""])
+def test_define_must_be_key_value(text: str):
+    with pytest.raises(UsageError):
+        parse_define(text)
+
+
+def test_define_parses():
+    assert parse_define("GGML_AVX512=ON") == ("GGML_AVX512", "ON")
