@@ -177,6 +177,17 @@ class ResolvedBuild:
     def key(self) -> str:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
 
+    @property
+    def dir_key(self) -> str:
+        """The build directory's name: the key without the uncommitted-changes hash, so successive edits
+        of a dirty tree rebuild incrementally in one directory (only what an edit touches recompiles),
+        while the manifest's full key still keeps a stale build from being reused."""
+        if self.dirty_hash is None:
+            return self.key
+        fields = asdict(self)
+        fields.pop("dirty_hash")
+        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+
 
 def worktree_path(repo: Path) -> Path:
     """The one amppatch-owned worktree of `repo` (shared by all refs, so ccache sees one set of paths)."""
@@ -372,16 +383,17 @@ def build(options: BuildOptions) -> Build:
     """Build (or reuse) llama.cpp for `options`; returns the finished build."""
     rb = resolve(options)
     targets = tuple(dict.fromkeys(options.targets))
-    build_dir = cache_dir("builds") / rb.key
+    build_dir = cache_dir("builds") / rb.dir_key
     label = options.name or f"build {rb.key}"
-    with FileLock(cache_dir("builds") / f".{rb.key}.lock"):
+    with FileLock(cache_dir("builds") / f".{rb.dir_key}.lock"):
         manifest_path = build_dir / "manifest.json"
-        if manifest_path.is_file():
-            existing = load_build(build_dir)
-            if all((build_dir / "bin" / t).is_file() for t in targets):
-                progress(f"{label}: reusing {build_dir}")
-                return existing
-        previous_targets = existing.manifest.get("targets", []) if manifest_path.is_file() else []
+        existing = load_build(build_dir) if manifest_path.is_file() else None
+        if existing is not None and existing.manifest.get("key") != rb.key:
+            existing = None  # the same tree with other uncommitted changes: rebuild incrementally
+        if existing is not None and all((build_dir / "bin" / t).is_file() for t in targets):
+            progress(f"{label}: reusing {build_dir}")
+            return existing
+        previous_targets = existing.manifest.get("targets", []) if existing is not None else []
         source_lock = FileLock(Path(rb.source_dir + ".lock")) if not rb.in_place else contextlib.nullcontext()
         start = time.monotonic()
         build_dir.mkdir(parents=True, exist_ok=True)

@@ -62,7 +62,10 @@ def test_uncommitted_change_changes_the_key(llama_repo: Path, tmp_path: Path):
     dirty = resolve(BuildOptions(repo=clone))
     assert dirty.key != clean.key and dirty.in_place and dirty.dirty_hash
     target.write_text(target.read_text() + "// another edit\n")
-    assert resolve(BuildOptions(repo=clone)).key != dirty.key
+    again = resolve(BuildOptions(repo=clone))
+    assert again.key != dirty.key
+    # ...but the same build directory, so the second edit rebuilds incrementally.
+    assert again.dir_key == dirty.dir_key
 
 
 def test_tiny_model_generates_with_llama_bench(native_build: Build, tiny_model_q8_0: Path):
