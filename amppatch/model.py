@@ -163,6 +163,7 @@ def synth_model(options: SynthOptions) -> Path:
                 tmp_path = Path(tmp.name)
             try:
                 write_f16_model(tmp_path, shape, options.seed, vocab, f"amppatch-synthetic-{options.shape}")
+                tmp_path.chmod(0o644)  # NamedTemporaryFile creates 0600; models are shared like any cache file
                 os.replace(tmp_path, f16)
             finally:
                 tmp_path.unlink(missing_ok=True)
