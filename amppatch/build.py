@@ -355,14 +355,14 @@ def _configure_and_build(rb: ResolvedBuild, build_dir: Path, targets: tuple[str,
     defines["CMAKE_CXX_FLAGS"] = common
     defines["CMAKE_PROJECT_INCLUDE"] = str(flags_file)
     ccache = shutil.which("ccache")
-    if ccache and not rb.pgo:  # ccache cannot cache -fprofile-generate/-use objects usefully
+    if ccache:  # ccache hashes -fprofile-use data, and PGO flags only touch the CPU backend
         defines["CMAKE_C_COMPILER_LAUNCHER"] = ccache
         defines["CMAKE_CXX_COMPILER_LAUNCHER"] = ccache
     generator = ["-G", "Ninja"] if shutil.which("ninja") else []
     if (build_dir / "CMakeCache.txt").exists():
         generator = []  # a generator cannot change on reconfigure
     args = ["-S", rb.source_dir, "-B", str(build_dir), *generator, *[f"-D{k}={v}" for k, v in defines.items()]]
-    progress(f"{label}: configuring ({'ccache, ' if ccache and not rb.pgo else ''}"
+    progress(f"{label}: configuring ({'ccache, ' if ccache else ''}"
              f"{'ninja' if shutil.which('ninja') else 'make'}) ...")
     _cmake(args, label=f"{label} configure", env=env)
     jobs = str(os.cpu_count() or 2)
