@@ -15,9 +15,9 @@ from amppatch.errors import AmppatchError
 
 def _command_modules() -> list[ModuleType]:
     # Imported here so `amppatch --help` lists exactly the commands that exist.
-    from amppatch.cli import cmd_build, cmd_clean, cmd_doctor, cmd_llama, cmd_model
+    from amppatch.cli import cmd_apply, cmd_build, cmd_clean, cmd_doctor, cmd_llama, cmd_model, cmd_profile
 
-    return [cmd_llama, cmd_build, cmd_model, cmd_doctor, cmd_clean]
+    return [cmd_llama, cmd_build, cmd_model, cmd_profile, cmd_apply, cmd_doctor, cmd_clean]
 
 
 def build_parser() -> argparse.ArgumentParser:

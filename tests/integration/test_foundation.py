@@ -141,3 +141,18 @@ def test_kernel_cflags_reach_only_the_cpu_backend(llama_repo: Path):
     with_flag = {c["file"] for c in commands if "-fprefetch-loop-arrays" in c["command"]}
     assert with_flag and all("/ggml-cpu/" in f for f in with_flag)
     assert all("-fprefetch-loop-arrays" in c["command"] for c in commands if "/ggml-cpu/" in c["file"])
+
+
+@pytest.mark.slow
+def test_pgo_build_trains_and_uses_a_profile(llama_repo: Path, tiny_model_q8_0: Path):
+    b = build(BuildOptions(repo=llama_repo, name="pgo", pgo=True, pgo_model=tiny_model_q8_0))
+    assert b.manifest["pgo"] and any(p.suffix == ".gcda" for p in (b.dir / "pgo-data").rglob("*"))
+    commands = json.loads((b.dir / "compile_commands.json").read_text())
+    cpu = [c["command"] for c in commands if "/ggml-cpu/" in c["file"]]
+    assert cpu and all("-fprofile-use=" in c for c in cpu)
+    assert not any("-fprofile" in c["command"] for c in commands if "/ggml-cpu/" not in c["file"])
+    done = subprocess.run(
+        [str(b.binary("llama-bench")), "-m", str(tiny_model_q8_0), "-p", "0", "-n", "4", "-r", "1", "-o", "jsonl"],
+        capture_output=True, text=True, env=run_env(b), timeout=300,
+    )
+    assert done.returncode == 0, done.stderr

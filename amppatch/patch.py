@@ -1,0 +1,917 @@
+"""amppatch apply: plan → render → edit → verify → commit/export → build A and B → correctness gate.
+
+* **Sites** are keyed by function + loop (0-based ordinal in source order, or ``L<line>``) + stream (the
+  address expression, e.g. ``x[ib]``, or its base pointer). ``--site FUNCTION[:LOOP[:STREAM]]`` defaults
+  the loop to the function's first live outermost streaming loop and the stream to the one coming from the
+  earliest pointer parameter (the weight row of a ggml vec_dot). ``--profile profile.json`` takes the
+  profile's ``sites`` (``function``, ``loop``, ``stream``, ``distance_bytes``, ``hint``, ``inputs``).
+* **Defaults** for manual sites: 2048 bytes ahead, locality 3 (``DEFAULT_DISTANCE``, ``DEFAULT_HINT``). The
+  hand experiment that motivated amppatch prefetched the Q8_0 weight stream "a few KiB" ahead with
+  locality 3 at 1 thread (~1.5x); 2 KiB is ~60 Q8_0 blocks, several memory latencies of consumption at
+  one thread's streaming rate, and still well inside the L1/L2 reach of the hardware prefetchers' pages.
+* **Rendering** uses the Jinja templates in ``amppatch/templates`` with StrictUndefined; each inserted line
+  carries ``/* amppatch: <site key> ... */``. Edits are spliced in reverse byte order; the file is
+  re-parsed and must not have more ERROR nodes than before. A loop that already carries this site's marker
+  is left alone, so a second apply changes nothing.
+* **Git**: a dirty tree is refused; the patch is committed on ``amppatch/<id>`` without touching the
+  user's branch, index or working files (blobs, a temporary index and ``commit-tree``); ``<id>`` hashes the
+  base commit, the resolved sites and parameters and the tool version, so the same request finds its
+  branch. ``<id>.patch`` (format-patch) and ``<id>.json`` (the manifest) go to the output directory.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field, replace
+from importlib import resources
+from pathlib import Path
+
+import jinja2
+
+from amppatch import __version__
+from amppatch.build import BuildOptions
+from amppatch.errors import AmppatchError, BuildError, SubprocessError, UsageError
+from amppatch.paths import cache_dir, write_text_atomic
+from amppatch.proc import progress
+from amppatch.source import (
+    FunctionAnalysis,
+    Loop,
+    Stream,
+    analyze_function,
+    default_stream,
+    find_function_files,
+)
+from amppatch.source.loops import MARKER_WORD
+from amppatch.source.parse import error_nodes, parse_bytes
+
+SCHEMA_VERSION = 1
+DEFAULT_DISTANCE = 2048
+DEFAULT_HINT = 3
+MAX_DISTANCE = 1 << 20
+TUNABLES_HEADER = "ggml/src/ggml-cpu/amppatch-tunables.h"
+BRANCH_PREFIX = "amppatch/"
+_GIT_IDENTITY = {
+    "GIT_AUTHOR_NAME": "amppatch",
+    "GIT_AUTHOR_EMAIL": "amppatch@localhost",
+    "GIT_COMMITTER_NAME": "amppatch",
+    "GIT_COMMITTER_EMAIL": "amppatch@localhost",
+}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Requests and options
+
+
+@dataclass(frozen=True)
+class SiteRequest:
+    """What the user (or the profile) asked for; loop/stream None = default."""
+
+    function: str
+    loop: int | str | None = None  # ordinal, or "L<line>"
+    stream: str | None = None  # expression, base name, or "*" for every stream of the loop
+    distance_bytes: int = DEFAULT_DISTANCE
+    hint: int = DEFAULT_HINT
+    origin: str = "manual"  # manual | profile
+    inputs: dict = field(default_factory=dict, compare=False)
+
+    def describe(self) -> str:
+        loop = "default loop" if self.loop is None else f"loop {self.loop}"
+        stream = "default stream" if self.stream is None else f"stream {self.stream}"
+        return f"{self.function} ({loop}, {stream})"
+
+
+@dataclass(frozen=True)
+class ApplyOptions:
+    repo: Path
+    sites: tuple[str, ...] = ()
+    profile: Path | None = None
+    distance: int | None = None  # overrides every site's distance (manual default DEFAULT_DISTANCE)
+    hint: int | None = None
+    tunable: bool = False
+    dry_run: bool = False
+    build: bool = True
+    # Options both arms are built with (ref and name are set per arm); None = the build layer's defaults.
+    build_options: BuildOptions | None = None
+    like: Path | None = None  # the build whose options build_options copies (its compile db serves --no-build)
+    out: Path | None = None
+    compile_db: Path | None = None
+    gate: bool = True
+    gate_model: Path | None = None
+    gate_args: tuple[str, ...] = ()
+    line_size: int | None = None  # cache line size; None = this machine's (sysfs), else 64
+
+
+def parse_loop_key(text: str | int | None) -> int | str | None:
+    """An ordinal ("3", 3), a source line ("L1330", "@1330", "line:1330"), or None/"" for the default."""
+    if text is None or isinstance(text, int):
+        return text
+    t = str(text).strip()
+    if t in ("", "*", "default"):
+        return None
+    if t.isdigit():
+        return int(t)
+    m = re.fullmatch(r"(?:L|@|line:?)(\d+)", t, re.IGNORECASE)
+    if m:
+        return f"L{int(m.group(1))}"
+    raise UsageError(f"loop {text!r} is neither an ordinal nor a line",
+                     next_step="use an ordinal (0, 1, ...) or L<line>, e.g. L1330")
+
+
+def _check_params(distance: int, hint: int, where: str) -> None:
+    if not isinstance(distance, int) or not 0 < distance <= MAX_DISTANCE:
+        raise UsageError(f"{where}: distance {distance!r} is not a byte count in 1..{MAX_DISTANCE}",
+                         next_step="pass --distance BYTES, e.g. 2048")
+    if hint not in (0, 1, 2, 3):
+        raise UsageError(f"{where}: hint {hint!r} is not a locality 0-3",
+                         next_step="pass --hint 0..3 (3 = keep in all cache levels)")
+
+
+def parse_site_spec(spec: str, distance: int | None, hint: int | None) -> SiteRequest:
+    """FUNCTION[:LOOP[:STREAM]] (the stream may contain ':' only in C++ scopes, so it takes the rest)."""
+    parts = spec.split(":", 2)
+    function = parts[0].strip()
+    if not re.fullmatch(r"[A-Za-z_]\w*", function):
+        raise UsageError(f"--site {spec!r}: {function!r} is not a function name",
+                         next_step="use --site FUNCTION[:LOOP[:STREAM]], e.g. ggml_vec_dot_q8_0_q8_0:0:x[ib]")
+    loop = parse_loop_key(parts[1]) if len(parts) > 1 else None
+    stream = parts[2].strip() if len(parts) > 2 and parts[2].strip() else None
+    d = DEFAULT_DISTANCE if distance is None else distance
+    h = DEFAULT_HINT if hint is None else hint
+    _check_params(d, h, f"--site {spec}")
+    return SiteRequest(function, loop, stream, d, h, "manual")
+
+
+def sites_from_profile(path: Path, distance: int | None, hint: int | None) -> tuple[list[SiteRequest], dict]:
+    """The profile's `sites` as requests (--distance/--hint override theirs), and the profile itself."""
+    try:
+        profile = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise UsageError(f"cannot read profile {path}: {exc}",
+                         next_step="pass a profile.json written by `amppatch profile`") from exc
+    sites = profile.get("sites") if isinstance(profile, dict) else None
+    if not isinstance(sites, list):
+        raise UsageError(f"{path} has no `sites` list", next_step="pass a profile.json written by `amppatch profile`")
+    if not sites:
+        raise UsageError(f"{path} lists no sites (no hot streaming loop was found)",
+                         next_step="profile a workload whose kernels stream memory, or pass --site")
+    out = []
+    for i, s in enumerate(sites):
+        if not isinstance(s, dict) or "function" not in s:
+            raise UsageError(f"{path}: site {i} has no `function`", next_step="regenerate the profile")
+        d = distance if distance is not None else s.get("distance_bytes", DEFAULT_DISTANCE)
+        h = hint if hint is not None else s.get("hint", DEFAULT_HINT)
+        _check_params(d, h, f"{path} site {i}")
+        out.append(SiteRequest(str(s["function"]), parse_loop_key(s.get("loop")), s.get("stream") or None,
+                               int(d), int(h), "profile", dict(s.get("inputs") or {})))
+    return out, profile
+
+
+def this_cpu_model() -> str | None:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        return None
+    return None
+
+
+def cache_line_size() -> int:
+    """L1D line size from sysfs (64 on every x86 and most ARM parts when sysfs is silent)."""
+    try:
+        value = int(Path("/sys/devices/system/cpu/cpu0/cache/index0/coherency_line_size").read_text())
+        if value > 0 and value & (value - 1) == 0:
+            return value
+    except (OSError, ValueError):
+        pass
+    return 64
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Planning
+
+
+@dataclass(frozen=True)
+class PlannedSite:
+    request: SiteRequest
+    function: str
+    loop: Loop
+    stream: Stream
+    file: str  # relpath
+    key: str  # "ggml_vec_dot_q8_0_q8_0#0 x[ib]"
+    slug: str
+    lines: int  # prefetches per iteration (cache lines the stream consumes per iteration)
+    existing_prefetches: tuple[str, ...]
+
+    @property
+    def env_distance(self) -> str:
+        return f"AMPPATCH_{self.slug.upper()}_DISTANCE"
+
+    @property
+    def env_hint(self) -> str:
+        return f"AMPPATCH_{self.slug.upper()}_HINT"
+
+    def to_dict(self, *, tunable: bool = False) -> dict:
+        s = self.stream
+        data = {
+            "key": self.key, "function": self.function, "file": self.file, "loop": self.loop.ordinal,
+            "loop_line": self.loop.start_line, "loop_end_line": self.loop.end_line, "guard": self.loop.guard,
+            "live": self.loop.live, "induction": self.loop.induction, "step": self.loop.step,
+            "stream": s.expression, "stream_kind": s.kind, "address": s.address,
+            "element_type": s.element_type, "element_size": s.element_size,
+            "bytes_per_iteration": s.bytes_per_iteration, "lines_per_iteration": self.lines,
+            "distance_bytes": self.request.distance_bytes, "hint": self.request.hint,
+            "origin": self.request.origin, "inputs": self.request.inputs,
+            "existing_prefetches": list(self.existing_prefetches),
+        }
+        if tunable:
+            data["env"] = {"distance": self.env_distance, "hint": self.env_hint}
+        return data
+
+
+@dataclass(frozen=True)
+class Skipped:
+    request: SiteRequest
+    reason: str
+
+    def to_dict(self) -> dict:
+        return {"site": self.request.describe(), "reason": self.reason}
+
+
+@dataclass
+class Plan:
+    sites: list[PlannedSite]
+    skipped: list[Skipped]
+    analyses: dict[str, FunctionAnalysis]
+    warnings: list[str]
+
+
+def _slug(function: str, loop: int, base: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "_", f"{function}_l{loop}_{base}").strip("_").lower()
+
+
+def _comment_safe(text: str) -> str:
+    return text.replace("*/", "* /").replace("\n", " ")
+
+
+def _select_loop(fa: FunctionAnalysis, key: int | str | None) -> Loop | None:
+    if key is None:
+        return fa.default_loop()
+    if isinstance(key, int):
+        return fa.loop(key)
+    return fa.loop_at_line(int(key[1:]))
+
+
+def plan_sites(requests: list[SiteRequest], analyses: dict[str, FunctionAnalysis], line_size: int) -> Plan:
+    """Resolve each request to a live loop and stream of its analyzed function (pure)."""
+    planned: list[PlannedSite] = []
+    skipped: list[Skipped] = []
+    warnings: list[str] = []
+    seen: set[str] = set()
+    for req in requests:
+        fa = analyses[req.function]
+        loop = _select_loop(fa, req.loop)
+        if loop is None:
+            where = "" if req.loop is None else f" at {req.loop}"
+            skipped.append(Skipped(req, f"no live loop with a memory stream{where} in {fa.function} "
+                                        f"({fa.relpath}:{fa.start_line}); loops: " + _loop_summary(fa)))
+            continue
+        if loop.live is False:
+            skipped.append(Skipped(req, f"loop #{loop.ordinal} (line {loop.start_line}, {loop.guard}) is in a "
+                                        "preprocessor branch this build does not compile (dead)"))
+            continue
+        if loop.parse_error:
+            skipped.append(Skipped(req, f"loop #{loop.ordinal} (line {loop.start_line}): {loop.parse_error}; "
+                                        "not patched because its edit could not be placed reliably"))
+            continue
+        if loop.live is None:
+            warnings.append(f"{fa.function} loop #{loop.ordinal}: liveness unknown (no compile command)")
+        if req.stream in (None, ""):
+            chosen = [default_stream(loop)]
+        elif req.stream.strip() in ("*", "all"):
+            chosen = list(loop.streams)
+        else:
+            chosen = [loop.stream(req.stream)]
+        if not chosen or chosen[0] is None:
+            names = ", ".join(s.expression for s in loop.streams) or "none"
+            skipped.append(Skipped(req, f"loop #{loop.ordinal} (line {loop.start_line}) has no stream "
+                                        f"{req.stream or ''!s} (streams: {names})"))
+            continue
+        for stream in chosen:
+            assert stream is not None
+            key = f"{fa.function}#{loop.ordinal} {stream.expression}"
+            if key in seen:
+                warnings.append(f"site {key} requested twice; applied once")
+                continue
+            seen.add(key)
+            lines = 1
+            if stream.bytes_per_iteration is not None and stream.bytes_per_iteration > line_size:
+                lines = math.ceil(stream.bytes_per_iteration / line_size)
+            existing = tuple(f"line {p.line}: {p.text}" for p in loop.prefetches if not p.by_amppatch)
+            if existing:
+                warnings.append(f"{key}: the loop already prefetches ({'; '.join(existing)}); kept as is")
+            planned.append(PlannedSite(req, fa.function, loop, stream, fa.relpath, key,
+                                       _slug(fa.function, loop.ordinal, stream.base), lines, existing))
+    return Plan(planned, skipped, analyses, warnings)
+
+
+def _loop_summary(fa: FunctionAnalysis) -> str:
+    parts = []
+    for lp in fa.loops:
+        state = {True: "live", False: "dead", None: "liveness unknown"}[lp.live]
+        streams = ", ".join(s.expression for s in lp.streams) or "no streams"
+        parts.append(f"#{lp.ordinal} line {lp.start_line} ({state}; {streams})")
+    return "; ".join(parts) or "none"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Rendering and editing
+
+
+def _environment() -> jinja2.Environment:
+    root = resources.files("amppatch") / "templates"
+
+    def load(name: str) -> str:
+        return (root / name).read_text()
+
+    return jinja2.Environment(loader=jinja2.FunctionLoader(load), undefined=jinja2.StrictUndefined,
+                              trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=False,
+                              autoescape=False)
+
+
+def marker(site: PlannedSite) -> str:
+    return f"{MARKER_WORD} {_comment_safe(site.key)}"
+
+
+def render_site(site: PlannedSite, *, tunable: bool, line_size: int, env: jinja2.Environment | None = None) -> str:
+    """The lines inserted at the top of the site's loop body (no trailing newline)."""
+    env = env or _environment()
+    common = {"indent": site.loop.body_indent, "marker": marker(site), "address": site.stream.address,
+              "distance": site.request.distance_bytes, "hint": site.request.hint}
+    if tunable:
+        text = env.get_template("prefetch_tunable.c.j2").render(
+            **common, slug=site.slug, env_distance=site.env_distance, env_hint=site.env_hint)
+    elif site.lines > 1:
+        text = env.get_template("prefetch_lines.c.j2").render(**common, lines=site.lines, line_size=line_size)
+    else:
+        text = env.get_template("prefetch_single.c.j2").render(**common)
+    return text.rstrip("\n")
+
+
+def render_tunables_header(sites: list[PlannedSite], line_size: int, env: jinja2.Environment | None = None) -> str:
+    env = env or _environment()
+    items = [{"key": _comment_safe(s.key), "slug": s.slug, "env_distance": s.env_distance, "env_hint": s.env_hint,
+              "distance": s.request.distance_bytes, "hint": s.request.hint, "lines": s.lines} for s in sites]
+    return env.get_template("tunables.h.j2").render(sites=items, line_size=line_size,
+                                                    tool_version=__version__).rstrip("\n") + "\n"
+
+
+@dataclass(frozen=True)
+class Edit:
+    offset: int
+    text: str
+
+
+def splice(source: bytes, edits: list[Edit]) -> bytes:
+    """Apply insertions in reverse byte order, so earlier offsets stay valid."""
+    out = bytearray(source)
+    for e in sorted(edits, key=lambda e: e.offset, reverse=True):
+        out[e.offset : e.offset] = e.text.encode()
+    return bytes(out)
+
+
+def site_edits(site: PlannedSite, source: bytes, rendered: str) -> list[Edit]:
+    """Insert `rendered` as the first lines of the loop body (wrapping a brace-less body in braces)."""
+    loop = site.loop
+    if loop.body_compound:
+        return [Edit(loop.body_start_byte + 1, "\n" + rendered)]
+    line_start = source.rfind(b"\n", 0, loop.body_start_byte) + 1
+    indent = source[line_start : loop.body_start_byte].decode()
+    indent = indent if indent.strip() == "" else loop.body_indent
+    return [Edit(loop.body_start_byte, "{ /* " + marker(site) + " */\n" + rendered + "\n" + indent),
+            Edit(loop.body_end_byte, " } /* " + marker(site) + " */")]
+
+
+def already_applied(site: PlannedSite, source: bytes) -> bool:
+    body = source[site.loop.start_byte : site.loop.end_byte]
+    return f"/* {marker(site)} ".encode() in body or f"/* {marker(site)} */".encode() in body
+
+
+def include_edit(parsed_source: bytes, grammar: str, relpath: str, marker_text: str,
+                 env: jinja2.Environment) -> Edit | None:
+    """`#include` of the tunables header after the file's last top-level include (None if present)."""
+    header_rel = os.path.relpath(TUNABLES_HEADER, os.path.dirname(relpath))
+    if f'#include "{header_rel}"'.encode() in parsed_source:
+        return None
+    parsed = parse_bytes(parsed_source, grammar)
+    includes = [c for c in parsed.root.children if c.type == "preproc_include"]
+    text = env.get_template("tunable_include.c.j2").render(header=header_rel, marker=marker_text).rstrip("\n")
+    if includes:
+        end = includes[-1].end_byte
+        # preproc_include ends after its newline; insert at the start of the next line
+        if parsed_source[end - 1 : end] != b"\n":
+            nl = parsed_source.find(b"\n", end)
+            end = len(parsed_source) if nl < 0 else nl + 1
+        return Edit(end, text + "\n")
+    return Edit(0, text + "\n")
+
+
+@dataclass
+class FileChange:
+    relpath: str
+    before: bytes
+    after: bytes
+    inserted_lines: list[int]  # 1-based lines of `after` that amppatch inserted
+
+
+def build_changes(plan: Plan, repo: Path, *, tunable: bool,
+                  line_size: int) -> tuple[list[FileChange], list[PlannedSite]]:
+    """Render every site and edit its file; returns the changed files and the sites that changed them."""
+    env = _environment()
+    by_file: dict[str, list[PlannedSite]] = {}
+    for site in plan.sites:
+        by_file.setdefault(site.file, []).append(site)
+    changes: list[FileChange] = []
+    applied: list[PlannedSite] = []
+    for rel, sites in by_file.items():
+        fa = next(plan.analyses[s.function] for s in sites)
+        source = (repo / rel).read_bytes()
+        if hashlib.sha256(source).hexdigest() != fa.source_sha:
+            raise UsageError(f"{rel} changed while amppatch was planning", next_step="run apply again")
+        edits: list[Edit] = []
+        for site in sites:
+            if already_applied(site, source):
+                plan.warnings.append(f"{site.key}: already carries its amppatch prefetch; unchanged")
+                continue
+            edits.extend(site_edits(site, source, render_site(site, tunable=tunable, line_size=line_size, env=env)))
+            applied.append(site)
+        if not edits:
+            continue
+        if tunable:
+            inc = include_edit(source, fa.grammar, rel, f"{MARKER_WORD} tunables header", env)
+            if inc is not None:
+                edits.append(inc)
+        after = splice(source, edits)
+        before_errors = len(error_nodes(parse_bytes(source, fa.grammar).root))
+        after_errors = len(error_nodes(parse_bytes(after, fa.grammar).root))
+        if after_errors > before_errors:
+            raise AmppatchError(
+                f"the edited {rel} parses with {after_errors - before_errors} new ERROR node(s); nothing was written",
+                next_step="report this site (the loop's shape confuses the inserter) and patch another loop",
+            )
+        changes.append(FileChange(rel, source, after, _new_marked_lines(source, after)))
+    if tunable and applied:
+        header_text = render_tunables_header(sorted(applied, key=lambda s: s.key), line_size, env)
+        header_path = repo / TUNABLES_HEADER
+        before = header_path.read_bytes() if header_path.is_file() else b""
+        if before != header_text.encode():
+            changes.append(FileChange(TUNABLES_HEADER, before, header_text.encode(),
+                                      list(range(1, header_text.count("\n") + 1))))
+    return changes, applied
+
+
+def _new_marked_lines(before: bytes, after: bytes) -> list[int]:
+    matcher = difflib.SequenceMatcher(a=before.decode(errors="replace").splitlines(),
+                                      b=after.decode(errors="replace").splitlines(), autojunk=False)
+    lines = []
+    for tag, _i1, _i2, j1, j2 in matcher.get_opcodes():
+        if tag in ("insert", "replace"):
+            lines.extend(range(j1 + 1, j2 + 1))
+    return lines
+
+
+def unified_diff(changes: list[FileChange]) -> str:
+    out = []
+    for ch in changes:
+        out.extend(difflib.unified_diff(
+            ch.before.decode(errors="replace").splitlines(keepends=True),
+            ch.after.decode(errors="replace").splitlines(keepends=True),
+            fromfile=f"a/{ch.relpath}" if ch.before else "/dev/null", tofile=f"b/{ch.relpath}"))
+    return "".join(out)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Identity, git, manifest
+
+
+def templates_digest() -> str:
+    """Hash of every template's text (names and contents)."""
+    root = resources.files("amppatch") / "templates"
+    h = hashlib.sha256()
+    for entry in sorted(root.iterdir(), key=lambda e: e.name):
+        if entry.name.endswith(".j2"):
+            h.update(entry.name.encode() + b"\0" + entry.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
+def request_id(base_commit: str, sites: list[PlannedSite], *, tunable: bool, line_size: int) -> str:
+    """Hash of base commit + resolved sites + parameters + tool version: the branch name's suffix."""
+    payload = {
+        "base": base_commit,
+        "tool_version": __version__,
+        # The generated code changes with the templates even at one tool version: a reused branch must
+        # hold what this version renders.
+        "templates": templates_digest(),
+        "tunable": tunable,
+        "line_size": line_size,
+        "sites": sorted([s.key, s.file, s.stream.address, s.request.distance_bytes, s.request.hint, s.lines]
+                        for s in sites),
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def commit_message(rid: str, base: str, sites: list[PlannedSite], *, tunable: bool) -> str:
+    lines = [f"amppatch: software prefetch at {len(sites)} site(s) [{rid}]", ""]
+    for s in sites:
+        mode = f"tunable via {s.env_distance}/{s.env_hint}, defaults" if tunable else "constant"
+        lines.append(f"- {s.key} ({s.file}:{s.loop.start_line}, {s.stream.kind} stream, "
+                     f"{s.stream.bytes_per_iteration if s.stream.bytes_per_iteration is not None else '?'} B/iter, "
+                     f"{s.lines} line(s)/iter): {mode} distance={s.request.distance_bytes} B hint={s.request.hint} "
+                     f"[{s.request.origin}]")
+    lines += ["", f"Base: {base}", f"Generated by amppatch {__version__}; id {rid}."]
+    return "\n".join(lines) + "\n"
+
+
+class GitRepo:
+    """The few git operations apply needs, none of which touches the user's branch, index or files."""
+
+    def __init__(self, path: Path) -> None:
+        import git
+
+        try:
+            self.repo = git.Repo(path)
+        except (git.InvalidGitRepositoryError, git.NoSuchPathError) as exc:
+            raise UsageError(f"{path} is not a git repository",
+                             next_step="run `git init && git add -A && git commit -m base` there, or use "
+                                       "`amppatch llama fetch`") from exc
+        self.path = Path(self.repo.working_tree_dir or path)
+
+    def dirty_files(self) -> list[str]:
+        out = self.repo.git.status("--porcelain", "--untracked-files=all")
+        return [line[3:] for line in out.splitlines() if line.strip()]
+
+    def head_commit(self) -> str:
+        try:
+            return self.repo.head.commit.hexsha
+        except ValueError as exc:
+            raise UsageError(f"{self.path} has no commit yet", next_step="commit the tree first") from exc
+
+    def branch_commit(self, branch: str) -> str | None:
+        try:
+            return self.repo.git.rev_parse("--verify", "--quiet", f"refs/heads/{branch}^{{commit}}").strip() or None
+        except Exception:
+            return None
+
+    def commit_files(self, base: str, files: dict[str, bytes], message: str, branch: str) -> str:
+        """A commit of `files` on top of `base`, on `branch`, through a temporary index (no checkout)."""
+        import git
+
+        try:
+            return self._commit_files(base, files, message, branch)
+        except git.GitCommandError as exc:
+            raise SubprocessError(f"git failed while committing the patch: {exc.command}",
+                                  next_step="check the repository (`git fsck`) and that it is writable",
+                                  returncode=exc.status if isinstance(exc.status, int) else None,
+                                  output_tail=str(exc.stderr)) from exc
+
+    def _commit_files(self, base: str, files: dict[str, bytes], message: str, branch: str) -> str:
+        from io import BytesIO
+
+        from gitdb.base import IStream
+
+        with tempfile.TemporaryDirectory(prefix="amppatch-index-") as tmp:
+            env = {"GIT_INDEX_FILE": str(Path(tmp) / "index")}
+            self.repo.git.read_tree(base, env=env)
+            for rel, data in files.items():
+                sha = self.repo.odb.store(IStream("blob", len(data), BytesIO(data))).binsha.hex()
+                mode = "100644"
+                try:
+                    ls = self.repo.git.ls_tree(base, "--", rel).split()
+                    if ls:
+                        mode = ls[0]
+                except Exception:
+                    pass
+                self.repo.git.update_index("--add", "--cacheinfo", f"{mode},{sha},{rel}", env=env)
+            tree = self.repo.git.write_tree(env=env).strip()
+        date = self.repo.commit(base).committed_datetime.isoformat()
+        ident = {**_GIT_IDENTITY, "GIT_AUTHOR_DATE": date, "GIT_COMMITTER_DATE": date}
+        commit = self.repo.git.commit_tree(tree, "-p", base, "-m", message, env=ident).strip()
+        self.repo.git.update_ref(f"refs/heads/{branch}", commit, "0" * 40)
+        return commit
+
+    def delete_branch(self, branch: str) -> None:
+        self.repo.git.update_ref("-d", f"refs/heads/{branch}")
+
+    def format_patch(self, commit: str) -> str:
+        return self.repo.git.format_patch("-1", "--stdout", "--no-signature", commit) + "\n"
+
+    def show(self, commit: str, rel: str) -> bytes | None:
+        try:
+            return self.repo.git.show(f"{commit}:{rel}", stdout_as_string=False)
+        except Exception:
+            return None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Gate helpers: which model makes a kernel run, and proof that it ran
+
+
+_KERNEL_TYPES = {"q8_0": "q8_0", "q4_0": "q4_0", "q4_k": "q4_k", "q6_k": "q6_k", "f16": "f16"}
+
+
+def model_type_for(function: str) -> str | None:
+    """The synthetic model type whose weights run `function` (ggml_vec_dot_<type>_...)."""
+    m = re.match(r"ggml_vec_dot_([a-z0-9]+(?:_[0-9a-z]+)?)", function.lower())
+    if not m:
+        return None
+    name = m.group(1)
+    if name.startswith(("f16", "bf16")):
+        name = name.split("_")[0]
+    return _KERNEL_TYPES.get(name)
+
+
+def gate_runtime_args(functions: list[str]) -> tuple[str, ...]:
+    """vec_dot kernels only run for weights in the plain CPU buffer: turn extra buffers (repack, AMX) off."""
+    return ("-nr",) if any(f.startswith("ggml_vec_dot_") for f in functions) else ()
+
+
+def count_function_hits(build: object, function: str, model: Path, args: tuple[str, ...] = (),
+                        n_predict: int = 2) -> int:
+    """How often `function` ran in llama-completion of `build` (gdb breakpoint hit count)."""
+    from amppatch.build import Build, run_env
+    from amppatch.proc import require_tool, run
+
+    assert isinstance(build, Build)
+    gdb = require_tool("gdb", install_hint="install gdb (apt-get install -y gdb) to prove the patched kernel ran")
+    binary = build.binary("llama-completion")
+    argv = [gdb, "-nx", "-batch", "-ex", "set breakpoint pending on", "-ex", "set pagination off",
+            "-ex", "set confirm off", "-ex", f"break {function}", "-ex", "ignore 1 100000000", "-ex", "run",
+            "-ex", "info breakpoints", "--args", str(binary), "-m", str(model), "-p", "hello", "-n", str(n_predict),
+            "-t", "1", "-c", "64", "--temp", "0", "--seed", "1", "-no-cnv", "--no-warmup", *args]
+    done = run(argv, env=run_env(build), timeout=900, check=False, what=f"gdb breakpoint count on {function}")
+    m = re.search(r"breakpoint already hit (\d+) time", done.stdout)
+    return int(m.group(1)) if m else 0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The stage
+
+
+@dataclass
+class ApplyResult:
+    id: str | None
+    branch: str | None
+    commit: str | None
+    base_commit: str
+    manifest_path: Path | None
+    patch_path: Path | None
+    diff: str
+    sites: list[PlannedSite]
+    skipped: list[Skipped]
+    warnings: list[str]
+    builds: dict[str, str] = field(default_factory=dict)
+    gate: dict | None = None
+    reused: bool = False
+
+
+def _resolve_requests(options: ApplyOptions) -> tuple[list[SiteRequest], dict | None]:
+    if options.profile is not None and options.sites:
+        raise UsageError("pass either --profile or --site, not both", next_step="choose one source of sites")
+    if options.profile is not None:
+        return sites_from_profile(options.profile, options.distance, options.hint)
+    if not options.sites:
+        raise UsageError("no sites given", next_step="pass --site FUNCTION[:LOOP[:STREAM]] or --profile profile.json")
+    return [parse_site_spec(s, options.distance, options.hint) for s in options.sites], None
+
+
+def _configure_compile_db(repo: Path, base: str, options: ApplyOptions) -> Path:
+    """The compile commands of the baseline build with the arms' options: from its cached build when one
+    exists, else from CMake's configure step alone (seconds) with the arms' CMake options, for the
+    (seconds). The repo is only read; output goes to the cache."""
+    from amppatch.build import resolve
+    from amppatch.proc import require_tool, run
+
+    template = _build_options(options, repo, base, "compile commands")
+    resolved = resolve(template)
+    built = cache_dir("builds") / resolved.key
+    if (built / "manifest.json").is_file() and (built / "compile_commands.json").is_file():
+        return built / "compile_commands.json"  # the baseline with these options was built before
+    key = hashlib.sha256(json.dumps([resolved.key, "configure-only"]).encode()).hexdigest()[:16]
+    out = cache_dir("builds") / f"configure-{key}"
+    db = out / "compile_commands.json"
+    if db.is_file():
+        return db
+    cmake = require_tool("cmake", install_hint="install CMake (apt-get install -y cmake)")
+    defines = [f"-D{k}={v}" for k, v in resolved.cmake_options.items()]
+    flags = " ".join(filter(None, [resolved.cflags, resolved.kernel_cflags, *resolved.isa_disabled]))
+    if flags:
+        defines += [f"-DCMAKE_C_FLAGS={flags}", f"-DCMAKE_CXX_FLAGS={flags}"]
+    progress(f"apply: no build of {base[:12]} to take compile commands from; running CMake configure only ...")
+    with tempfile.TemporaryDirectory(prefix="configure-", dir=cache_dir("builds")) as tmp:
+        run([cmake, "-S", str(repo), "-B", tmp, *defines], timeout=600, what="cmake configure (compile commands)",
+            next_step="pass --compile-db from a build of this tree instead")
+        out.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(Path(tmp) / "compile_commands.json", db)
+    return db
+
+
+def analyze_requests(repo: Path, requests: list[SiteRequest], compile_db: Path | None) -> dict[str, FunctionAnalysis]:
+    analyses: dict[str, FunctionAnalysis] = {}
+    for req in requests:
+        if req.function not in analyses:
+            progress(f"apply: analyzing {req.function} ...")
+            analyses[req.function] = analyze_function(repo, req.function, compile_db)
+    return analyses
+
+
+def _build_options(options: ApplyOptions, repo: Path, ref: str, name: str) -> BuildOptions:
+    """Identical options for both arms: only the ref (and the human label) differ."""
+    template = options.build_options or BuildOptions(repo=repo)
+    return replace(template, repo=repo, ref=ref, name=name)
+
+
+def apply(options: ApplyOptions) -> ApplyResult:
+    """Run the whole apply stage (see the module docstring)."""
+    from amppatch.workspace import check_llama_tree
+
+    repo = check_llama_tree(options.repo)
+    git = GitRepo(repo)
+    dirty = git.dirty_files()
+    if dirty:
+        shown = ", ".join(dirty[:10]) + (f" and {len(dirty) - 10} more" if len(dirty) > 10 else "")
+        raise UsageError(f"{repo} has uncommitted changes: {shown}",
+                         next_step="commit or stash them first; apply commits on its own branch from a clean tree")
+    base = git.head_commit()
+    requests, profile = _resolve_requests(options)
+    warnings: list[str] = []
+    if profile is not None:
+        theirs = (profile.get("machine") or {}).get("cpu_model")
+        ours = this_cpu_model()
+        if theirs and ours and theirs != ours:
+            warnings.append(f"the profile was measured on {theirs!r}, this CPU is {ours!r}: its distances and "
+                            "hints may not fit here (re-profile on this machine)")
+    for req in requests:  # fail fast, before any build, on a function that does not exist
+        if not find_function_files(repo, req.function):
+            raise UsageError(f"{req.function} is not mentioned anywhere under {repo}/ggml/src/ggml-cpu",
+                             next_step="check the name; `amppatch profile` lists the hot kernels")
+    line_size = options.line_size or cache_line_size()
+
+    build_a = None
+    compile_db = options.compile_db
+    if options.build and not options.dry_run:
+        from amppatch.build import build
+
+        progress("apply: building the baseline (A) ...")
+        build_a = build(_build_options(options, repo, base, "A (baseline)"))
+        compile_db = compile_db or (build_a.dir / "compile_commands.json")
+    if compile_db is None and options.like is not None:
+        candidate = Path(options.like) / "compile_commands.json"
+        compile_db = candidate if candidate.is_file() else None
+    if compile_db is None:
+        compile_db = _configure_compile_db(repo, base, options)
+    progress(f"apply: deciding live #if branches with {compile_db}")
+    analyses = analyze_requests(repo, requests, compile_db)
+    plan = plan_sites(requests, analyses, line_size)
+    plan.warnings[:0] = warnings
+    for fa in analyses.values():
+        plan.warnings.extend(f"{fa.function}: {w}" for w in fa.warnings)
+    for sk in plan.skipped:
+        progress(f"apply: skipped {sk.request.describe()}: {sk.reason}")
+    for w in plan.warnings:
+        progress(f"apply: warning: {w}")
+    if not plan.sites:
+        raise UsageError("no site could be patched (see the reasons above)",
+                         next_step="pick a live loop with --site FUNCTION:LOOP:STREAM (apply --dry-run lists them)")
+    changes, applied = build_changes(plan, repo, tunable=options.tunable, line_size=line_size)
+    diff = unified_diff(changes)
+    result = ApplyResult(None, None, None, base, None, None, diff, applied, plan.skipped, plan.warnings)
+    if options.dry_run:
+        return result
+    if not changes:
+        progress("apply: every site already carries its amppatch prefetch; nothing to do")
+        return result
+    rid = request_id(base, applied, tunable=options.tunable, line_size=line_size)
+    branch = f"{BRANCH_PREFIX}{rid}"
+    out_dir = Path(options.out or Path.cwd() / "amppatch-out").expanduser().resolve()
+    patch_path, manifest_path = out_dir / f"{rid}.patch", out_dir / f"{rid}.json"
+    result.id, result.branch = rid, branch
+    existing = git.branch_commit(branch)
+    created = False
+    if existing is not None:
+        progress(f"apply: branch {branch} already holds this request; not committing again")
+        commit = existing
+        result.reused = True
+    else:
+        message = commit_message(rid, base, applied, tunable=options.tunable)
+        commit = git.commit_files(base, {c.relpath: c.after for c in changes}, message, branch)
+        created = True
+        progress(f"apply: committed {commit[:12]} on {branch}")
+    result.commit = commit
+    manifest = {
+        "schema_version": SCHEMA_VERSION,
+        "tool": "amppatch",
+        "tool_version": __version__,
+        "id": rid,
+        "branch": branch,
+        "base_commit": base,
+        "commit": commit,
+        "repo": str(repo),
+        "tunable": options.tunable,
+        "line_size": line_size,
+        "options": _options_json(options),
+        "sites": [s.to_dict(tunable=options.tunable) for s in applied],
+        "skipped": [s.to_dict() for s in plan.skipped],
+        "warnings": plan.warnings,
+        "files": [{"path": c.relpath, "inserted_lines": c.inserted_lines} for c in changes],
+        "patch": patch_path.name,
+    }
+    try:
+        if build_a is not None:
+            from amppatch.build import build
+
+            progress(f"apply: building the patched branch (B, {branch}) ...")
+            try:
+                build_b = build(_build_options(options, repo, branch, f"B ({branch})"))
+            except BuildError as exc:
+                raise BuildError(f"the patched branch does not compile: {exc.message}",
+                                 next_step="the patch was rejected and its branch removed; report the site",
+                                 returncode=exc.returncode, output_tail=exc.output_tail) from exc
+            result.builds = {"a": str(build_a.dir), "b": str(build_b.dir)}
+            manifest["builds"] = result.builds
+            if options.gate:
+                manifest["gate"] = result.gate = _gate(options, build_a, build_b, applied)
+        if manifest_path.is_file() and result.reused:
+            # Evidence an earlier run of the same request gathered (builds, gate) stays when this run did
+            # not redo it (e.g. a later --no-build run of the same request).
+            try:
+                previous = json.loads(manifest_path.read_text())
+            except (OSError, json.JSONDecodeError):
+                previous = {}
+            if previous.get("commit") == commit:
+                for key in ("builds", "gate"):
+                    if key not in manifest and key in previous:
+                        manifest[key] = previous[key]
+        write_text_atomic(patch_path, git.format_patch(commit))
+        write_text_atomic(manifest_path, json.dumps(manifest, indent=2, default=str) + "\n")
+    except AmppatchError:
+        if created:
+            git.delete_branch(branch)
+            progress(f"apply: removed branch {branch}")
+        for p in (patch_path, manifest_path):
+            p.unlink(missing_ok=True)
+        raise
+    result.manifest_path, result.patch_path = manifest_path, patch_path
+    return result
+
+
+def _options_json(options: ApplyOptions) -> dict:
+    return json.loads(json.dumps(asdict(options), default=str))
+
+
+def _gate(options: ApplyOptions, build_a, build_b, sites: list[PlannedSite]) -> dict:
+    from amppatch.errors import CorrectnessError
+    from amppatch.gate import GateOptions, run_gate
+
+    functions = sorted({s.function for s in sites})
+    model = options.gate_model
+    if model is None:
+        from amppatch.model import SynthOptions, synth_model
+
+        types = {model_type_for(f) for f in functions}
+        types.discard(None)
+        if len(types) != 1:
+            raise UsageError(f"cannot pick one synthetic model type that runs {', '.join(functions)}",
+                             next_step="pass --gate-model M (a model whose weights run the patched kernels)")
+        model = synth_model(SynthOptions(type=types.pop(), build=build_a))
+    args = tuple(dict.fromkeys((*gate_runtime_args(functions), *options.gate_args)))
+    progress(f"apply: correctness gate on {Path(model).name} (args: {' '.join(args) or 'none'}) ...")
+    gate = run_gate(build_a, build_b, GateOptions(model=Path(model), mode="identical", extra_args=args))
+    hits = {}
+    for f in functions:
+        progress(f"apply: checking that {f} runs in B (gdb breakpoint count) ...")
+        hits[f] = count_function_hits(build_b, f, Path(model), args)
+        if hits[f] == 0:
+            raise CorrectnessError(
+                f"{f} never ran in B on {Path(model).name} with {' '.join(args) or 'no extra args'}: the gate "
+                "compared builds without exercising the patch, so it proves nothing",
+                next_step="pass --gate-model with weights of the kernel's type, or --gate-arg flags that route "
+                          "them to it")
+    return {**gate.to_json(), "model": str(model), "args": list(args), "function_hits": hits}
+
+
+def format_summary(result: ApplyResult) -> str:
+    """Human summary for stderr."""
+    lines = []
+    for s in result.sites:
+        lines.append(f"  site {s.key}: {s.file}:{s.loop.start_line} ({s.loop.guard or 'no #if'}), "
+                     f"{s.stream.kind} stream {s.stream.expression}, "
+                     f"{s.stream.bytes_per_iteration if s.stream.bytes_per_iteration is not None else '?'} B/iter"
+                     f" -> {s.lines} prefetch(es)/iter, distance {s.request.distance_bytes} B, hint {s.request.hint}")
+    return "\n".join(lines)

@@ -1,0 +1,305 @@
+"""Source analysis of llama.cpp's ggml CPU kernels: find a function, keep only the code the build really
+compiles, and describe its loops and the memory streams they walk.
+
+Public API (used by ``amppatch apply`` and by ``amppatch profile`` to map hot source lines onto loops)::
+
+    from amppatch.source import analyze_function, FunctionAnalysis, Loop, Stream
+
+    fa = analyze_function(repo, "ggml_vec_dot_q8_0_q8_0", compile_db=build.dir / "compile_commands.json")
+    fa.file, fa.relpath, fa.start_line, fa.end_line      # where the live definition is
+    fa.loops                                            # every loop, ordinal 0.. in source order
+    loop = fa.loop_for_line(1333)                       # innermost loop containing a source line
+    loop.ordinal, loop.start_line, loop.end_line, loop.live   # live: True/False, None if no compile command
+    loop.induction, loop.step, loop.step_value           # "ib", "1", 1
+    for s in loop.streams:                               # Stream: expression "x[ib]", kind, address "&x[ib]",
+        s.element_type, s.element_size, s.bytes_per_iteration   # "const block_q8_0", 34, 34
+    fa.default_loop()                                    # the loop a bare `--site FUNCTION` patches
+    fa.to_dict()                                         # JSON-ready summary
+
+``analyze_function(repo, function, compile_db=None, *, probe=True)``:
+
+* searches every ``.c/.cpp/.h/.inc`` file under ``ggml/src/ggml-cpu`` of ``repo`` for a definition of
+  ``function`` (no hard-coded paths: the backend moved from ``ggml-cpu-quants.c`` to ``arch/<isa>/quants.c``
+  in 2025). With a compile database only files it compiles count; without one, definitions under another
+  architecture's ``arch/`` directory are ignored;
+* parses with tree-sitter (C grammar for ``.c`` where it parses the function with fewer errors, else C++),
+  after same-length blanking of grammar-breaking macros (``amppatch.source.parse.BLANKED_MACROS``);
+* with a compile database (a path to compile_commands.json or its build dir), decides liveness of each loop
+  by preprocessing a marker copy with the unit's real command, and (``probe=True``) compiles a probe that
+  reports ``sizeof`` of every stream's element type and the value of macro-valued loop steps. Without one,
+  ``live`` and sizes stay ``None`` and ``FunctionAnalysis.warnings`` says so.
+
+Raises ``UsageError`` when the function is not defined anywhere in the CPU backend.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+from amppatch.errors import UsageError
+from amppatch.source.compiledb import (
+    CompileCommand,
+    command_for,
+    load_compile_db,
+    preprocess_markers,
+    probe_constants,
+)
+from amppatch.source.loops import MARKER_WORD, ExistingPrefetch, Loop, Stream, analyze_loops, normalize_expression
+from amppatch.source.parse import ParsedFile, error_nodes, find_function_definitions, parse_bytes
+
+__all__ = [
+    "MARKER_WORD",
+    "ExistingPrefetch",
+    "FunctionAnalysis",
+    "Loop",
+    "Stream",
+    "analyze_function",
+    "find_function_files",
+    "normalize_expression",
+]
+
+SOURCE_SUFFIXES = (".c", ".cpp", ".cc", ".h", ".hpp", ".inc")
+# platform.machine() -> the arch/ directory of ggml-cpu holding that ISA's kernels.
+_ARCH_DIRS = {
+    "x86_64": "x86", "amd64": "x86", "i686": "x86", "i386": "x86",
+    "aarch64": "arm", "arm64": "arm", "armv7l": "arm",
+    "ppc64le": "powerpc", "ppc64": "powerpc", "riscv64": "riscv", "s390x": "s390",
+    "loongarch64": "loongarch", "wasm32": "wasm",
+}
+
+
+@dataclass(frozen=True)
+class FunctionAnalysis:
+    function: str
+    repo: Path
+    file: Path  # absolute path of the file holding the live definition
+    relpath: str  # the same, relative to repo
+    grammar: str  # "c" or "cpp": the tree-sitter grammar used
+    start_line: int
+    end_line: int
+    start_byte: int
+    end_byte: int
+    loops: tuple[Loop, ...]
+    live: bool | None  # is this definition compiled at all (None: unknown)
+    compile_command: tuple[str, ...] | None
+    source_sha: str  # hash of the file's bytes that offsets refer to
+    warnings: tuple[str, ...] = ()
+    candidates: tuple[str, ...] = ()  # every file that defines the function (relpaths)
+    parse_errors: int = 0  # ERROR nodes inside the function (after blanking)
+    source: bytes = field(default=b"", repr=False, compare=False)
+
+    def loop(self, ordinal: int) -> Loop:
+        for loop in self.loops:
+            if loop.ordinal == ordinal:
+                return loop
+        raise UsageError(f"{self.function} has no loop #{ordinal} (it has {len(self.loops)})",
+                         next_step=f"run `amppatch apply --dry-run --site {self.function}` to list its loops")
+
+    def loop_at_line(self, line: int) -> Loop | None:
+        """The loop whose header is on `line`, else the innermost loop containing `line`."""
+        for loop in self.loops:
+            if loop.start_line == line:
+                return loop
+        return self.loop_for_line(line)
+
+    def loop_for_line(self, line: int) -> Loop | None:
+        """The innermost loop whose lines contain `line` (for mapping sampled hot lines onto loops)."""
+        inside = [lp for lp in self.loops if lp.start_line <= line <= lp.end_line]
+        return max(inside, key=lambda lp: (lp.depth, lp.start_line)) if inside else None
+
+    def default_loop(self) -> Loop | None:
+        """What a bare `--site FUNCTION` patches: the first outermost loop (source order) that is not dead,
+        parses cleanly and walks a stream — the main SIMD loop of every ggml vec_dot; tail loops come
+        after it, dead ISA branches are skipped."""
+        usable = [lp for lp in self.loops if lp.live is not False and not lp.parse_error and lp.streams]
+        if not usable:
+            return None
+        top = min(lp.depth for lp in usable)
+        return next(lp for lp in usable if lp.depth == top)
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data.pop("source")
+        data["repo"] = str(self.repo)
+        data["file"] = str(self.file)
+        for loop in data["loops"]:
+            loop["file"] = str(loop["file"])
+            for key in ("start_byte", "end_byte", "body_start_byte", "body_end_byte", "body_compound",
+                        "body_indent"):
+                loop.pop(key, None)
+        return data
+
+
+def default_stream(loop: Loop) -> Stream | None:
+    """The stream a site without a stream key prefetches: the one from the earliest pointer parameter
+    (in ggml's vec_dot that is `vx`, the weight row; the activation row `vy` is reused by every row and
+    stays in cache), then indexed/offset streams before bumps and row pointers."""
+    if not loop.streams:
+        return None
+    kind_rank = {"indexed": 0, "offset": 1, "row": 2, "bump": 3}
+    return min(loop.streams, key=lambda s: (s.param_index if s.param_index is not None else 99,
+                                            kind_rank.get(s.kind, 9), s.line))
+
+
+def find_function_files(repo: Path, function: str) -> list[Path]:
+    """Files under ggml/src/ggml-cpu whose text mentions `function(` (cheap filter before parsing)."""
+    root = Path(repo) / "ggml" / "src" / "ggml-cpu"
+    if not root.is_dir():
+        raise UsageError(f"{repo} has no ggml/src/ggml-cpu directory", next_step="pass a llama.cpp tree")
+    pattern = re.compile(rb"\b" + re.escape(function.encode()) + rb"\s*\(")
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for name in sorted(filenames):
+            if name.endswith(SOURCE_SUFFIXES):
+                path = Path(dirpath) / name
+                if pattern.search(path.read_bytes()):
+                    found.append(path)
+    return found
+
+
+def _host_arch_dir() -> str | None:
+    return _ARCH_DIRS.get(platform.machine().lower())
+
+
+def _parse_best(path: Path, source: bytes, function: str) -> tuple[ParsedFile, list] | None:
+    """Parse with the grammar that gives the function's definitions the fewest ERROR nodes."""
+    grammars = ["c", "cpp"] if path.suffix == ".c" else ["cpp"]
+    best = None
+    for g in grammars:
+        parsed = parse_bytes(source, g, path)
+        defs = find_function_definitions(parsed, function)
+        if not defs:
+            continue
+        errors = sum(len(error_nodes(d)) for d in defs)
+        if best is None or errors < best[2]:
+            best = (parsed, defs, errors)
+        if errors == 0:
+            break
+    return (best[0], best[1]) if best else None
+
+
+def analyze_function(repo: Path, function: str, compile_db: Path | list[dict] | None = None, *,
+                     probe: bool = True) -> FunctionAnalysis:
+    """Analyze the live definition of `function` in `repo` (see the module docstring)."""
+    import hashlib
+
+    repo = Path(repo).resolve()
+    db = load_compile_db(compile_db) if isinstance(compile_db, (str, Path)) else compile_db
+    files = find_function_files(repo, function)
+    warnings: list[str] = []
+    candidates: list[tuple[Path, ParsedFile, list]] = []
+    for path in files:
+        parsed_defs = _parse_best(path, path.read_bytes(), function)
+        if parsed_defs is not None:
+            candidates.append((path, *parsed_defs))
+    if not candidates:
+        raise UsageError(
+            f"no definition of {function} under {repo / 'ggml/src/ggml-cpu'}",
+            next_step="check the function name (e.g. ggml_vec_dot_q8_0_q8_0); `amppatch profile` lists hot ones",
+        )
+    all_rel = tuple(str(p.relative_to(repo)) for p, _, _ in candidates)
+    arch = _host_arch_dir()
+
+    def in_other_arch(path: Path) -> bool:
+        parts = path.relative_to(repo / "ggml" / "src" / "ggml-cpu").parts
+        return len(parts) > 1 and parts[0] == "arch" and arch is not None and parts[1] != arch
+
+    pool = candidates
+    if db is not None:
+        in_db = [c for c in candidates if command_for(db, repo, str(c[0].relative_to(repo))) is not None]
+        if in_db:
+            pool = in_db
+        else:
+            warnings.append(f"none of {', '.join(all_rel)} is a translation unit in the compile database; "
+                            "using the host architecture's copy")
+    if pool is candidates:
+        pool = [c for c in candidates if not in_other_arch(c[0])] or candidates
+
+    # Decide among the remaining definitions (and later, loops) with the real compile command.
+    chosen = None
+    for path, parsed, defs in pool:
+        rel = str(path.relative_to(repo))
+        command = command_for(db, repo, rel) if db is not None else None
+        loops_by_def = [(d, analyze_loops(parsed, d)) for d in defs]
+        live_flags: list[bool | None] = [None] * len(defs)
+        loop_live: list[list[bool | None]] = [[None] * len(lps) for _, lps in loops_by_def]
+        if command is not None:
+            positions = [d.start_byte for d in defs] + [lp.start_byte for _, lps in loops_by_def for lp in lps]
+            marks = preprocess_markers(command, parsed.source, positions)
+            live_flags = list(marks[: len(defs)])
+            rest = marks[len(defs):]
+            for i, (_, lps) in enumerate(loops_by_def):
+                loop_live[i], rest = list(rest[: len(lps)]), rest[len(lps):]
+        for i, d in enumerate(defs):
+            if live_flags[i] is False:
+                continue
+            chosen = (path, parsed, d, loops_by_def[i][1], loop_live[i], live_flags[i], command)
+            break
+        if chosen:
+            break
+    if chosen is None:
+        raise UsageError(f"every definition of {function} ({', '.join(all_rel)}) is in a preprocessor branch "
+                         "this build does not compile", next_step="check the build options (e.g. GGML_NATIVE)")
+    path, parsed, node, loops, live, fn_live, command = chosen
+    if command is None:
+        warnings.append("no compile command for this file: which #if branch is live is unknown, "
+                        "and sizes are not probed (pass a build's compile_commands.json)")
+    loops = [replace(lp, live=lv) for lp, lv in zip(loops, live, strict=True)]
+    if probe and command is not None:
+        loops = _fill_sizes(loops, command, warnings)
+    rel = str(path.relative_to(repo))
+    return FunctionAnalysis(
+        function=function, repo=repo, file=path, relpath=rel, grammar=parsed.grammar,
+        start_line=node.start_point[0] + 1, end_line=node.end_point[0] + 1,
+        start_byte=node.start_byte, end_byte=node.end_byte, loops=tuple(loops), live=fn_live,
+        compile_command=command.argv if command else None,
+        source_sha=hashlib.sha256(parsed.source).hexdigest(), warnings=tuple(warnings), candidates=all_rel,
+        parse_errors=len(error_nodes(node)), source=parsed.source,
+    )
+
+
+def _fill_sizes(loops: list[Loop], command: CompileCommand, warnings: list[str]) -> list[Loop]:
+    """sizeof(element type) and macro-valued steps/bumps, from one compiled probe of the unit."""
+    exprs: list[str] = []
+    for lp in loops:
+        if lp.live is False:
+            continue
+        if lp.step is not None and lp.step_value is None and _constant_looking(lp.step):
+            exprs.append(lp.step)
+        for s in lp.streams:
+            if s.element_type:
+                exprs.append(f"sizeof({s.element_type})")
+            if s.kind == "bump" and s.elements_per_iteration and s.elements_per_iteration_value is None \
+                    and _constant_looking(s.elements_per_iteration):
+                exprs.append(s.elements_per_iteration)
+    values = probe_constants(command, exprs) if exprs else {}
+    missing = [e for e in dict.fromkeys(exprs) if e not in values]
+    if missing:
+        warnings.append(f"the compiled probe could not evaluate: {', '.join(missing[:6])}")
+    out = []
+    for lp in loops:
+        step_value = lp.step_value if lp.step_value is not None else values.get(lp.step or "")
+        streams = []
+        for s in lp.streams:
+            size = values.get(f"sizeof({s.element_type})") if s.element_type else None
+            per = s.elements_per_iteration_value
+            if per is None and s.kind in ("indexed", "offset") and s.elements_per_iteration == lp.step:
+                per = step_value
+            if per is None and s.kind == "bump" and s.elements_per_iteration:
+                per = values.get(s.elements_per_iteration)
+            nbytes = size * per if size is not None and per is not None else None
+            streams.append(replace(s, element_size=size, elements_per_iteration_value=per,
+                                   bytes_per_iteration=nbytes))
+        out.append(replace(lp, step_value=step_value, streams=tuple(streams)))
+    return out
+
+
+def _constant_looking(expr: str) -> bool:
+    """Macro names, literals and sizeof: worth asking the compiler about (locals are not)."""
+    return bool(re.fullmatch(r"[\w\s()+\-*/<>&|~]+", expr)) and not re.search(r"\b[a-z_][a-z0-9_]*\b(?!\s*\()",
+                                                                              re.sub(r"\bsizeof\b", "", expr))

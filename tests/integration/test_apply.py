@@ -1,0 +1,339 @@
+"""amppatch apply on real compilers, real git and the real llama.cpp tree.
+
+Default tier: the fixture tree (compile database → live #if branches, compiled sizeof probe; git branch,
+manifest, idempotency, dirty-tree refusal, dry run) and ONE real-kernel end-to-end run (q8_0: apply →
+build A/B with ccache → correctness gate → the kernel provably ran). The other kernels, the build-breaking
+patch and the pre-split llama.cpp tree are in the slow tier.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from amppatch.errors import BuildError, UsageError
+from amppatch.patch import ApplyOptions, GitRepo, apply
+from amppatch.proc import run
+from amppatch.source import analyze_function
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
+_IDENTITY = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+             "GIT_COMMITTER_EMAIL": "t@t"}
+
+
+def _git(repo: Path, *args: str) -> str:
+    return run(["git", "-C", str(repo), *args], env={**os.environ, **_IDENTITY}).stdout
+
+
+def _prefetch_instructions(build_dir: str, function: str) -> int:
+    """prefetch* instructions in the compiled function (gdb disassembly of the build's libggml-cpu)."""
+    library = Path(build_dir) / "bin" / "libggml-cpu.so"
+    out = run(["gdb", "-nx", "-batch", "-ex", f"disassemble {function}", str(library)], check=False).stdout
+    return sum(1 for line in out.splitlines() if "\tprefetch" in line)
+
+
+@pytest.fixture()
+def fixture_repo(tmp_path: Path) -> tuple[Path, Path]:
+    """A llama.cpp-shaped git repo holding amppatch's fixtures, with a compile database for them."""
+    repo = tmp_path / "repo"
+    cpu = repo / "ggml" / "src" / "ggml-cpu"
+    cpu.mkdir(parents=True)
+    (repo / "include").mkdir()
+    (repo / "include" / "llama.h").write_text("/* fixture */\n")
+    (repo / "CMakeLists.txt").write_text("# fixture\n")
+    for f in FIXTURES.iterdir():
+        shutil.copy(f, cpu / f.name)
+    _git(repo, "init", "-q", "-b", "main")
+    _git(repo, "add", "-A")
+    _git(repo, "commit", "-qm", "fixture base")
+    db = tmp_path / "build" / "compile_commands.json"
+    db.parent.mkdir()
+    # recorded against ANOTHER source root (as a build worktree would be): paths must be rewritten
+    other = "/nonexistent/worktree"
+    db.write_text(json.dumps([
+        {"directory": str(db.parent), "file": f"{other}/ggml/src/ggml-cpu/fx_kernels.c",
+         "command": f"gcc -DFX_MID -I{other}/ggml/src/ggml-cpu -O2 -o k.o -c {other}/ggml/src/ggml-cpu/fx_kernels.c"},
+        {"directory": str(db.parent), "file": f"{other}/ggml/src/ggml-cpu/fx_vec.cpp",
+         "arguments": ["g++", "-DFX_WIDE", "-O2", "-o", "v.o", "-c", f"{other}/ggml/src/ggml-cpu/fx_vec.cpp"]},
+    ]))
+    return repo, db
+
+
+def test_live_branches_and_sizes_come_from_the_compiler(fixture_repo: tuple[Path, Path]) -> None:
+    repo, db = fixture_repo
+    fa = analyze_function(repo, "fx_dot_blocks", db)
+    assert [lp.live for lp in fa.loops] == [False, True, False, True, True]  # -DFX_MID
+    mid = fa.loops[1].stream("x[ib]")
+    assert (mid.element_size, mid.elements_per_iteration_value, mid.bytes_per_iteration) == (42, 2, 84)
+    assert fa.default_loop().ordinal == 1
+    bumps = analyze_function(repo, "fx_bumps", db)
+    assert bumps.loops[0].streams[0].bytes_per_iteration == 188
+    assert bumps.loops[1].stream("lo").bytes_per_iteration == 64
+    # FX_STEP is 16 under the C++ unit's -DFX_WIDE (8 in the C unit): macro values come from the real command
+    half = analyze_function(repo, "fx_vec_dot_half", db)
+    assert [lp.live for lp in half.loops] == [False, False, True, True]
+    assert half.loops[2].step_value == 16 and half.loops[2].streams[0].bytes_per_iteration == 32
+    assert analyze_function(repo, "fx_braceless", db).loops[0].step_value == 8
+
+
+def test_apply_commits_on_a_branch_and_leaves_the_user_alone(fixture_repo: tuple[Path, Path], tmp_path: Path) -> None:
+    repo, db = fixture_repo
+    head = _git(repo, "rev-parse", "HEAD").strip()
+    before = (repo / "ggml/src/ggml-cpu/fx_kernels.c").read_bytes()
+    out = tmp_path / "out"
+    opts = ApplyOptions(repo=repo, sites=("fx_dot_blocks", "fx_bumps:1:lo", "fx_dot_blocks:0"), build=False,
+                        compile_db=db, out=out, distance=1024, hint=2, line_size=64)
+    result = apply(opts)
+    assert [s.key for s in result.sites] == ["fx_dot_blocks#1 x[ib]", "fx_bumps#1 lo"]
+    assert "dead" in result.skipped[0].reason  # loop 0 is FX_WIDE: not compiled with -DFX_MID
+    # the user's branch, index and files are untouched
+    assert _git(repo, "rev-parse", "HEAD").strip() == head
+    assert _git(repo, "symbolic-ref", "--short", "HEAD").strip() == "main"
+    assert _git(repo, "status", "--porcelain") == ""
+    assert (repo / "ggml/src/ggml-cpu/fx_kernels.c").read_bytes() == before
+    # the branch holds the patch; the message lists every site and parameter
+    assert _git(repo, "rev-parse", result.branch).strip() == result.commit
+    message = _git(repo, "log", "-1", "--format=%B", result.branch)
+    assert "fx_dot_blocks#1 x[ib]" in message and "fx_bumps#1 lo" in message and "distance=1024" in message
+    patched = _git(repo, "show", f"{result.branch}:ggml/src/ggml-cpu/fx_kernels.c")
+    assert "__builtin_prefetch((const char *)(&x[ib]) + 1024, 0, 2);" in patched
+    # 84 B per iteration > one 64 B line: two prefetches per iteration
+    assert "+ 1088, 0, 2);" in patched
+    manifest = json.loads(result.manifest_path.read_text())
+    assert manifest["schema_version"] == 1 and manifest["base_commit"] == head and manifest["id"] == result.id
+    assert {s["key"] for s in manifest["sites"]} == {"fx_dot_blocks#1 x[ib]", "fx_bumps#1 lo"}
+    assert manifest["files"][0]["inserted_lines"]
+    patch_text = result.patch_path.read_text()
+    assert patch_text.startswith("From ") and "amppatch:" in patch_text
+    # the exported patch applies to the base
+    check = run(["git", "-C", str(repo), "apply", "--check", str(result.patch_path)], check=False)
+    assert check.returncode == 0, check.stderr
+    # the same request finds its branch and changes nothing
+    again = apply(opts)
+    assert again.reused and again.id == result.id and again.commit == result.commit
+    assert _git(repo, "for-each-ref", "--format=%(refname)", "refs/heads/amppatch/").count("\n") == 1
+    # applying on the patched tree itself: every site already carries its prefetch
+    wt = tmp_path / "patched"
+    _git(repo, "worktree", "add", "-q", str(wt), result.branch)
+    on_patched = apply(ApplyOptions(repo=wt, sites=opts.sites, build=False, compile_db=db, out=out,
+                                    distance=1024, hint=2, line_size=64, dry_run=True))
+    assert on_patched.diff == ""
+
+
+def test_dirty_tree_is_refused_naming_the_files(fixture_repo: tuple[Path, Path]) -> None:
+    repo, db = fixture_repo
+    (repo / "ggml/src/ggml-cpu/fx_vec.cpp").write_text("// changed\n")
+    (repo / "notes.txt").write_text("x")
+    with pytest.raises(UsageError, match=r"fx_vec\.cpp.*notes\.txt|notes\.txt.*fx_vec\.cpp"):
+        apply(ApplyOptions(repo=repo, sites=("fx_dot_blocks",), build=False, compile_db=db))
+
+
+def test_dry_run_prints_the_diff_and_touches_nothing(fixture_repo: tuple[Path, Path], tmp_path: Path) -> None:
+    repo, db = fixture_repo
+    result = apply(ApplyOptions(repo=repo, sites=("fx_vec_dot_half",), dry_run=True, compile_db=db,
+                                out=tmp_path / "out"))
+    assert result.diff.startswith("--- a/ggml/src/ggml-cpu/fx_vec.cpp")
+    assert "+            __builtin_prefetch((const char *)(x + i) + 2048, 0, 3);" in result.diff
+    assert result.branch is None and not (tmp_path / "out").exists()
+    assert _git(repo, "branch", "--list", "amppatch/*") == ""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The real tree
+
+
+def _cleanup_branch(repo: Path, branch: str | None) -> None:
+    if branch and GitRepo(repo).branch_commit(branch):
+        GitRepo(repo).delete_branch(branch)
+
+
+def _assert_repo_as_before(repo: Path, head: str, branch_name: str) -> None:
+    assert _git(repo, "rev-parse", "HEAD").strip() == head
+    assert _git(repo, "symbolic-ref", "--short", "HEAD").strip() == branch_name
+    assert _git(repo, "status", "--porcelain") == ""
+
+
+def _real_kernel(llama_repo: Path, native_build, model: Path, site: str, tmp_path: Path, *,
+                 tunable: bool = False) -> dict:
+    head = _git(llama_repo, "rev-parse", "HEAD").strip()
+    branch_name = _git(llama_repo, "symbolic-ref", "--short", "HEAD").strip()
+    result = None
+    try:
+        result = apply(ApplyOptions(repo=llama_repo, sites=(site,), out=tmp_path / "out", gate_model=model,
+                                    tunable=tunable))
+        _assert_repo_as_before(llama_repo, head, branch_name)
+        manifest = json.loads(result.manifest_path.read_text())
+        (s,) = manifest["sites"]
+        assert s["live"] is True and s["element_size"] and s["bytes_per_iteration"]
+        assert manifest["builds"]["a"] == str(native_build.dir)  # same options as the native build: reused
+        gate = manifest["gate"]
+        assert gate["passed"] and gate["tokens_a"] == gate["tokens_b"] and gate["ppl_a"] == gate["ppl_b"]
+        assert gate["function_hits"][site.split(":")[0]] > 0
+        # the compiled kernel really holds the prefetches: one per cache line (x4 localities when tunable)
+        expected = s["lines_per_iteration"] * (4 if tunable else 1)
+        assert _prefetch_instructions(manifest["builds"]["b"], s["function"]) == expected
+        assert _prefetch_instructions(manifest["builds"]["a"], s["function"]) == 0
+        if tunable:
+            from amppatch.build import load_build
+            from amppatch.gate import GateOptions, run_gate
+
+            # other knob values compute the same thing too (prefetches never change results)
+            env = manifest["sites"][0]["env"]
+            knobs = {env["distance"]: "512", env["hint"]: "0"}
+            again = run_gate(load_build(Path(manifest["builds"]["a"])), load_build(Path(manifest["builds"]["b"])),
+                             GateOptions(model=model, extra_args=tuple(gate["args"])), env_b=knobs)
+            assert again.passed
+        return manifest
+    finally:
+        _cleanup_branch(llama_repo, result.branch if result else None)
+        _assert_repo_as_before(llama_repo, head, branch_name)
+
+
+def test_q8_0_end_to_end(llama_repo: Path, native_build, tiny_model_q8_0: Path, tmp_path: Path) -> None:
+    manifest = _real_kernel(llama_repo, native_build, tiny_model_q8_0, "ggml_vec_dot_q8_0_q8_0", tmp_path)
+    (s,) = manifest["sites"]
+    assert (s["stream"], s["element_size"], s["guard"]) == ("x[ib]", 34, "#if defined(__AVX2__)")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("function", "fixture", "bytes_per_iteration"), [
+    ("ggml_vec_dot_q4_0_q8_0", "tiny_model_q4_0", 18),
+    ("ggml_vec_dot_q4_K_q8_K", "tiny_model_q4_k", 144),
+    ("ggml_vec_dot_q6_K_q8_K", "tiny_model_q6_k", 210),
+    ("ggml_vec_dot_f16", "tiny_model_f16", None),  # 64 or 128 B: depends on the ISA (AVX2 vs AVX512)
+])
+def test_other_kernels_end_to_end(llama_repo: Path, native_build, function: str, fixture: str,
+                                  bytes_per_iteration: int | None, request: pytest.FixtureRequest,
+                                  tmp_path: Path) -> None:
+    model = request.getfixturevalue(fixture)
+    manifest = _real_kernel(llama_repo, native_build, model, function, tmp_path)
+    (s,) = manifest["sites"]
+    if bytes_per_iteration is not None:
+        assert s["bytes_per_iteration"] == bytes_per_iteration
+    else:
+        assert s["bytes_per_iteration"] in (64, 128)
+
+
+@pytest.mark.slow
+def test_tunable_q8_0_end_to_end(llama_repo: Path, native_build, tiny_model_q8_0: Path, tmp_path: Path) -> None:
+    manifest = _real_kernel(llama_repo, native_build, tiny_model_q8_0, "ggml_vec_dot_q8_0_q8_0", tmp_path,
+                            tunable=True)
+    assert {f["path"] for f in manifest["files"]} == {"ggml/src/ggml-cpu/amppatch-tunables.h",
+                                                      "ggml/src/ggml-cpu/arch/x86/quants.c"}
+
+
+@pytest.mark.slow
+def test_q4_0_dead_ssse3_branch_is_not_patched(llama_repo: Path, native_build) -> None:
+    fa = analyze_function(llama_repo, "ggml_vec_dot_q4_0_q8_0", native_build.dir / "compile_commands.json")
+    ssse3 = [lp for lp in fa.loops if lp.guard and "__SSSE3__" in lp.guard]
+    assert ssse3 and all(lp.live is False for lp in ssse3)
+    assert any(lp.prefetches for lp in ssse3)  # its existing _mm_prefetch calls are seen (and dead)
+    with pytest.raises(UsageError, match="no site could be patched"):
+        apply(ApplyOptions(repo=llama_repo, sites=(f"ggml_vec_dot_q4_0_q8_0:{ssse3[0].ordinal}",), dry_run=True,
+                           compile_db=native_build.dir))
+
+
+@pytest.mark.slow
+def test_patch_that_does_not_compile_is_rejected(llama_repo: Path, native_build, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    import amppatch.patch as patch_mod
+
+    real = patch_mod.render_site
+
+    def broken(site, **kw):  # valid syntax for tree-sitter, an undeclared function for the compiler
+        return real(site, **kw).replace("__builtin_prefetch(", "amppatch_no_such_function(")
+
+    monkeypatch.setattr(patch_mod, "render_site", broken)
+    head = _git(llama_repo, "rev-parse", "HEAD").strip()
+    branch_name = _git(llama_repo, "symbolic-ref", "--short", "HEAD").strip()
+    branches = _git(llama_repo, "branch", "--list")
+    out = tmp_path / "out"
+    with pytest.raises(BuildError, match="does not compile") as info:
+        apply(ApplyOptions(repo=llama_repo, sites=("ggml_vec_dot_q8_0_q8_0",), out=out, gate=False))
+    assert "amppatch_no_such_function" in str(info.value)
+    _assert_repo_as_before(llama_repo, head, branch_name)
+    assert _git(llama_repo, "branch", "--list") == branches  # the branch was removed
+    assert not out.exists() or not any(out.iterdir())
+
+
+@pytest.mark.slow
+def test_pre_split_tree_early_2025(tmp_path: Path) -> None:
+    """llama-cpp-python 0.3.8's tree keeps every ISA's kernels in ggml-cpu-quants.c (and vec_dot_f16 in
+    ggml-cpu.c): apply must find them there, keep only the branches this machine compiles, and patch."""
+    from amppatch.workspace import FetchOptions, fetch_llama
+
+    repo = fetch_llama(FetchOptions(version="0.3.8", dest=tmp_path / "llama-0.3.8"))
+    sites = ("ggml_vec_dot_q8_0_q8_0", "ggml_vec_dot_q4_0_q8_0", "ggml_vec_dot_q4_K_q8_K",
+             "ggml_vec_dot_q6_K_q8_K", "ggml_vec_dot_f16")
+    result = apply(ApplyOptions(repo=repo, sites=sites, build=False, out=tmp_path / "out"))
+    assert len(result.sites) == len(sites)
+    by_function = {s.function: s for s in result.sites}
+    for name in sites[:4]:
+        assert by_function[name].file == "ggml/src/ggml-cpu/ggml-cpu-quants.c"
+    assert by_function["ggml_vec_dot_f16"].file == "ggml/src/ggml-cpu/ggml-cpu.c"
+    for s in result.sites:
+        assert s.loop.live is True and s.stream.base == "x" and s.stream.bytes_per_iteration
+    # loops of other ISAs come first in these functions; they are dead here, not patched
+    assert by_function["ggml_vec_dot_q8_0_q8_0"].loop.ordinal > 0
+    patched = _git(repo, "show", f"{result.branch}:ggml/src/ggml-cpu/ggml-cpu-quants.c")
+    assert patched.count("amppatch: ggml_vec_dot_") >= 4 * 3
+
+
+@pytest.mark.slow
+def test_pre_split_tree_builds_both_arms(tmp_path: Path) -> None:
+    """The early-2025 tree's patched kernels compile: A and B of the ggml-cpu library (that tree predates
+    llama-completion, and its llama-bench is an example target, so the gate does not apply there)."""
+    from amppatch.build import BuildOptions
+    from amppatch.workspace import FetchOptions, fetch_llama
+
+    repo = fetch_llama(FetchOptions(version="0.3.8"))
+    head = _git(repo, "rev-parse", "HEAD").strip()
+    branch_name = _git(repo, "symbolic-ref", "--short", "HEAD").strip()
+    result = None
+    try:
+        result = apply(ApplyOptions(repo=repo, sites=("ggml_vec_dot_q8_0_q8_0", "ggml_vec_dot_q4_K_q8_K"),
+                                    out=tmp_path / "out", gate=False,
+                                    build_options=BuildOptions(repo=repo, targets=("ggml-cpu",))))
+        assert set(result.builds) == {"a", "b"} and result.builds["a"] != result.builds["b"]
+        for arm in result.builds.values():
+            assert list(Path(arm).glob("bin/libggml-cpu.so*")) or list(Path(arm).rglob("libggml-cpu.*"))
+        _assert_repo_as_before(repo, head, branch_name)
+    finally:
+        _cleanup_branch(repo, result.branch if result else None)
+
+
+def test_curated_patches_apply_to_the_pinned_tree(llama_repo: Path) -> None:
+    """patches/ holds what amppatch generated for the pinned tree; each still applies and names its sites."""
+    patches = sorted((Path(__file__).resolve().parents[2] / "patches").glob("*.patch"))
+    assert patches
+    base = _git(llama_repo, "rev-parse", "HEAD").strip()
+    for patch in patches:
+        manifest = json.loads(patch.with_suffix(".json").read_text())
+        assert manifest["base_commit"] == base and manifest["schema_version"] == 1
+        check = run(["git", "-C", str(llama_repo), "apply", "--check", str(patch)], check=False)
+        assert check.returncode == 0, (patch.name, check.stderr)
+        text = patch.read_text()
+        for site in manifest["sites"]:
+            assert f"amppatch: {site['key']}" in text
+
+
+def test_profile_sites_drive_apply_and_another_cpu_is_warned(fixture_repo: tuple[Path, Path],
+                                                             tmp_path: Path) -> None:
+    repo, db = fixture_repo
+    profile = tmp_path / "profile.json"
+    profile.write_text(json.dumps({
+        "schema_version": 1, "machine": {"cpu_model": "Some Other CPU 9000"},
+        "sites": [{"function": "fx_dot_blocks", "loop": "L18", "stream": "y[ib + 1]", "distance_bytes": 768,
+                   "hint": 1, "inputs": {"latency_ns": 95.0, "bytes_per_ns": 8.1}}],
+    }))
+    result = apply(ApplyOptions(repo=repo, profile=profile, build=False, compile_db=db, out=tmp_path / "out"))
+    (site,) = result.sites
+    assert (site.key, site.request.distance_bytes, site.request.hint) == ("fx_dot_blocks#1 y[ib]", 768, 1)
+    assert any("Some Other CPU 9000" in w for w in result.warnings)
+    manifest = json.loads(result.manifest_path.read_text())
+    assert manifest["sites"][0]["inputs"] == {"latency_ns": 95.0, "bytes_per_ns": 8.1}
+    assert manifest["sites"][0]["origin"] == "profile"

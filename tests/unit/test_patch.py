@@ -1,0 +1,206 @@
+"""Planning, rendering and editing (pure: fixture trees without a compile database, no git)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import jinja2
+import pytest
+
+from amppatch.errors import UsageError
+from amppatch.patch import (
+    DEFAULT_DISTANCE,
+    DEFAULT_HINT,
+    Edit,
+    SiteRequest,
+    analyze_requests,
+    build_changes,
+    gate_runtime_args,
+    model_type_for,
+    parse_loop_key,
+    parse_site_spec,
+    plan_sites,
+    render_site,
+    render_tunables_header,
+    request_id,
+    sites_from_profile,
+    splice,
+    unified_diff,
+)
+from amppatch.source.parse import error_nodes, parse_bytes
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
+
+
+@pytest.fixture()
+def tree(tmp_path: Path) -> Path:
+    cpu = tmp_path / "ggml" / "src" / "ggml-cpu"
+    cpu.mkdir(parents=True)
+    for f in FIXTURES.iterdir():
+        shutil.copy(f, cpu / f.name)
+    return tmp_path
+
+
+def _apply_once(tree: Path, specs: list[str], *, tunable: bool = False, line_size: int = 64):
+    requests = [parse_site_spec(s, None, None) for s in specs]
+    plan = plan_sites(requests, analyze_requests(tree, requests, None), line_size)
+    changes, applied = build_changes(plan, tree, tunable=tunable, line_size=line_size)
+    for ch in changes:
+        (tree / ch.relpath).write_bytes(ch.after)
+    return plan, changes, applied
+
+
+def test_site_spec_defaults_and_forms() -> None:
+    req = parse_site_spec("ggml_vec_dot_q8_0_q8_0", None, None)
+    assert (req.loop, req.stream, req.distance_bytes, req.hint) == (None, None, DEFAULT_DISTANCE, DEFAULT_HINT)
+    req = parse_site_spec("f:L1330:y[ib + 1]", 4096, 1)
+    assert (req.function, req.loop, req.stream, req.distance_bytes, req.hint) == ("f", "L1330", "y[ib + 1]", 4096, 1)
+    assert parse_site_spec("f:2", None, None).loop == 2
+    assert parse_loop_key("@77") == "L77" and parse_loop_key("") is None
+    for bad in ("1f", "f:abc"):
+        with pytest.raises(UsageError):
+            parse_site_spec(bad, None, None)
+    with pytest.raises(UsageError, match="locality"):
+        parse_site_spec("f", 64, 7)
+    with pytest.raises(UsageError, match="byte count"):
+        parse_site_spec("f", 0, 3)
+
+
+def test_profile_sites_use_the_same_key(tmp_path: Path) -> None:
+    prof = tmp_path / "profile.json"
+    prof.write_text(json.dumps({"schema_version": 1, "machine": {"cpu_model": "X"}, "sites": [
+        {"function": "k", "loop": 1, "stream": "x[ib]", "distance_bytes": 1536, "hint": 2,
+         "inputs": {"latency_ns": 90}}]}))
+    (req,), profile = sites_from_profile(prof, None, None)
+    assert (req.function, req.loop, req.stream, req.distance_bytes, req.hint, req.origin) == (
+        "k", 1, "x[ib]", 1536, 2, "profile")
+    assert req.inputs == {"latency_ns": 90} and profile["machine"]["cpu_model"] == "X"
+    (req,), _ = sites_from_profile(prof, 512, None)  # --distance overrides the profile
+    assert req.distance_bytes == 512
+    prof.write_text(json.dumps({"sites": []}))
+    with pytest.raises(UsageError, match="no sites"):
+        sites_from_profile(prof, None, None)
+
+
+def test_render_single_multi_line_and_tunable(tree: Path) -> None:
+    requests = [parse_site_spec("fx_dot_blocks:0:x", 1024, 2)]
+    plan = plan_sites(requests, analyze_requests(tree, requests, None), 64)
+    (site,) = plan.sites
+    text = render_site(site, tunable=False, line_size=64)
+    assert "__builtin_prefetch((const char *)(&x[ib]) + 1024, 0, 2);" in text
+    assert all("amppatch: fx_dot_blocks#0 x[ib]" in line for line in text.splitlines())
+    # the same site once the compiled probe has said the stream walks 168 B per iteration: 3 lines
+    big = dataclasses.replace(site, lines=3)
+    text = render_site(big, tunable=False, line_size=64)
+    assert [ln.split("+ ")[1].split(",")[0] for ln in text.splitlines() if "__builtin_prefetch" in ln] == [
+        "1024", "1088", "1152"]
+    tun = render_site(site, tunable=True, line_size=64)
+    assert "amppatch_prefetch_fx_dot_blocks_l0_x((const char *)(&x[ib]));" in tun
+    header = render_tunables_header([site], 64)
+    assert "AMPPATCH_FX_DOT_BLOCKS_L0_X_DISTANCE" in header and "1024" in header
+    for hint in range(4):
+        assert f"__builtin_prefetch(a + k * 64, 0, {hint}); break;" in header
+
+
+def test_templates_are_strict() -> None:
+    from amppatch.patch import _environment
+
+    with pytest.raises(jinja2.UndefinedError):
+        _environment().get_template("prefetch_single.c.j2").render(indent="", marker="m", address="p")
+
+
+def test_splice_applies_edits_in_reverse_order() -> None:
+    assert splice(b"abcdef", [Edit(1, "X"), Edit(4, "Y"), Edit(1, "")]) == b"aXbcdYef"
+
+
+def test_apply_twice_no_change(tree: Path) -> None:
+    specs = ["fx_dot_blocks", "fx_bumps:1:lo", "fx_vec_dot_half"]
+    _, changes, applied = _apply_once(tree, specs)
+    assert len(applied) == 3 and {c.relpath for c in changes} == {
+        "ggml/src/ggml-cpu/fx_kernels.c", "ggml/src/ggml-cpu/fx_vec.cpp"}
+    for ch in changes:
+        grammar = "c" if ch.relpath.endswith(".c") else "cpp"
+        errors_after = len(error_nodes(parse_bytes(ch.after, grammar).root))
+        assert errors_after <= len(error_nodes(parse_bytes(ch.before, grammar).root))
+        assert ch.inserted_lines
+        lines = ch.after.decode().splitlines()
+        assert all("amppatch:" in lines[n - 1] for n in ch.inserted_lines)
+    diff = unified_diff(changes)
+    assert all("amppatch:" in ln for ln in diff.splitlines() if ln.startswith("+") and not ln.startswith("+++"))
+    # the analysis of the patched text sees its own prefetches as amppatch's
+    plan2, changes2, applied2 = _apply_once(tree, specs)
+    assert changes2 == [] and applied2 == []
+    assert any("already carries" in w for w in plan2.warnings)
+    loop = plan2.analyses["fx_dot_blocks"].default_loop()
+    assert loop.prefetches and all(p.by_amppatch for p in loop.prefetches)
+
+
+def test_tunable_apply_twice_no_change(tree: Path) -> None:
+    _, changes, _ = _apply_once(tree, ["fx_rows:0:row"], tunable=True)
+    paths = {c.relpath for c in changes}
+    assert "ggml/src/ggml-cpu/amppatch-tunables.h" in paths
+    kernels = (tree / "ggml/src/ggml-cpu/fx_kernels.c").read_text()
+    assert kernels.count('#include "amppatch-tunables.h"') == 1
+    _, changes2, _ = _apply_once(tree, ["fx_rows:0:row"], tunable=True)
+    assert changes2 == []
+
+
+def test_braceless_body_is_wrapped_and_still_parses(tree: Path) -> None:
+    _, (change,), _ = _apply_once(tree, ["fx_braceless"])
+    text = change.after.decode()
+    assert "{ /* amppatch: fx_braceless#0 a + i */" in text and "} /* amppatch: fx_braceless#0 a + i */" in text
+    from amppatch.source.parse import find_function_definitions
+
+    (fn,) = find_function_definitions(parse_bytes(change.after, "c"), "fx_braceless")
+    assert not error_nodes(fn)
+    assert "for (int i = 0; i < n; i += FX_STEP)\n        { /* amppatch" in text
+    _, again, _ = _apply_once(tree, ["fx_braceless"])
+    assert again == []
+
+
+def test_dead_broken_and_streamless_loops_are_skipped(tree: Path) -> None:
+    requests = [SiteRequest("fx_dot_blocks", 0), SiteRequest("fx_broken"), SiteRequest("fx_dot_blocks", 4)]
+    analyses = analyze_requests(tree, requests, None)
+    fa = analyses["fx_dot_blocks"]
+    # what the compile command decides (FX_MID): loop 0 dead
+    loops = tuple(dataclasses.replace(lp, live=(lp.ordinal != 0 and lp.ordinal != 2)) for lp in fa.loops)
+    analyses["fx_dot_blocks"] = dataclasses.replace(fa, loops=loops)
+    plan = plan_sites(requests, analyses, 64)
+    reasons = [s.reason for s in plan.skipped]
+    assert plan.sites == []
+    assert "dead" in reasons[0]
+    assert "no live loop" in reasons[1]  # the only loop of fx_broken has ERROR nodes
+    assert "no stream" in reasons[2]
+    # the default loop now is the live FX_MID one
+    assert analyses["fx_dot_blocks"].default_loop().ordinal == 1
+
+
+def test_existing_prefetch_is_kept_and_reported(tree: Path) -> None:
+    plan, (change,), _ = _apply_once(tree, ["fx_prefetched"])
+    assert any("already prefetches" in w for w in plan.warnings)
+    assert "__builtin_prefetch(&a[i] + 64, 0, 1);" in change.after.decode()
+
+
+def test_request_id_depends_on_every_parameter(tree: Path) -> None:
+    requests = [parse_site_spec("fx_dot_blocks", None, None)]
+    plan = plan_sites(requests, analyze_requests(tree, requests, None), 64)
+    ids = {request_id("a" * 40, plan.sites, tunable=False, line_size=64)}
+    assert request_id("a" * 40, plan.sites, tunable=False, line_size=64) in ids  # stable
+    other = [dataclasses.replace(plan.sites[0], request=dataclasses.replace(plan.sites[0].request, hint=1))]
+    ids |= {request_id("b" * 40, plan.sites, tunable=False, line_size=64),
+            request_id("a" * 40, plan.sites, tunable=True, line_size=64),
+            request_id("a" * 40, other, tunable=False, line_size=64)}
+    assert len(ids) == 4
+
+
+def test_gate_helpers_route_vec_dot_kernels() -> None:
+    assert model_type_for("ggml_vec_dot_q8_0_q8_0") == "q8_0"
+    assert model_type_for("ggml_vec_dot_q4_K_q8_K") == "q4_k"
+    assert model_type_for("ggml_vec_dot_q6_K_q8_K") == "q6_k"
+    assert model_type_for("ggml_vec_dot_f16") == "f16"
+    assert model_type_for("ggml_gemv_q4_0_8x8_q8_0") is None
+    assert gate_runtime_args(["ggml_vec_dot_q4_0_q8_0"]) == ("-nr",)
+    assert gate_runtime_args(["ggml_gemv_q4_0_8x8_q8_0"]) == ()

@@ -1,0 +1,37 @@
+"""`amppatch apply` argument handling (pure: parsing only)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+
+from amppatch.cli import cmd_apply
+from amppatch.errors import UsageError
+
+
+def _parse(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    cmd_apply.add_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+def test_arguments_of_the_issue_parse() -> None:
+    args = _parse("--repo", "/r", "--site", "ggml_vec_dot_q8_0_q8_0:0:x[ib]", "--site", "ggml_vec_dot_f16",
+                  "--distance", "4096", "--hint", "2", "--tunable", "--dry-run", "--no-build", "--cflags=-O2",
+                  "--define", "GGML_NATIVE=OFF", "-o", "/tmp/o")
+    assert args.site == ["ggml_vec_dot_q8_0_q8_0:0:x[ib]", "ggml_vec_dot_f16"]
+    assert (args.distance, args.hint, args.tunable, args.dry_run, args.no_build) == (4096, 2, True, True, True)
+    assert args.define == ["GGML_NATIVE=OFF"] and args.out == Path("/tmp/o")
+
+
+def test_hint_must_be_a_locality() -> None:
+    with pytest.raises(SystemExit):
+        _parse("--repo", "/r", "--site", "f", "--hint", "4")
+
+
+def test_like_excludes_build_flags(tmp_path: Path) -> None:
+    args = _parse("--repo", str(tmp_path), "--site", "f", "--like", str(tmp_path), "--cflags=-O1")
+    with pytest.raises(UsageError, match="--like"):
+        cmd_apply.run(args)

@@ -1,0 +1,123 @@
+"""Loop and stream analysis on amppatch's own fixtures (pure: no compile database, so no subprocess)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from amppatch.errors import UsageError
+from amppatch.source import analyze_function, default_stream
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
+
+
+@pytest.fixture()
+def tree(tmp_path: Path) -> Path:
+    cpu = tmp_path / "ggml" / "src" / "ggml-cpu"
+    cpu.mkdir(parents=True)
+    for f in FIXTURES.iterdir():
+        shutil.copy(f, cpu / f.name)
+    return tmp_path
+
+
+def test_if_chain_loops_steps_and_indexed_streams(tree: Path) -> None:
+    fa = analyze_function(tree, "fx_dot_blocks")
+    assert fa.relpath == "ggml/src/ggml-cpu/fx_kernels.c"
+    assert [lp.step for lp in fa.loops] == ["4", "2", "1", "1", "1"]
+    assert [lp.induction for lp in fa.loops] == ["ib", "ib", "ib", "ib", "j"]
+    assert [lp.guard for lp in fa.loops[:3]] == ["#if defined(FX_WIDE)", "#elif defined(FX_MID)",
+                                                 "#else (of defined(FX_MID))"]
+    wide = fa.loops[0]
+    x = wide.stream("x[ib]")
+    assert x is not None and x.kind == "indexed" and x.address == "&x[ib]"
+    assert x.accesses == ("x[ib]", "x[ib + 1]", "x[ib + 2]", "x[ib + 3]")
+    assert x.element_type == "const fx_block" and x.elements_per_iteration_value == 4
+    assert wide.stream("y[ib + 2]").base == "y"  # any access names its stream
+    assert wide.stream("x").base == "x"  # so does the base pointer
+    # nested loop: depth, parent, and no stream of its own (x[ib].vals[j] is indexed by ib, not j)
+    inner = fa.loops[4]
+    assert (inner.depth, inner.parent) == (1, 3)
+    # without a compile database liveness is unknown, and the analysis says so
+    assert all(lp.live is None for lp in fa.loops)
+    assert any("no compile command" in w for w in fa.warnings)
+    # the weight-like stream (first pointer parameter) is the default
+    assert default_stream(wide).base == "x"
+
+
+def test_pointer_bumps_belong_to_the_loop_that_bumps(tree: Path) -> None:
+    fa = analyze_function(tree, "fx_bumps")
+    outer, inner = fa.loops
+    assert [s.expression for s in outer.streams] == ["blocks[i]"]  # lo = blocks[i].lo is covered by it
+    lo = inner.stream("lo")
+    assert lo is not None and lo.kind == "bump" and lo.elements_per_iteration_value == 64
+    assert lo.accesses == ("lo += 32", "lo += 32")
+    assert inner.stream("a").elements_per_iteration_value == 16
+
+
+def test_row_pointer_set_in_outer_loop(tree: Path) -> None:
+    fa = analyze_function(tree, "fx_rows")
+    outer, inner = fa.loops
+    row = outer.stream("row")
+    assert row is not None and row.kind == "row" and "base + r * stride" in row.note
+    assert inner.stream("row[k]").kind == "indexed"
+
+
+def test_existing_prefetch_is_reported(tree: Path) -> None:
+    (loop,) = analyze_function(tree, "fx_prefetched").loops
+    (pf,) = loop.prefetches
+    assert pf.text == "__builtin_prefetch(&a[i] + 64, 0, 1)" and not pf.by_amppatch
+    assert loop.step == "FX_STEP" and loop.step_value is None  # a macro: only the compiler knows
+
+
+def test_braceless_body_and_offset_stream(tree: Path) -> None:
+    (loop,) = analyze_function(tree, "fx_braceless").loops
+    assert not loop.body_compound
+    assert loop.stream("a + i").kind == "offset"
+
+
+def test_while_loop_induction(tree: Path) -> None:
+    (loop,) = analyze_function(tree, "fx_while").loops
+    assert (loop.kind, loop.induction, loop.step) == ("while", "i", "2")
+    assert loop.stream("v[i]") is not None
+
+
+def test_grammar_breaking_macro_marks_the_loop(tree: Path) -> None:
+    (loop,) = analyze_function(tree, "fx_broken").loops
+    assert loop.parse_error is not None and "ERROR" in loop.parse_error
+
+
+def test_cpp_offset_stream_inside_macro_argument(tree: Path) -> None:
+    fa = analyze_function(tree, "fx_vec_dot_half")
+    assert fa.grammar == "cpp"
+    main = fa.loops[2]
+    assert main.step == "FX_STEP"
+    assert [s.expression for s in main.streams] == ["x + i", "y + i"]
+    assert fa.loop_for_line(main.start_line + 2).ordinal == 3  # a line of the inner loop maps to it
+    assert fa.loop_at_line(main.start_line).ordinal == 2
+
+
+def test_unknown_function_is_a_usage_error(tree: Path) -> None:
+    with pytest.raises(UsageError, match="no definition"):
+        analyze_function(tree, "fx_does_not_exist")
+
+
+def test_other_architectures_copy_is_ignored(tree: Path) -> None:
+    import platform
+
+    from amppatch.source import _ARCH_DIRS
+
+    ours = _ARCH_DIRS.get(platform.machine().lower())
+    other = "powerpc" if ours != "powerpc" else "x86"
+    d = tree / "ggml" / "src" / "ggml-cpu" / "arch" / other
+    d.mkdir(parents=True)
+    (d / "k.c").write_text("float fx_only_elsewhere(int n, const float * a) {\n"
+                           "    float s = 0; for (int i = 0; i < n; i++) s += a[i]; return s; }\n")
+    home = tree / "ggml" / "src" / "ggml-cpu" / "arch" / (ours or "x86")
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "k.c").write_text("float fx_only_elsewhere(int n, const float * a) {\n"
+                              "    float s = 0;\n    for (int i = 0; i < n; i += 2) s += a[i];\n    return s;\n}\n")
+    fa = analyze_function(tree, "fx_only_elsewhere")
+    assert fa.relpath.endswith(f"arch/{ours or 'x86'}/k.c")
+    assert len(fa.candidates) == 2
