@@ -10,6 +10,7 @@ from pathlib import Path
 
 from amppatch.errors import AmppatchError
 from amppatch.features import probe_isa
+from amppatch.machine import cpu_model
 from amppatch.paths import cache_root
 from amppatch.proc import run
 
@@ -59,13 +60,6 @@ def _perf_counters() -> tuple[bool, str]:
     return False, "no hardware counters on this machine (perf stat says not supported); the sampler is used"
 
 
-def _cpu_model() -> str:
-    for line in (_read("/proc/cpuinfo") or "").splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
-
-
 def diagnose() -> DoctorReport:
     checks: list[Check] = []
     for name, hint in (("cc", "apt-get install -y gcc"), ("c++", "apt-get install -y g++"),
@@ -91,7 +85,7 @@ def diagnose() -> DoctorReport:
     checks.append(Check("disk", free > 8 << 30, f"{free / 2**30:.1f} GiB free for {cache_root()} "
                         "(a 1.1B model set and a few builds need ~8 GiB)"))
     facts = {
-        "cpu_model": _cpu_model(),
+        "cpu_model": cpu_model(),
         "cpus": str(os.cpu_count()),
         "kernel": platform.release(),
         "thp": _read("/sys/kernel/mm/transparent_hugepage/enabled") or "unknown",

@@ -15,9 +15,19 @@ from amppatch.errors import AmppatchError
 
 def _command_modules() -> list[ModuleType]:
     # Imported here so `amppatch --help` lists exactly the commands that exist.
-    from amppatch.cli import cmd_apply, cmd_build, cmd_clean, cmd_doctor, cmd_llama, cmd_model, cmd_profile
+    from amppatch.cli import (
+        cmd_abtest,
+        cmd_apply,
+        cmd_build,
+        cmd_clean,
+        cmd_doctor,
+        cmd_llama,
+        cmd_model,
+        cmd_profile,
+        cmd_report,
+    )
 
-    return [cmd_llama, cmd_build, cmd_model, cmd_profile, cmd_apply, cmd_doctor, cmd_clean]
+    return [cmd_llama, cmd_build, cmd_model, cmd_profile, cmd_apply, cmd_abtest, cmd_report, cmd_doctor, cmd_clean]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"amppatch {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for module in _command_modules():
-        command = sub.add_parser(module.NAME, help=module.HELP, description=module.HELP)
+        text = module.HELP.replace("%", "%%")  # argparse %-formats help strings ("95% CI")
+        command = sub.add_parser(module.NAME, help=text, description=text)
         module.add_arguments(command)
         command.set_defaults(_run=module.run)
     return parser

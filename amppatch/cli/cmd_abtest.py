@@ -1,0 +1,108 @@
+"""`amppatch ab-test`: interleaved A/B of llama.cpp builds with a correctness gate, CIs and a report."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+from pathlib import Path
+
+from amppatch.errors import UsageError
+
+NAME = "ab-test"
+HELP = "race builds (or settings) in randomized interleaved blocks; verdict with a 95% CI, report.md/.json/.png"
+
+ARM_SYNTAX = (
+    "NAME=BUILD[::LLAMA-BENCH FLAGS][::VAR=VALUE]... — BUILD is a build dir or its manifest.json; "
+    "a segment starting with '-' adds llama-bench flags for this arm (e.g. '::--repack 0'), "
+    "a VAR=VALUE segment sets an environment variable for this arm"
+)
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from exc
+    if not values:
+        raise argparse.ArgumentTypeError("empty list")
+    return values
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--a", metavar="BUILD", help="baseline arm 'A' (BUILD[::FLAGS][::VAR=VALUE])")
+    parser.add_argument("--b", metavar="BUILD", help="candidate arm 'B' (same syntax)")
+    parser.add_argument("--arm", action="append", default=[], metavar="SPEC", help=f"another arm: {ARM_SYNTAX}")
+    parser.add_argument("-m", "--model", type=Path, required=True, help="GGUF model to time")
+    parser.add_argument("--threads", type=_int_list, default=(1,), help="thread counts, e.g. 1,2 (default 1)")
+    parser.add_argument("--tokens", type=int, default=64, help="tokens generated per repetition (default 64)")
+    parser.add_argument("--prompt-tokens", type=int, default=128, help="prompt length for --test pp (default 128)")
+    parser.add_argument("--depth", type=int, default=0, help="KV-cache depth before timing (default 0)")
+    parser.add_argument("--test", default="tg", help="tg, pp or tg,pp (default tg)")
+    parser.add_argument("--reps", type=int, default=3, help="llama-bench repetitions per call (default 3)")
+    stop = parser.add_mutually_exclusive_group()
+    stop.add_argument("--rounds", type=int, help="number of rounds (default 6)")
+    stop.add_argument("--max-time", type=float, metavar="S",
+                      help="stop rule: add rounds until every verdict is decisive or S seconds have passed")
+    parser.add_argument("--min-effect", type=float, default=0.05, help="smallest effect that matters (0.05 = 5%%)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the block order and the bootstrap")
+    parser.add_argument("--cpu-mask", help="pin every arm with llama-bench -C MASK --cpu-strict 1 (hex)")
+    parser.add_argument("-o", "--out", type=Path, help="report directory (default ./abtest-<time>)")
+    parser.add_argument("--skip-correctness", action="store_true", help="do not run the correctness gate")
+    parser.add_argument("--gate", choices=("auto", "identical", "tolerance"), default="auto",
+                        help="gate mode (auto: identical unless the arms run different kernels by design)")
+    parser.add_argument("--gate-model", type=Path, help="model for the gate (default: --model)")
+    parser.add_argument("--gate-args", default="", help="extra gate flags for both sides, e.g. '-ub 1'")
+    parser.add_argument("--ppl-tolerance", type=float, default=0.01,
+                        help="relative perplexity tolerance of the tolerance gate (default 0.01)")
+    parser.add_argument("--latency", choices=("auto", "on", "off"), default="auto",
+                        help="per-token latency through the tracer's token hooks (default: when available)")
+    parser.add_argument("--no-llc", action="store_true", help="skip the perf stat LLC-miss pass")
+    parser.add_argument("--fail-on-regression", action="store_true",
+                        help="exit with an error when any arm is measurably slower than the first")
+
+
+def options_from_args(args: argparse.Namespace):  # -> AbTestOptions
+    from amppatch.abtest import AbTestOptions, parse_arm
+
+    arms = []
+    if args.a:
+        arms.append(parse_arm(args.a, name="A"))
+    if args.b:
+        arms.append(parse_arm(args.b, name="B"))
+    arms.extend(parse_arm(spec) for spec in args.arm)
+    if len(arms) < 2:
+        raise UsageError("ab-test needs two arms", next_step="pass --a BUILD --b BUILD (or --arm NAME=BUILD twice)")
+    tests = tuple(t.strip() for t in args.test.split(",") if t.strip())
+    return AbTestOptions(
+        arms=tuple(arms),
+        model=args.model,
+        threads=tuple(args.threads),
+        tokens=args.tokens,
+        prompt_tokens=args.prompt_tokens,
+        depth=args.depth,
+        tests=tests,
+        reps=args.reps,
+        rounds=args.rounds,
+        max_time=args.max_time,
+        min_effect=args.min_effect,
+        seed=args.seed,
+        cpu_mask=args.cpu_mask,
+        out=args.out,
+        skip_correctness=args.skip_correctness,
+        gate_mode=args.gate,
+        gate_model=args.gate_model,
+        gate_args=tuple(shlex.split(args.gate_args)),
+        ppl_tolerance=args.ppl_tolerance,
+        latency=args.latency,
+        llc=not args.no_llc,
+        fail_on_regression=args.fail_on_regression,
+    )
+
+
+def run(args: argparse.Namespace) -> Path:
+    from amppatch.abtest import run_abtest
+    from amppatch.report import REPORT_MD
+
+    out = run_abtest(options_from_args(args))
+    print((out / REPORT_MD).read_text(), end="")
+    return out

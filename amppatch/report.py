@@ -1,0 +1,338 @@
+"""ab-test reports: report.json (the record), report.md (for a terminal) and report.png (for a glance).
+
+report.md and report.png are pure functions of report.json, so `amppatch report DIR` re-renders them
+from the JSON alone (after editing, on another machine, or with a newer amppatch). The JSON layout is
+documented in docs/report-schema.md.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from amppatch.errors import UsageError
+from amppatch.paths import write_text_atomic
+
+REPORT_JSON = "report.json"
+REPORT_MD = "report.md"
+REPORT_PNG = "report.png"
+SUPPORTED_SCHEMA = 1
+
+
+def _f(value: float | None, fmt: str, missing: str = "—") -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return missing
+    return format(value, fmt)
+
+
+def _size(n_bytes: float) -> str:
+    if n_bytes >= 1e9:
+        return f"{n_bytes / 1e9:.2f} GB"
+    if n_bytes >= 1e6:
+        return f"{n_bytes / 1e6:.0f} MB"
+    return f"{n_bytes / 1e3:.0f} kB"
+
+
+def _arm_label(arm: dict[str, Any]) -> str:
+    extra = " ".join(arm.get("bench_args", []) + [f"{k}={v}" for k, v in arm.get("env", {}).items()])
+    return f"{arm['name']} ({extra})" if extra else arm["name"]
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    """A Markdown table padded to column width, so it also reads well as plain text in a terminal."""
+    widths = [max(len(str(h)), *(len(str(r[i])) for r in rows)) if rows else len(str(h))
+              for i, h in enumerate(header)]
+    line = "| " + " | ".join(str(h).ljust(w) for h, w in zip(header, widths, strict=True)) + " |"
+    rule = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    body = ["| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)) + " |" for r in rows]
+    return [line, rule, *body]
+
+
+def _arm_setting(report: dict[str, Any], arm: str, setting: str) -> dict[str, Any]:
+    for a in report["arms"]:
+        if a["name"] == arm:
+            return a.get("by_setting", {}).get(setting, {})
+    return {}
+
+
+def _comparison(report: dict[str, Any], arm: str, setting: str) -> dict[str, Any] | None:
+    for c in report["comparisons"]:
+        if c["arm"] == arm and c["setting"] == setting:
+            return c
+    return None
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    opts = report["options"]
+    env = report.get("environment", {})
+    diag = report.get("diagnostics", {})
+    bw = report.get("bandwidth", {})
+    settings = report.get("settings", [])
+    base = report["arms"][0]["name"]
+    lines: list[str] = ["# amppatch ab-test report", ""]
+    model = env.get("model", {})
+    types = ", ".join(f"{t} {_size(b)}" for t, b in (model.get("types") or {}).items()) or "?"
+    lines.append(
+        f"Model `{Path(opts['model']).name}` ({types}) · {opts['reps']} repetitions per call · "
+        f"{diag.get('rounds', '?')} rounds ({diag.get('stopped_because', '')}) · seed {opts['seed']} · "
+        f"min effect ±{opts['min_effect']:.0%}"
+    )
+    lines.append("")
+    head = report.get("headline")
+    if head and report.get("ratio") is not None:
+        lo, hi = report["ci95"]
+        c = _comparison(report, head["arm"], head["setting"]) or {}
+        lines.append(
+            f"**Verdict: {head['arm']} vs {head['baseline']} ({c.get('setting_label', head['setting'])}): "
+            f"{report['verdict'].upper()}** — ratio {report['ratio']:.3f}, 95 % CI [{lo:.3f}, {hi:.3f}], "
+            f"resolution ±{c.get('resolution', float('nan')):.1%}, Mann–Whitney p = {_f(c.get('p_value'), '.3g')}"
+        )
+    else:
+        lines.append(f"**Verdict: {report.get('verdict', 'unavailable')}**")
+    lines.append("")
+    lines.append("## Results")
+    lines.append("")
+    rows = []
+    for s in settings:
+        for a in report["arms"]:
+            st = a.get("by_setting", {}).get(s["id"], {})
+            comp = _comparison(report, a["name"], s["id"])
+            if st.get("median_tok_s") is None:
+                rows.append([s["label"], _arm_label(a), "failed", "", "", "", st.get("failed") or "no samples",
+                             "", "", "", ""])
+                continue
+            bwe = st.get("bandwidth") or {}
+            share = bwe.get("share_of_ceiling")
+            lat = st.get("latency_ms")
+            if a["name"] == base:
+                ratio, ci, verdict, p = "1 (baseline)", "", "", ""
+            elif comp is None or comp.get("ratio") is None:
+                ratio, ci, verdict, p = "—", "", (comp or {}).get("unavailable") or "unavailable", ""
+            else:
+                lo, hi = comp["ci95"]
+                ratio = f"{comp['ratio']:.3f}"
+                ci = f"[{lo:.3f}, {hi:.3f}]"
+                verdict = f"{comp['verdict']} (±{comp['resolution']:.1%})"
+                p = _f(comp.get("p_value"), ".3g")
+            rows.append([
+                s["label"], _arm_label(a),
+                f"{st['median_tok_s']:.2f}",
+                f"{st['iqr_tok_s']:.2f}",
+                ratio, ci, verdict, p,
+                (f"{bwe['gb_per_s']:.2f} GB/s" if bwe else "n/a (pp)") if s["test"] == "tg" else "n/a (pp)",
+                _f(share, ".0%", "not measured") if s["test"] == "tg" else "",
+                (f"{lat['p50']:.2f}/{lat['p99']:.2f}" if lat else "unavailable") if s["test"] == "tg" else "n/a (pp)",
+            ])
+    lines += _table(["setting", "arm", "median tok/s", "IQR", "ratio", "95% CI", "verdict", "p",
+                     "bandwidth", "% ceiling", "p50/p99 ms"], rows)
+    lines.append("")
+    tied = " — tied embeddings: the output matmul reads token_embd whole" if bw.get("tied_embeddings") else ""
+    lines.append(f"Bandwidth: {bw.get('bytes_per_token', 0) / 1e6:.1f} MB read per generated token "
+                 f"(weights {bw.get('weights_whole', 0) / 1e6:.1f} MB streamed whole, "
+                 f"{bw.get('gathered_rows', 0) / 1e3:.1f} kB of gathered embedding rows"
+                 f"{tied}"
+                 f", KV {bw.get('kv', 0) / 1e6:.2f} MB at {bw.get('context_len', 0):.1f} cached positions on "
+                 f"average); ceiling: {bw.get('ceiling_note', 'not measured')}.")
+    lat_note = report.get("latency", {}).get("note", "")
+    lines.append(f"Per-token latency: {lat_note}.")
+    llc = report.get("llc", {})
+    llc_rows = [(a["name"], s["label"], a.get("by_setting", {}).get(s["id"], {}).get("llc_misses_per_token"))
+                for a in report["arms"] for s in settings]
+    if llc.get("available") and any(v is not None for *_, v in llc_rows):
+        lines.append("LLC misses per token: " + ", ".join(f"{n} {lbl} {v:,.0f}" for n, lbl, v in llc_rows
+                                                           if v is not None) + ".")
+    else:
+        lines.append(f"LLC misses: {llc.get('note', 'unavailable on this machine')}.")
+    lines.append("")
+    lines.append("## Correctness")
+    lines.append("")
+    crow = []
+    for c in report.get("correctness", []):
+        result = "not checked" if c.get("passed") is None else ("passed" if c["passed"] else "FAILED")
+        crow.append([f"{c['arm']} vs {c['baseline']}", c.get("mode") or "—", result, c.get("detail", "")])
+    lines += _table(["pair", "check", "result", "detail"], crow) if crow else ["(no pairs)"]
+    lines.append("")
+    lines.append("## Noise diagnostics")
+    lines.append("")
+    for a in report["arms"]:
+        for s in settings:
+            st = a.get("by_setting", {}).get(s["id"], {})
+            if st.get("median_tok_s") is None:
+                continue
+            d = st.get("drift") or {}
+            lines.append(
+                f"- {a['name']} {s['label']}: CV {_f(st.get('cv'), '.1%')}, n = {st.get('n')}, drift "
+                f"{_f(d.get('slope_per_round'), '+.2%')}/round (Spearman rho {_f(d.get('spearman_rho'), '+.2f')}, "
+                f"p {_f(d.get('p_value'), '.2g')})"
+            )
+    la, lb = diag.get("loadavg_start"), diag.get("loadavg_end")
+    if la:
+        end = f", end {lb['1min']:.2f}" if lb else ""
+        lines.append(f"- load average (1 min): start {la['1min']:.2f}{end} on {env.get('cpus', '?')} CPUs")
+    cf = diag.get("cpufreq", {})
+    lines.append(f"- governor: {cf.get('governor', '?')}; boost/turbo: {cf.get('boost', '?')}")
+    usage = diag.get("cpu_usage")
+    if usage:
+        lines.append(f"- CPU capacity while timing: ab-test {usage['ours']:.0%}, other processes "
+                     f"{usage['others']:.0%}, hypervisor steal {usage['steal']:.0%}")
+    busy = diag.get("busy_processes") or []
+    lines.append("- busy processes during timing: " + (
+        ", ".join(f"{p['comm']} ({p['cpu_share']:.0%} CPU)" for p in busy) if busy else "none above 5 % CPU"))
+    for f in diag.get("failures", []):
+        lines.append(f"- failure: {f['arm']} {f['setting']}: {f['reason']}")
+    warnings = diag.get("warnings") or []
+    if warnings:
+        lines.append("")
+        lines.append("Warnings:")
+        lines += [f"- ⚠ {w}" for w in warnings]
+    lines.append("")
+    lines.append("## Environment")
+    lines.append("")
+    lines.append(f"- CPU: {env.get('cpu_model', '?')} ({env.get('cpus', '?')} CPUs); kernel {env.get('kernel', '?')}")
+    lines.append(f"- compiler: {', '.join(env.get('compilers', [])) or '?'}")
+    for a in report["arms"]:
+        extra = " ".join(a.get("bench_args", []) + [f"{k}={v}" for k, v in a.get("env", {}).items()])
+        lines.append(f"- arm {a['name']}: `{a['build_dir']}` commit {str(a.get('commit'))[:12]}"
+                     f"{' (dirty ' + str(a['dirty_hash'])[:8] + ')' if a.get('dirty_hash') else ''}"
+                     f"{' · ' + extra if extra else ''}")
+    lines.append("")
+    lines.append(f"Raw samples: {len(report.get('samples', []))} in {REPORT_JSON}. Schema: docs/report-schema.md.")
+    return "\n".join(lines) + "\n"
+
+
+def render_png(report: dict[str, Any], path: Path) -> None:
+    """Per-arm distributions (one panel per setting) and every comparison's ratio with its CI."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    settings = report.get("settings", [])
+    n = len(settings)
+    fig, axes = plt.subplots(1, n + 1, figsize=(4.2 * n + 5, 4.2), squeeze=False)
+    for ax, s in zip(axes[0][:n], settings, strict=True):
+        names, data = [], []
+        for a in report["arms"]:
+            st = a.get("by_setting", {}).get(s["id"], {})
+            ns = st.get("samples_ns") or []
+            if ns:
+                names.append(a["name"])
+                data.append([st["n_tokens"] * 1e9 / v for v in ns])
+        if data:
+            ax.boxplot(data, showfliers=False)
+            ax.set_xticks(range(1, len(names) + 1), names)
+            for i, values in enumerate(data, start=1):
+                jitter = [i + 0.12 * ((k * 7919) % 11 - 5) / 5 for k in range(len(values))]
+                ax.scatter(jitter, values, s=8, alpha=0.5)
+        ax.set_title(s["label"], fontsize=10)
+        ax.set_ylabel("tokens / s")
+        ax.grid(axis="y", alpha=0.3)
+    ax = axes[0][n]
+    comps = [c for c in report.get("comparisons", []) if c.get("ratio") is not None]
+    min_effect = report["options"]["min_effect"]
+    ax.axvspan(1 - min_effect, 1 + min_effect, color="0.9", label=f"±{min_effect:.0%} (equivalent)")
+    ax.axvline(1.0, color="0.5", lw=1)
+    colors = {"faster": "tab:green", "slower": "tab:red", "equivalent": "tab:blue", "inconclusive": "tab:orange"}
+    for i, c in enumerate(comps):
+        lo, hi = c["ci95"]
+        ax.errorbar([c["ratio"]], [i], xerr=[[c["ratio"] - lo], [hi - c["ratio"]]], fmt="o", capsize=4,
+                    color=colors.get(c["verdict"], "k"))
+    ax.set_yticks(range(len(comps)), [f"{c['arm']}/{c['baseline']}\n{c['setting']}" for c in comps], fontsize=8)
+    if comps:
+        lows = [c["ci95"][0] for c in comps] + [1 - 2 * min_effect]
+        highs = [c["ci95"][1] for c in comps] + [1 + 2 * min_effect]
+        lo_x, hi_x = min(lows), max(highs)
+        pad = 0.08 * (hi_x - lo_x)
+        ax.set_xlim(max(lo_x - pad, 1e-3), hi_x + pad)  # the ±min-effect band stays visible, edges included
+        if max(highs) / max(min(lows), 1e-9) > 1.6:
+            # Ratios are multiplicative: a log axis keeps 0.5x and 2x equally far from 1 when CIs are wide.
+            from matplotlib.ticker import ScalarFormatter
+
+            ax.set_xscale("log")
+            ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.set_xlabel("ratio of median tok/s with 95 % CI")
+    ax.set_title("verdicts: " + ", ".join(sorted({c["verdict"] for c in comps})), fontsize=10)
+    ax.legend(loc="lower right", fontsize=8)
+    if comps:
+        ax.set_ylim(-0.7, len(comps) - 0.3)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def _jsonable(value: Any) -> Any:
+    """NaN/inf are not JSON: store them as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def write_report(out: Path, report: dict[str, Any]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out / REPORT_JSON, json.dumps(_jsonable(report), indent=1) + "\n")
+    render_all(out)
+
+
+def load_report(directory: Path) -> dict[str, Any]:
+    directory = Path(directory).expanduser()
+    path = directory if directory.name == REPORT_JSON else directory / REPORT_JSON
+    if not path.is_file():
+        raise UsageError(f"{path} does not exist", next_step="pass the directory ab-test printed")
+    try:
+        report = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"{path} is not valid JSON: {exc}", next_step="re-run ab-test") from exc
+    version = report.get("schema_version")
+    if version != SUPPORTED_SCHEMA:
+        raise UsageError(f"{path} has schema_version {version}; this amppatch reads {SUPPORTED_SCHEMA}",
+                         next_step="use the amppatch version that wrote it")
+    return report
+
+
+def render_all(directory: Path) -> Path:
+    """Re-render report.md and report.png from report.json; returns report.md's path."""
+    directory = Path(directory).expanduser()
+    if directory.name == REPORT_JSON:
+        directory = directory.parent
+    report = load_report(directory)
+    md = directory / REPORT_MD
+    write_text_atomic(md, render_markdown(report))
+    render_png(report, directory / REPORT_PNG)
+    return md
+
+
+def render_slices(report: dict[str, Any], n_slices: int, *, n_boot: int = 4000) -> tuple[str, list[dict[str, Any]]]:
+    """Verdicts of `n_slices` disjoint consecutive slices of the run's rounds (A/A false-positive check)."""
+    from amppatch.abtest import Sample, Setting, slice_verdicts
+
+    fields = {"round", "block", "slot", "arm", "setting", "rep", "ns", "n_tokens"}
+    samples = [Sample(**{k: v for k, v in s.items() if k in fields}) for s in report["samples"]]
+    settings = [Setting(s["test"], s["threads"], s["n_tokens"], s.get("depth", 0)) for s in report["settings"]]
+    arms = [a["name"] for a in report["arms"]]
+    opts = report["options"]
+    results = slice_verdicts(samples, arms, settings, n_slices, min_effect=opts["min_effect"], seed=opts["seed"],
+                             n_boot=n_boot)
+    rows = []
+    for r in results:
+        if r["ratio"] is None:
+            rows.append([str(r["slice"] + 1), f"{r['rounds'][0] + 1}–{r['rounds'][1] + 1}", r["arm"], r["setting"],
+                         "—", "—", r["verdict"]])
+            continue
+        lo, hi = r["ci95"]
+        rows.append([str(r["slice"] + 1), f"{r['rounds'][0] + 1}–{r['rounds'][1] + 1}", r["arm"], r["setting"],
+                     f"{r['ratio']:.3f}", f"[{lo:.3f}, {hi:.3f}]", r["verdict"]])
+    counts: dict[str, int] = {}
+    for r in results:
+        counts[r["verdict"]] = counts.get(r["verdict"], 0) + 1
+    text = "\n".join(_table(["slice", "rounds", "arm", "setting", "ratio", "95% CI", "verdict"], rows))
+    text += "\n\n" + ", ".join(f"{v}: {n}" for v, n in sorted(counts.items())) + "\n"
+    return text, results

@@ -1,0 +1,309 @@
+"""Pure statistics for ab-test: no subprocess, no I/O, only numbers in and numbers out.
+
+Everything works on raw llama-bench ``samples_ns`` turned into tokens per second, never on llama-bench's
+``avg_ts`` (a mean of rates). The comparison of two arms is a ratio of medians with a bootstrap confidence
+interval that resamples whole interleaved blocks (so load that drifts across blocks widens the interval,
+as it should; with fewer than five blocks it also resamples samples inside each chosen block); the
+Mann–Whitney U p-value is computed here too (exact for small samples without ties, normal approximation
+with tie and continuity corrections otherwise, the same rule scipy's ``method="auto"`` uses), so scipy
+stays a test-only dependency.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+VERDICTS = ("faster", "slower", "equivalent", "inconclusive")
+
+# From this many shared blocks on, the bootstrap resamples whole blocks only (see compare()).
+CLUSTER_MIN_BLOCKS = 5
+
+# scipy's rule: below this size (on either side) and without ties the exact U distribution is used.
+_EXACT_MAX_N = 8
+
+
+def tokens_per_second(samples_ns: Sequence[float], n_tokens: int) -> np.ndarray:
+    """llama-bench's per-repetition wall times (ns for n_tokens tokens) as tokens per second."""
+    ns = np.asarray(samples_ns, dtype=float)
+    if ns.size and np.any(ns <= 0):
+        raise ValueError("samples_ns must be positive")
+    return n_tokens * 1e9 / ns
+
+
+@dataclass(frozen=True)
+class Summary:
+    """Location and spread of one arm's samples (tokens per second)."""
+
+    n: int
+    median: float
+    q1: float
+    q3: float
+    iqr: float
+    mean: float
+    cv: float  # sample standard deviation / mean; nan with fewer than two samples
+    minimum: float
+    maximum: float
+
+
+def summarize(values: Sequence[float]) -> Summary:
+    x = np.asarray(values, dtype=float)
+    if x.size == 0:
+        raise ValueError("no samples to summarize")
+    q1, median, q3 = (float(v) for v in np.percentile(x, [25, 50, 75]))
+    mean = float(x.mean())
+    cv = float(x.std(ddof=1) / mean) if x.size > 1 and mean != 0 else math.nan
+    return Summary(
+        n=int(x.size),
+        median=median,
+        q1=q1,
+        q3=q3,
+        iqr=q3 - q1,
+        mean=mean,
+        cv=cv,
+        minimum=float(x.min()),
+        maximum=float(x.max()),
+    )
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """One percentile (linear interpolation); with n < 100, p99 is essentially the maximum — say so."""
+    x = np.asarray(values, dtype=float)
+    if x.size == 0:
+        raise ValueError("no values")
+    return float(np.percentile(x, q))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Mann–Whitney U
+
+
+@dataclass(frozen=True)
+class MannWhitney:
+    u: float  # U statistic of the first sample (scipy's convention)
+    p_value: float  # two-sided
+    method: str  # "exact" or "asymptotic"
+
+
+def _rank_with_ties(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Average ranks (1-based) and the sizes of the tie groups."""
+    order = np.argsort(x, kind="mergesort")
+    sorted_x = x[order]
+    ranks = np.empty(x.size, dtype=float)
+    # Boundaries of runs of equal values.
+    change = np.flatnonzero(np.diff(sorted_x) != 0) + 1
+    starts = np.concatenate(([0], change))
+    ends = np.concatenate((change, [x.size]))
+    for start, end in zip(starts, ends, strict=True):
+        ranks[order[start:end]] = (start + 1 + end) / 2.0
+    return ranks, (ends - starts)
+
+
+def _u_distribution(m: int, n: int) -> np.ndarray:
+    """Number of arrangements giving U = 0..m*n for sample sizes m and n (no ties).
+
+    These are the coefficients of the Gaussian binomial [m+n choose m]_q, built as
+    prod_{i=1..m} (1 - q^(n+i)) / (1 - q^i); float64 keeps large counts (relative precision is enough
+    for a p-value)."""
+    size = m * n + 1
+    coeffs = np.zeros(size, dtype=float)
+    coeffs[0] = 1.0
+    for i in range(1, m + 1):
+        # multiply by (1 - q^(n+i)), going downwards so each term uses the old coefficient
+        shift = n + i
+        if shift < size:
+            coeffs[shift:] -= coeffs[: size - shift].copy()
+        # divide by (1 - q^i): a running sum with stride i
+        for k in range(i, size):
+            coeffs[k] += coeffs[k - i]
+    return coeffs
+
+
+def mann_whitney_u(x: Sequence[float], y: Sequence[float]) -> MannWhitney:
+    """Two-sided Mann–Whitney U test of x against y."""
+    a = np.asarray(x, dtype=float)
+    b = np.asarray(y, dtype=float)
+    n1, n2 = a.size, b.size
+    if n1 == 0 or n2 == 0:
+        raise ValueError("both samples need at least one value")
+    ranks, ties = _rank_with_ties(np.concatenate((a, b)))
+    u1 = float(ranks[:n1].sum() - n1 * (n1 + 1) / 2.0)
+    u2 = n1 * n2 - u1
+    u_big = max(u1, u2)
+    has_ties = bool(np.any(ties > 1))
+    if (n1 <= _EXACT_MAX_N or n2 <= _EXACT_MAX_N) and not has_ties:
+        counts = _u_distribution(min(n1, n2), max(n1, n2))
+        k = round(u_big)
+        p = 2.0 * float(counts[k:].sum() / counts.sum())
+        return MannWhitney(u=u1, p_value=min(p, 1.0), method="exact")
+    n = n1 + n2
+    tie_term = float((ties.astype(float) ** 3 - ties).sum()) / (n * (n - 1))
+    sigma = math.sqrt(n1 * n2 / 12.0 * ((n + 1) - tie_term))
+    if sigma == 0.0:
+        # every value equal: no evidence of any difference
+        return MannWhitney(u=u1, p_value=1.0, method="asymptotic")
+    z = (u_big - n1 * n2 / 2.0 - 0.5) / sigma  # continuity correction, as scipy's default
+    p = math.erfc(z / math.sqrt(2.0))  # = 2 * normal survival function
+    return MannWhitney(u=u1, p_value=min(max(p, 0.0), 1.0), method="asymptotic")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Ratio of medians with a bootstrap confidence interval
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Arm B against arm A (B/A of median tokens per second: > 1 means B is faster)."""
+
+    ratio: float
+    ci_low: float
+    ci_high: float
+    resolution: float  # half-width of the CI: the smallest effect this data could resolve
+    p_value: float
+    p_method: str
+    verdict: str
+    min_effect: float
+    n_a: int
+    n_b: int
+    n_blocks: int  # blocks holding both arms (the bootstrap's resampling unit)
+    paired: bool  # True when the bootstrap resampled whole blocks
+    method: str = ""  # "cluster" (blocks only), "two-stage" (blocks, then samples in them) or "unpaired"
+
+
+def _padded(blocks: Sequence[Sequence[float]]) -> tuple[np.ndarray, np.ndarray]:
+    counts = np.array([len(b) for b in blocks], dtype=int)
+    out = np.full((len(blocks), int(counts.max())), np.nan)
+    for i, block in enumerate(blocks):
+        out[i, : len(block)] = block
+    return out, counts
+
+
+def _resampled_medians(
+    data: np.ndarray, counts: np.ndarray, chosen: np.ndarray, rng: np.random.Generator, *, within: bool
+) -> np.ndarray:
+    """Median of each bootstrap replicate made of the blocks `chosen` (n_boot × n_blocks); with `within`,
+    each chosen block's samples are also drawn with replacement (its own count of them)."""
+    n_boot, n_blocks = chosen.shape
+    width = data.shape[1]
+    c = counts[chosen]  # n_boot × n_blocks
+    if within:
+        pick = np.floor(rng.random((n_boot, n_blocks, width)) * c[..., None]).astype(int)
+    else:
+        pick = np.broadcast_to(np.arange(width), (n_boot, n_blocks, width))
+    values = data[chosen[..., None], pick]
+    # Positions beyond the block's own size are not part of the replicate.
+    values[np.arange(width)[None, None, :] >= c[..., None]] = np.nan
+    return np.nanmedian(values.reshape(n_boot, -1), axis=1)
+
+
+def decide(ci_low: float, ci_high: float, min_effect: float) -> str:
+    """faster/slower when the whole CI is beyond ±min_effect, equivalent when it lies inside, else
+    inconclusive."""
+    if ci_low > 1.0 + min_effect:
+        return "faster"
+    if ci_high < 1.0 - min_effect:
+        return "slower"
+    if ci_low >= 1.0 - min_effect and ci_high <= 1.0 + min_effect:
+        return "equivalent"
+    return "inconclusive"
+
+
+def compare(
+    a_blocks: Sequence[Sequence[float]],
+    b_blocks: Sequence[Sequence[float]],
+    *,
+    min_effect: float = 0.05,
+    n_boot: int = 4000,
+    seed: int = 0,
+    confidence: float = 0.95,
+) -> Comparison:
+    """Compare B with A from per-block samples (tokens per second).
+
+    `a_blocks[i]` and `b_blocks[i]` were measured in the same interleaved block i; blocks missing either
+    arm are left out of the pairing. With two or more shared blocks the bootstrap resamples whole blocks
+    (paired) and then samples within them; with a single block it resamples each arm on its own.
+    """
+    if len(a_blocks) != len(b_blocks):
+        raise ValueError("a_blocks and b_blocks must list the same blocks")
+    shared = [(a, b) for a, b in zip(a_blocks, b_blocks, strict=True) if len(a) and len(b)]
+    if not shared:
+        raise ValueError("no block has samples of both arms")
+    a_all = np.concatenate([np.asarray(a, dtype=float) for a, _ in shared])
+    b_all = np.concatenate([np.asarray(b, dtype=float) for _, b in shared])
+    ratio = float(np.median(b_all) / np.median(a_all))
+    rng = np.random.default_rng(seed)
+    a_data, a_counts = _padded([a for a, _ in shared])
+    b_data, b_counts = _padded([b for _, b in shared])
+    n_blocks = len(shared)
+    paired = n_blocks >= 2
+    chosen = rng.integers(0, n_blocks, size=(n_boot, n_blocks)) if paired else np.zeros((n_boot, 1), dtype=int)
+    # With enough blocks, resampling whole blocks alone is the cluster bootstrap: it carries all the
+    # variance (within and between blocks) without the double counting of also resampling inside them.
+    # With few blocks that distribution is too coarse, so samples are resampled inside blocks as well
+    # (a slightly conservative two-stage bootstrap); with one block, only inside it.
+    within = n_blocks < CLUSTER_MIN_BLOCKS
+    med_a = _resampled_medians(a_data, a_counts, chosen, rng, within=within)
+    med_b = _resampled_medians(b_data, b_counts, chosen, rng, within=within)
+    ratios = med_b / med_a
+    alpha = 1.0 - confidence
+    low, high = (float(v) for v in np.quantile(ratios, [alpha / 2.0, 1.0 - alpha / 2.0]))
+    mw = mann_whitney_u(b_all, a_all)
+    return Comparison(
+        ratio=ratio,
+        ci_low=low,
+        ci_high=high,
+        resolution=(high - low) / 2.0,
+        p_value=mw.p_value,
+        p_method=mw.method,
+        verdict=decide(low, high, min_effect),
+        min_effect=min_effect,
+        n_a=int(a_all.size),
+        n_b=int(b_all.size),
+        n_blocks=n_blocks,
+        paired=paired,
+        method="unpaired" if not paired else ("two-stage" if within else "cluster"),
+    )
+
+
+# ----------------------------------------------------------------------------------------------------
+# Drift across rounds
+
+
+@dataclass(frozen=True)
+class Drift:
+    """Trend of per-round medians against the round index."""
+
+    n_rounds: int
+    spearman_rho: float  # nan with fewer than three rounds or constant data
+    p_value: float  # normal approximation z = rho * sqrt(n - 1); nan when rho is nan
+    slope_per_round: float  # least-squares slope relative to the overall median (0.01 = +1 % per round)
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> float:
+    """Spearman's rank correlation (average ranks for ties); nan when either side is constant."""
+    rx, _ = _rank_with_ties(np.asarray(x, dtype=float))
+    ry, _ = _rank_with_ties(np.asarray(y, dtype=float))
+    if np.all(rx == rx[0]) or np.all(ry == ry[0]):
+        return math.nan
+    return float(np.corrcoef(rx, ry)[0, 1])
+
+
+def drift(per_round: Sequence[float]) -> Drift:
+    y = np.asarray(per_round, dtype=float)
+    n = int(y.size)
+    if n < 3:
+        return Drift(n_rounds=n, spearman_rho=math.nan, p_value=math.nan, slope_per_round=math.nan)
+    x = np.arange(n, dtype=float)
+    rho = spearman(x, y)
+    p = math.erfc(abs(rho) * math.sqrt(n - 1) / math.sqrt(2.0)) if not math.isnan(rho) else math.nan
+    slope = float(np.polyfit(x, y, 1)[0])
+    center = float(np.median(y))
+    return Drift(
+        n_rounds=n,
+        spearman_rho=rho,
+        p_value=p,
+        slope_per_round=slope / center if center else math.nan,
+    )

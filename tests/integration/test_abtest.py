@@ -1,0 +1,113 @@
+"""ab-test end to end on the tiny model: a short real A/A, a settings pair, a broken arm, the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from amppatch.abtest import AbTestOptions, ArmSpec, parse_arm, run_abtest
+from amppatch.build import Build
+from amppatch.report import render_all
+from amppatch.stats import VERDICTS
+
+pytestmark = pytest.mark.integration
+
+
+def test_short_aa_run_writes_a_complete_report(native_build: Build, tiny_model_q8_0: Path, tmp_path: Path) -> None:
+    options = AbTestOptions(
+        arms=(ArmSpec("A", native_build.dir), ArmSpec("B", native_build.dir)),
+        model=tiny_model_q8_0,
+        tokens=8,
+        reps=2,
+        rounds=2,
+        tests=("tg", "pp"),
+        prompt_tokens=32,
+        out=tmp_path / "aa",
+        n_boot=500,
+    )
+    out = run_abtest(options)
+    data = json.loads((out / "report.json").read_text())
+    assert data["schema_version"] == 1
+    assert data["verdict"] in VERDICTS
+    low, high = data["ci95"]
+    assert low <= data["ratio"] <= high
+    assert [a["name"] for a in data["arms"]] == ["A", "B"]
+    # 2 rounds × 2 slots per block (ABBA) × 2 repetitions, per arm and setting
+    for arm in data["arms"]:
+        assert len(arm["samples_ns"]) == 8
+        assert arm["median_tok_s"] > 0
+        assert set(arm["by_setting"]) == {"tg8-t1", "pp32-t1"}
+    assert {(c["arm"], c["setting"]) for c in data["comparisons"]} == {("B", "tg8-t1"), ("B", "pp32-t1")}
+    assert len(data["samples"]) == 2 * 2 * 8
+    assert {s["round"] for s in data["samples"]} == {0, 1}
+    gate = data["correctness"][0]
+    assert gate["mode"] == "identical" and gate["passed"] is True
+    bw = data["bandwidth"]
+    assert 0 < bw["weights_whole"] < os.path.getsize(tiny_model_q8_0)
+    assert data["arms"][0]["by_setting"]["tg8-t1"]["bandwidth"]["gb_per_s"] > 0
+    assert data["arms"][0]["by_setting"]["pp32-t1"]["bandwidth"] is None
+    assert data["environment"]["commits"]["A"] == native_build.manifest["commit"]
+    assert "loadavg_start" in data["diagnostics"]
+    assert data["options"]["rounds"] == 2
+    md = (out / "report.md").read_text()
+    assert "## Correctness" in md and "## Noise diagnostics" in md
+    assert (out / "report.png").stat().st_size > 5000
+    (out / "report.md").unlink()
+    assert render_all(out).read_text() == md
+
+
+def test_settings_arm_gets_the_tolerance_gate_and_a_broken_arm_is_reported(
+    native_build: Build, tiny_model_q4_0: Path, tmp_path: Path
+) -> None:
+    norepack = parse_arm(f"norepack={native_build.dir}::--repack 0")
+    out = run_abtest(AbTestOptions(
+        arms=(ArmSpec("A", native_build.dir), norepack), model=tiny_model_q4_0, tokens=8, reps=1, rounds=2,
+        out=tmp_path / "settings", n_boot=300, latency="off",
+    ))
+    data = json.loads((out / "report.json").read_text())
+    assert data["correctness"][0]["mode"] == "tolerance" and data["correctness"][0]["passed"]
+    assert data["arms"][1]["bench_args"] == ["--repack", "0"]
+    assert data["arms"][1]["llama_bench"]["repack"] in (False, 0, "0")
+
+    # An arm that cannot run here (a quantized V cache needs flash attention, which it turns off): reported
+    # per setting, not a crash of ab-test.
+    broken = parse_arm(f"broken={native_build.dir}::-ctv q4_0 -fa 0")
+    out = run_abtest(AbTestOptions(
+        arms=(ArmSpec("A", native_build.dir), broken), model=tiny_model_q4_0, tokens=8, reps=1, rounds=2,
+        out=tmp_path / "broken", skip_correctness=True, n_boot=300, latency="off",
+    ))
+    data = json.loads((out / "report.json").read_text())
+    assert data["verdict"] == "unavailable"
+    assert data["comparisons"][0]["unavailable"].startswith("broken: cannot run")
+    assert data["correctness"][0]["detail"] == "not checked (--skip-correctness)"
+    assert "not checked" in (out / "report.md").read_text()
+
+
+def test_cli_runs_ab_test_and_report(native_build: Build, tiny_model_q8_0: Path, tmp_path: Path,
+                                     capsys: pytest.CaptureFixture[str]) -> None:
+    import argparse
+
+    from amppatch.cli import cmd_abtest, cmd_report
+
+    parser = argparse.ArgumentParser()
+    cmd_abtest.add_arguments(parser)
+    args = parser.parse_args([
+        "--a", str(native_build.dir), "--b", str(native_build.dir / "manifest.json"), "-m", str(tiny_model_q8_0),
+        "--tokens", "8", "--reps", "2", "--max-time", "1", "--skip-correctness", "--latency", "off",
+        "-o", str(tmp_path / "cli"),
+    ])
+    out = cmd_abtest.run(args)
+    assert out == tmp_path / "cli"
+    assert "# amppatch ab-test report" in capsys.readouterr().out
+    # the stop rule never stops before two rounds (blocks are the bootstrap's unit), then respects the limit
+    diagnostics = json.loads((out / "report.json").read_text())["diagnostics"]
+    assert diagnostics["rounds"] == 2
+    assert diagnostics["stopped_because"].startswith("time limit")
+    parser = argparse.ArgumentParser()
+    cmd_report.add_arguments(parser)
+    assert cmd_report.run(parser.parse_args([str(out)])) == out / "report.md"
+    sliced = cmd_report.run(parser.parse_args([str(out), "--slices", "1"]))
+    assert json.loads(Path(sliced).read_text())["slices"] == 1

@@ -1,0 +1,151 @@
+"""report.md / report.json / report.png from a report built out of simulated samples."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from amppatch import abtest, report, stats
+from amppatch.abtest import Sample, Setting
+from amppatch.errors import UsageError
+
+SETTINGS = [Setting("tg", 1, 64), Setting("pp", 1, 128)]
+
+
+def _samples() -> list[Sample]:
+    rng = np.random.default_rng(0)
+    out = []
+    for slot in abtest.make_schedule(6, [s.id for s in SETTINGS], 2, seed=0):
+        arm = "A" if slot.arm == 0 else "B"
+        n = 64 if slot.setting.startswith("tg") else 128
+        speed = (20.0 if n == 64 else 200.0) * (1.2 if arm == "B" and n == 64 else 1.0)
+        for rep in range(3):
+            out.append(Sample(slot.round, slot.block, slot.slot, arm, slot.setting, rep,
+                              int(n * 1e9 / (speed * rng.lognormal(0, 0.02))), n))
+    return out
+
+
+def make_report(failed_pp: bool = False) -> dict[str, Any]:
+    samples = _samples()
+    failures = {("B", "pp128-t1"): "cannot run prompts on this machine: killed by SIGILL"} if failed_pp else {}
+    if failed_pp:
+        samples = [s for s in samples if not (s.arm == "B" and s.setting == "pp128-t1")]
+    comps = abtest.analyze(samples, ["A", "B"], SETTINGS, failures, min_effect=0.05, seed=0, n_boot=500)
+    arms = []
+    for name in ("A", "B"):
+        by_setting = {}
+        for s in SETTINGS:
+            mine = [x for x in samples if x.arm == name and x.setting == s.id]
+            entry: dict[str, Any] = {"setting": s.id, "failed": failures.get((name, s.id))}
+            if mine:
+                summ = stats.summarize([x.tok_s for x in mine])
+                entry.update(n=summ.n, median_tok_s=summ.median, q1_tok_s=summ.q1, q3_tok_s=summ.q3,
+                             iqr_tok_s=summ.iqr, mean_tok_s=summ.mean, cv=summ.cv,
+                             samples_ns=[x.ns for x in mine], n_tokens=s.n_tokens,
+                             drift={"spearman_rho": float("nan"), "p_value": float("nan"),
+                                    "slope_per_round": 0.0, "n_rounds": 6},
+                             bandwidth={"gb_per_s": 1.2 * summ.median / 20, "ceiling_gbps": 40.0,
+                                        "ceiling_threads": 1, "share_of_ceiling": 0.03 * summ.median / 20}
+                             if s.test == "tg" else None)
+                if s.test == "tg":
+                    entry["latency_ms"] = {"p50": 50.0, "p99": 61.0, "n_tokens": 100}
+            by_setting[s.id] = entry
+        first = by_setting[SETTINGS[0].id]
+        arms.append({"name": name, "build_dir": f"/builds/{name}", "commit": "c0ffee" * 7, "dirty_hash": None,
+                     "bench_args": [], "env": {}, "setting": SETTINGS[0].id,
+                     "median_tok_s": first["median_tok_s"], "samples_ns": first["samples_ns"],
+                     "by_setting": by_setting})
+    head = comps[0]
+    return {
+        "schema_version": 1,
+        "tool": {"name": "amppatch", "version": "test", "command": "ab-test"},
+        "options": {"model": "/models/m.gguf", "reps": 3, "seed": 0, "min_effect": 0.05},
+        "verdict": head["verdict"], "ratio": head["ratio"], "ci95": head["ci95"],
+        "headline": {"arm": "B", "baseline": "A", "setting": head["setting"]},
+        "settings": [{"id": s.id, "label": s.label, "test": s.test, "threads": s.threads,
+                      "n_tokens": s.n_tokens, "depth": s.depth} for s in SETTINGS],
+        "arms": arms,
+        "comparisons": comps,
+        "correctness": [{"arm": "B", "baseline": "A", "mode": "identical", "passed": True,
+                         "detail": "identical: 24 greedy tokens equal"}],
+        "bandwidth": {"bytes_per_token": 1.2e9, "weights_whole": 1.19e9, "gathered_rows": 4096, "kv": 1e6,
+                      "context_len": 32.5, "tied_embeddings": False, "ceiling_note": "machine probe"},
+        "latency": {"available": True, "note": "tracer token hooks loaded in every arm"},
+        "llc": {"available": False, "note": "unavailable on this machine"},
+        "diagnostics": {"loadavg_start": {"1min": 0.5}, "loadavg_end": {"1min": 0.7},
+                        "cpufreq": {"governor": "performance", "boost": "not readable"},
+                        "busy_processes": [{"pid": 1, "comm": "cc1plus", "cpu_share": 0.4}],
+                        "warnings": ["something to know"], "rounds": 6, "stopped_because": "6 rounds done",
+                        "failures": [{"arm": a, "setting": s, "reason": r} for (a, s), r in failures.items()]},
+        "environment": {"cpu_model": "Test CPU", "cpus": 2, "kernel": "Linux 6", "compilers": ["gcc 12"],
+                        "model": {"types": {"Q8_0": 1.1e9}}},
+        "samples": [s.__dict__ | {"tok_s": s.tok_s} for s in samples],
+    }
+
+
+def test_write_report_renders_all_three_files(tmp_path: Path) -> None:
+    data = make_report()
+    report.write_report(tmp_path, data)
+    saved = json.loads((tmp_path / "report.json").read_text())
+    # names scripts rely on
+    assert saved["verdict"] == "faster"
+    assert saved["ratio"] == pytest.approx(1.2, rel=0.05)
+    low, high = saved["ci95"]
+    assert low < saved["ratio"] < high
+    assert {"name", "median_tok_s", "samples_ns"} <= set(saved["arms"][0])
+    assert {"verdict", "ratio", "ci95", "arm", "setting"} <= set(saved["comparisons"][0])
+    # NaN is not JSON: stored as null
+    assert saved["arms"][0]["by_setting"]["tg64-t1"]["drift"]["spearman_rho"] is None
+    md = (tmp_path / "report.md").read_text()
+    assert "**Verdict: B vs A (tg64, 1 thread): FASTER**" in md
+    assert "| tg64, 1 thread " in md and "| pp128, 1 thread " in md
+    assert "identical: 24 greedy tokens equal" in md
+    assert "cc1plus (40% CPU)" in md and "something to know" in md
+    assert "50.00/61.00" in md
+    # every table line of the results has the same width: readable in a terminal
+    results = md.split("## Results")[1].split("\n\n")[1].splitlines()
+    assert len(results) == 2 + 4 and len({len(line) for line in results}) == 1
+    png = (tmp_path / "report.png").read_bytes()
+    assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 5000
+
+
+def test_failed_prompt_arm_is_reported_not_fatal(tmp_path: Path) -> None:
+    report.write_report(tmp_path, make_report(failed_pp=True))
+    md = (tmp_path / "report.md").read_text()
+    assert "cannot run prompts on this machine: killed by SIGILL" in md
+    saved = report.load_report(tmp_path)
+    pp = next(c for c in saved["comparisons"] if c["setting"] == "pp128-t1")
+    assert pp["verdict"] == "unavailable" and pp["ratio"] is None
+
+
+def test_render_all_recreates_md_and_png_from_json(tmp_path: Path) -> None:
+    report.write_report(tmp_path, make_report())
+    first = (tmp_path / "report.md").read_text()
+    (tmp_path / "report.md").unlink()
+    (tmp_path / "report.png").unlink()
+    assert report.render_all(tmp_path / "report.json") == tmp_path / "report.md"
+    assert (tmp_path / "report.md").read_text() == first
+    assert (tmp_path / "report.png").is_file()
+
+
+def test_load_report_checks_schema(tmp_path: Path) -> None:
+    with pytest.raises(UsageError):
+        report.load_report(tmp_path)
+    (tmp_path / "report.json").write_text(json.dumps({"schema_version": 99}))
+    with pytest.raises(UsageError):
+        report.load_report(tmp_path)
+    (tmp_path / "report.json").write_text("{not json")
+    with pytest.raises(UsageError):
+        report.load_report(tmp_path)
+
+
+def test_render_slices(tmp_path: Path) -> None:
+    data = json.loads(json.dumps(report._jsonable(make_report())))
+    text, results = report.render_slices(data, 3, n_boot=300)
+    assert len(results) == 6  # 3 slices × 2 settings
+    assert {r["rounds"][0] for r in results} == {0, 2, 4}
+    assert "faster" in text and "slice" in text
