@@ -78,7 +78,7 @@ class SiteRequest:
     stream: str | None = None  # expression, base name, or "*" for every stream of the loop
     distance_bytes: int = DEFAULT_DISTANCE
     hint: int = DEFAULT_HINT
-    origin: str = "manual"  # manual | profile
+    origin: str = "manual"  # manual | profile | learned
     inputs: dict = field(default_factory=dict, compare=False)
 
     def describe(self) -> str:
@@ -92,6 +92,7 @@ class ApplyOptions:
     repo: Path
     sites: tuple[str, ...] = ()
     profile: Path | None = None
+    learned: Path | None = None  # learned.json from `amppatch tune`: its winners, baked in as constants
     distance: int | None = None  # overrides every site's distance (manual default DEFAULT_DISTANCE)
     hint: int | None = None
     tunable: bool = False
@@ -171,6 +172,34 @@ def sites_from_profile(path: Path, distance: int | None, hint: int | None) -> tu
         out.append(SiteRequest(str(s["function"]), parse_loop_key(s.get("loop")), s.get("stream") or None,
                                int(d), int(h), "profile", dict(s.get("inputs") or {})))
     return out, profile
+
+
+def sites_from_learned(path: Path) -> tuple[list[SiteRequest], dict]:
+    """The winners of a learned.json (what `amppatch tune` kept), with their tuned distance and hint."""
+    try:
+        learned = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise UsageError(f"cannot read {path}: {exc}",
+                         next_step="pass a learned.json written by `amppatch tune`") from exc
+    winners = learned.get("winners") if isinstance(learned, dict) else None
+    if not isinstance(winners, list):
+        raise UsageError(f"{path} has no `winners` list", next_step="pass a learned.json written by `amppatch tune`")
+    if not winners:
+        dropped = "; ".join(f"{d.get('key')}: {d.get('reason')}" for d in learned.get("dropped", []))
+        raise UsageError(f"{path} keeps no site: tune found no prefetch that beats 'off' beyond the noise"
+                         + (f" ({dropped})" if dropped else ""),
+                         next_step="keep the stock build, or tune longer (a larger --budget) or other sites")
+    out = []
+    for i, w in enumerate(winners):
+        if not isinstance(w, dict) or "function" not in w:
+            raise UsageError(f"{path}: winner {i} has no `function`", next_step="rerun `amppatch tune`")
+        d, h = w.get("distance_bytes"), w.get("hint")
+        _check_params(d, h, f"{path} winner {i}")
+        inputs = {"learned": str(path), "ratio": w.get("ratio"), "ci95": w.get("ci95"),
+                  "ratio_by_threads": w.get("ratio_by_threads")}
+        out.append(SiteRequest(str(w["function"]), parse_loop_key(w.get("loop")), w.get("stream") or None,
+                               int(d), int(h), "learned", inputs))
+    return out, learned
 
 
 def this_cpu_model() -> str | None:
@@ -684,6 +713,14 @@ class ApplyResult:
 def _resolve_requests(options: ApplyOptions) -> tuple[list[SiteRequest], dict | None]:
     if options.profile is not None and options.sites:
         raise UsageError("pass either --profile or --site, not both", next_step="choose one source of sites")
+    if options.learned is not None:
+        if options.profile is not None or options.sites:
+            raise UsageError("--learned brings its own sites; it cannot be combined with --profile or --site",
+                             next_step="pass only --learned learned.json")
+        if options.distance is not None or options.hint is not None or options.tunable:
+            raise UsageError("--learned bakes the tuned distance and hint as constants; --distance, --hint and "
+                             "--tunable do not apply", next_step="drop them (or edit learned.json's winners)")
+        return sites_from_learned(options.learned)
     if options.profile is not None:
         return sites_from_profile(options.profile, options.distance, options.hint)
     if not options.sites:
@@ -754,9 +791,14 @@ def apply(options: ApplyOptions) -> ApplyResult:
     if profile is not None:
         theirs = (profile.get("machine") or {}).get("cpu_model")
         ours = this_cpu_model()
+        what = "tune result" if options.learned is not None else "profile"
         if theirs and ours and theirs != ours:
-            warnings.append(f"the profile was measured on {theirs!r}, this CPU is {ours!r}: its distances and "
-                            "hints may not fit here (re-profile on this machine)")
+            warnings.append(f"the {what} was measured on {theirs!r}, this CPU is {ours!r}: its distances and "
+                            f"hints may not fit here (re-{'tune' if options.learned else 'profile'} on this machine)")
+        learned_base = profile.get("base_commit") if options.learned is not None else None
+        if learned_base and learned_base != base:
+            warnings.append(f"learned.json was tuned on commit {learned_base[:12]}, the tree is at {base[:12]}: "
+                            "the kernels may have changed (re-tune)")
     for req in requests:  # fail fast, before any build, on a function that does not exist
         if not find_function_files(repo, req.function):
             raise UsageError(f"{req.function} is not mentioned anywhere under {repo}/ggml/src/ggml-cpu",

@@ -1,0 +1,60 @@
+"""`amppatch run`: fetch → build → model → profile → apply → tune → bake → final ab-test → report (resumable)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from amppatch.cli.cmd_build import add_build_arguments, build_options_from_args
+from amppatch.cli.cmd_tune import parse_int_list
+from amppatch.run import RunOptions
+from amppatch.run import run as run_pipeline
+
+NAME = "run"
+HELP = ("the whole job: fetch, build, synthetic model, profile, apply, tune (budgeted), bake the winners, "
+        "final ab-test stock vs tuned, report; rerun with the same -o to resume")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--repo", type=Path, help="your llama.cpp tree (default: the pinned one, fetched)")
+    parser.add_argument("-o", "--out", type=Path, metavar="DIR",
+                        help="run directory with run-state.json and every stage's output (default ./amppatch-run); "
+                             "rerun with the same DIR to resume")
+    parser.add_argument("--shape", default="1b", help="synthetic model shape: tiny, 1b, 3b (default 1b)")
+    parser.add_argument("--type", default="q8_0", help="weight type: q8_0, q4_0, q4_k, q6_k, f16 (default q8_0)")
+    parser.add_argument("--threads", metavar="LIST",
+                        help="thread counts, the first is tuned, the others verified (default 1,<CPU count>)")
+    parser.add_argument("--budget", type=float, default=20.0, metavar="MINUTES", help="tune budget (default 20)")
+    parser.add_argument("--final-minutes", type=float, default=10.0,
+                        help="time limit of the final ab-test (default 10; it stops earlier when decisive)")
+    parser.add_argument("--profile-tokens", type=int, default=32, help="tokens the profile generates (default 32)")
+    parser.add_argument("--repack", type=int, choices=(0, 1),
+                        help="llama-bench --repack for profile, tune and final ab-test (default: llama-bench's)")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke test: tiny model, 1 thread, 1-minute tune, 3-round final ab-test")
+    parser.add_argument("--lock", type=Path, metavar="FILE",
+                        help="hold this flock file while timing (default $AMPPATCH_MEASURE_LOCK)")
+    parser.add_argument("--seed", type=int, default=0, help="model and schedule seed (default 0)")
+    add_build_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> Path:
+    build_options = None
+    if args.cflags or args.kernel_cflags or args.define or args.pgo or args.allow_faulting_isa:
+        # repo is filled in by the fetch stage; a placeholder keeps BuildOptions' type
+        build_options = build_options_from_args(argparse.Namespace(**{**vars(args), "repo": args.repo or Path(".")}))
+    return run_pipeline(RunOptions(
+        repo=args.repo,
+        out=args.out,
+        shape=args.shape,
+        type=args.type,
+        threads=parse_int_list(args.threads, "--threads") if args.threads else None,
+        budget_minutes=args.budget,
+        final_minutes=args.final_minutes,
+        profile_tokens=args.profile_tokens,
+        repack=args.repack,
+        build_options=build_options,
+        quick=args.quick,
+        lock=args.lock,
+        seed=args.seed,
+    ))

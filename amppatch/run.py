@@ -1,0 +1,401 @@
+"""amppatch run: the whole job in one command, resumable.
+
+    fetch → build (stock) → model (synthetic) → profile → apply --tunable → tune (budgeted)
+          → apply --learned (the tuned constant build) → final ab-test stock vs tuned → report
+
+Every stage records what it produced in ``<out>/run-state.json`` together with a key (a hash of the options
+it depends on and of what the stages before it produced). A rerun with the same output directory reuses a
+stage whose key matches and whose outputs still exist, so an interrupted or failed run continues where it
+stopped; changing an option (say ``--shape``) redoes that stage and everything after it. A failed stage is
+recorded as failed and the error names it and says how to resume.
+
+When tune keeps no site (nothing beat "off" beyond the noise), there is nothing to bake: the bake and final
+stages are recorded as skipped and the report says that stock stays the answer.
+
+``--quick`` is the smoke-test configuration: the tiny model, one thread, a one-minute tune with short probes
+and a three-round final ab-test.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from amppatch import __version__
+from amppatch.errors import AmppatchError, UsageError
+from amppatch.paths import FileLock, write_text_atomic
+from amppatch.proc import progress
+
+SCHEMA_VERSION = 1
+STATE_FILE = "run-state.json"
+REPORT_FILE = "report.md"
+STAGES = ("fetch", "build", "model", "profile", "apply", "tune", "bake", "final", "report")
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    repo: Path | None = None  # None: the pinned tree (`amppatch llama fetch`)
+    out: Path | None = None
+    shape: str = "1b"
+    type: str = "q8_0"
+    threads: tuple[int, ...] | None = None  # first: tuning count; others: verified; None = (1, CPU count)
+    budget_minutes: float = 20.0
+    final_minutes: float = 10.0
+    profile_tokens: int = 32
+    repack: int | None = None  # llama-bench --repack for profile, tune and the final ab-test
+    build_options: Any = None  # amppatch.build.BuildOptions | None (repo is filled in)
+    quick: bool = False
+    lock: Path | None = None
+    seed: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        for k, v in list(data.items()):
+            if isinstance(v, Path):
+                data[k] = str(v)
+        if self.build_options is not None:
+            data["build_options"] = json.loads(json.dumps(asdict(self.build_options), default=str))
+        return data
+
+
+def resolve_options(options: RunOptions) -> RunOptions:
+    from amppatch.model import SHAPES, TYPES
+
+    shape, threads, budget, final = options.shape, options.threads, options.budget_minutes, options.final_minutes
+    if options.quick:
+        shape = "tiny" if options.shape == "1b" else options.shape
+        threads = threads or (1,)
+        budget = min(budget, 1.0)
+        final = min(final, 1.0)
+    if shape not in SHAPES:
+        raise UsageError(f"unknown --shape {shape!r}", next_step=f"use one of {', '.join(SHAPES)}")
+    if options.type not in TYPES:
+        raise UsageError(f"unknown --type {options.type!r}", next_step=f"use one of {', '.join(TYPES)}")
+    if threads is None:
+        ncpu = os.cpu_count() or 1
+        threads = tuple(dict.fromkeys((1, ncpu)))
+    if not threads or any(t < 1 for t in threads):
+        raise UsageError("--threads must list positive thread counts", next_step="e.g. --threads 1,2")
+    if budget <= 0 or final <= 0:
+        raise UsageError("--budget and --final-minutes must be positive", next_step="e.g. --budget 20")
+    lock = options.lock
+    if lock is None and os.environ.get("AMPPATCH_MEASURE_LOCK"):
+        lock = Path(os.environ["AMPPATCH_MEASURE_LOCK"])
+    out = Path(options.out or Path.cwd() / "amppatch-run").expanduser().resolve()
+    repo = Path(options.repo).expanduser().resolve() if options.repo else None
+    return replace(options, repo=repo, out=out, shape=shape, threads=tuple(threads), budget_minutes=budget,
+                   final_minutes=final, lock=lock)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# State
+
+
+def stage_key(name: str, inputs: Any) -> str:
+    return hashlib.sha256(json.dumps([name, inputs], sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def outputs_exist(outputs: dict[str, Any]) -> bool:
+    """Every path an output names (keys listed under `paths`) still exists."""
+    return all(Path(p).exists() for p in outputs.get("paths", []))
+
+
+class RunState:
+    """run-state.json: one record per stage (status, key, outputs, seconds, error)."""
+
+    def __init__(self, path: Path, options: dict[str, Any]) -> None:
+        self.path = path
+        self.data: dict[str, Any] = {"schema_version": SCHEMA_VERSION, "tool_version": __version__, "stages": {}}
+        if path.is_file():
+            try:
+                loaded = json.loads(path.read_text())
+                if loaded.get("schema_version") == SCHEMA_VERSION:
+                    self.data = loaded
+            except (OSError, json.JSONDecodeError):
+                progress(f"run: {path} is unreadable; starting over")
+        self.data["options"] = options
+
+    def reusable(self, name: str, key: str) -> dict[str, Any] | None:
+        rec = self.data["stages"].get(name)
+        if rec and rec.get("status") in ("done", "skipped") and rec.get("key") == key \
+                and outputs_exist(rec.get("outputs", {})):
+            return rec
+        return None
+
+    def record(self, name: str, key: str, status: str, outputs: dict[str, Any], seconds: float,
+               error: str | None = None) -> dict[str, Any]:
+        rec = {"status": status, "key": key, "outputs": outputs, "seconds": round(seconds, 1),
+               "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "error": error}
+        self.data["stages"][name] = rec
+        self.save()
+        return rec
+
+    def save(self) -> None:
+        write_text_atomic(self.path, json.dumps(self.data, indent=1, default=str) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Stages
+
+
+class _Runner:
+    def __init__(self, options: RunOptions) -> None:
+        assert options.out is not None and options.threads is not None
+        self.o = options
+        self.out: Path = options.out
+        self.state = RunState(self.out / STATE_FILE, options.to_json())
+        self.outputs: dict[str, dict[str, Any]] = {}
+
+    def stage(self, name: str, inputs: Any, fn: Callable[[], tuple[str, dict[str, Any]]]) -> dict[str, Any]:
+        """Reuse or run one stage; `fn` returns (status, outputs)."""
+        n = STAGES.index(name) + 1
+        # The key covers the finished records of the stages this one builds on (their outputs and times).
+        upstream = {s: self.state.data["stages"].get(s, {}).get("finished_utc") for s in STAGES[: n - 1]}
+        key = stage_key(name, [inputs, upstream])
+        rec = self.state.reusable(name, key)
+        if rec is not None:
+            progress(f"run: [{n}/{len(STAGES)}] {name}: reused ({rec['status']} {rec['finished_utc']})")
+            self.outputs[name] = rec["outputs"]
+            return rec["outputs"]
+        progress(f"run: [{n}/{len(STAGES)}] {name} ...")
+        t0 = time.monotonic()
+        try:
+            status, outputs = fn()
+        except AmppatchError as exc:
+            self.state.record(name, key, "failed", {}, time.monotonic() - t0, str(exc))
+            resume = (f"fix the cause, then rerun the same `amppatch run` command with -o {self.out} to resume: "
+                      f"finished stages ({', '.join(STAGES[: n - 1]) or 'none'}) are reused")
+            exc.message = f"run: stage '{name}' failed: {exc.message}"
+            exc.next_step = f"{exc.next_step}; then {resume}" if exc.next_step else resume
+            raise
+        except KeyboardInterrupt:
+            self.state.record(name, key, "failed", {}, time.monotonic() - t0, "interrupted")
+            raise
+        self.state.record(name, key, status, outputs, time.monotonic() - t0)
+        self.outputs[name] = outputs
+        progress(f"run: [{n}/{len(STAGES)}] {name}: {status} ({time.monotonic() - t0:.0f} s)")
+        return outputs
+
+    # -- the stages ----------------------------------------------------------------------------------------
+
+    def fetch(self) -> tuple[str, dict[str, Any]]:
+        from amppatch.workspace import FetchOptions, check_llama_tree, fetch_llama
+
+        repo = check_llama_tree(self.o.repo) if self.o.repo else fetch_llama(FetchOptions())
+        return "done", {"repo": str(repo), "paths": [str(repo)]}
+
+    def build_options(self) -> Any:
+        from amppatch.build import BuildOptions
+
+        repo = Path(self.outputs["fetch"]["repo"])
+        template = self.o.build_options or BuildOptions(repo=repo)
+        return replace(template, repo=repo, ref=None, name="stock")
+
+    def build(self) -> tuple[str, dict[str, Any]]:
+        from amppatch.build import build
+
+        b = build(self.build_options())
+        return "done", {"build": str(b.dir), "paths": [str(b.dir / "manifest.json")]}
+
+    def model(self) -> tuple[str, dict[str, Any]]:
+        from amppatch.build import load_build
+        from amppatch.model import SynthOptions, synth_model
+
+        b = load_build(Path(self.outputs["build"]["build"]))
+        model = synth_model(SynthOptions(shape=self.o.shape, type=self.o.type, seed=self.o.seed, build=b))
+        # The correctness gates (apply's, the final ab-test's) run on the tiny model of the same weight type:
+        # the same kernels, seconds instead of minutes.
+        gate = synth_model(SynthOptions(shape="tiny", type=self.o.type, seed=self.o.seed, build=b))
+        return "done", {"model": str(model), "gate_model": str(gate), "paths": [str(model), str(gate)]}
+
+    def profile(self) -> tuple[str, dict[str, Any]]:
+        from amppatch.profile import WEIGHT_KERNEL_RE, ProfileOptions, bare_name, profile
+
+        o = self.o
+        assert o.threads is not None
+        result = profile(ProfileOptions(repo=Path(self.outputs["fetch"]["repo"]), model=Path(self.outputs["model"]
+                                        ["model"]), build=Path(self.outputs["build"]["build"]), threads=o.threads[0],
+                                        tokens=o.profile_tokens, repack=o.repack, out=self.out / "profile.json"))
+        data = result.data
+        progress(result.summary)
+        hot = data.get("hot_functions") or []
+        sites = data.get("sites") or []
+        fallback: list[str] = []
+        if not sites:
+            # No streaming loop was mapped: the hottest weight kernel, with apply's default loop and stream.
+            kernels = [bare_name(h["name"]) for h in hot if WEIGHT_KERNEL_RE.search(h.get("name", ""))]
+            if not kernels:
+                raise AmppatchError(
+                    "the profile found no site and no weight kernel among the hot functions "
+                    f"({', '.join(h.get('name', '?') for h in hot[:3]) or 'none'})",
+                    next_step="check profile.json; a model whose weights run a CPU kernel is needed")
+            fallback = [kernels[0]]
+            progress(f"run: the profile mapped no loop; falling back to the hottest kernel {kernels[0]}")
+        return "done", {"profile": str(result.path), "paths": [str(result.path)],
+                        "hot_function": hot[0]["name"] if hot else None,
+                        "hot_share": hot[0].get("share") if hot else None,
+                        "sites": [f"{s['function']}:{s.get('loop')}:{s.get('stream')}" for s in sites],
+                        "fallback_sites": fallback}
+
+    def apply_tunable(self) -> tuple[str, dict[str, Any]]:
+        from amppatch.patch import ApplyOptions, apply
+
+        prof = self.outputs["profile"]
+        use_profile = not prof["fallback_sites"]
+        result = apply(ApplyOptions(
+            repo=Path(self.outputs["fetch"]["repo"]),
+            profile=Path(prof["profile"]) if use_profile else None,
+            sites=() if use_profile else tuple(prof["fallback_sites"]),
+            tunable=True, build_options=self.build_options(), out=self.out / "tunable",
+            gate_model=Path(self.outputs["model"]["gate_model"])))
+        if result.manifest_path is None:
+            raise AmppatchError("apply --tunable changed nothing", next_step="see the apply messages above")
+        return "done", {"manifest": str(result.manifest_path), "branch": result.branch,
+                        "tunable_build": result.builds.get("b"), "paths": [str(result.manifest_path)]}
+
+    def bench_args(self) -> tuple[str, ...]:
+        return ("--repack", str(self.o.repack)) if self.o.repack is not None else ()
+
+    def tune(self) -> tuple[str, dict[str, Any]]:
+        from amppatch.tune import TuneOptions, tune
+
+        o = self.o
+        assert o.threads is not None
+        quick = dict(probe_tokens=16, probe_rounds=2, confirm_rounds=3, refine_levels=1, max_batch=6,
+                     grid_min=1024, grid_max=8192) if o.quick else {}
+        result = tune(TuneOptions(
+            repo=Path(self.outputs["fetch"]["repo"]), model=Path(self.outputs["model"]["model"]),
+            tunable_manifest=Path(self.outputs["apply"]["manifest"]), threads=o.threads[0],
+            verify_threads=tuple(o.threads[1:]), budget_minutes=o.budget_minutes, out=self.out / "tune",
+            bench_args=self.bench_args(), lock=o.lock, seed=o.seed, **quick))  # type: ignore[arg-type]
+        winners = result.learned["winners"]
+        return "done", {"learned": str(result.path), "paths": [str(result.path)], "kept": len(winners),
+                        "dropped": len(result.learned["dropped"]),
+                        "winners": [f"{w['key']} d={w['distance_bytes']} h={w['hint']}" for w in winners]}
+
+    def bake(self) -> tuple[str, dict[str, Any]]:
+        from amppatch.patch import ApplyOptions, apply
+
+        if not self.outputs["tune"]["kept"]:
+            return "skipped", {"reason": "tune kept no site: nothing beat 'off' beyond the noise", "paths": []}
+        result = apply(ApplyOptions(repo=Path(self.outputs["fetch"]["repo"]),
+                                    learned=Path(self.outputs["tune"]["learned"]),
+                                    build_options=self.build_options(), out=self.out / "tuned",
+                                    gate_model=Path(self.outputs["model"]["gate_model"])))
+        if result.manifest_path is None or not result.builds:
+            raise AmppatchError("apply --learned produced no build", next_step="see the apply messages above")
+        return "done", {"manifest": str(result.manifest_path), "patch": str(result.patch_path),
+                        "branch": result.branch, "stock_build": result.builds["a"],
+                        "tuned_build": result.builds["b"], "paths": [str(result.manifest_path)]}
+
+    def final(self) -> tuple[str, dict[str, Any]]:
+        from amppatch.abtest import AbTestOptions, ArmSpec, run_abtest
+
+        o = self.o
+        assert o.threads is not None
+        bake = self.outputs["bake"]
+        if bake.get("tuned_build") is None:
+            return "skipped", {"reason": bake.get("reason", "no tuned build"), "paths": []}
+        args = self.bench_args()
+        timing: dict[str, Any] = {"rounds": 3, "tokens": 16, "reps": 2} if o.quick else \
+            {"max_time": o.final_minutes * 60.0}
+        options = AbTestOptions(
+            arms=(ArmSpec("stock", Path(bake["stock_build"]), args), ArmSpec("tuned", Path(bake["tuned_build"]), args)),
+            model=Path(self.outputs["model"]["model"]), threads=tuple(o.threads), seed=o.seed,
+            out=self.out / "final", gate_model=Path(self.outputs["model"]["gate_model"]), **timing)
+        if o.lock is not None:
+            progress(f"run: waiting for the measurement lock {o.lock} ...")
+            with FileLock(o.lock):
+                report_dir = run_abtest(options)
+        else:
+            report_dir = run_abtest(options)
+        report = json.loads((report_dir / "report.json").read_text())
+        comps = [{k: c.get(k) for k in ("setting", "setting_label", "ratio", "ci95", "verdict")}
+                 for c in report["comparisons"]]
+        return "done", {"report": str(report_dir), "paths": [str(report_dir / "report.json")],
+                        "verdict": report.get("verdict"), "ratio": report.get("ratio"), "ci95": report.get("ci95"),
+                        "comparisons": comps,
+                        "median_tok_s": {a["name"]: a.get("median_tok_s") for a in report["arms"]}}
+
+    def report(self) -> tuple[str, dict[str, Any]]:
+        path = self.out / REPORT_FILE
+        write_text_atomic(path, render_summary(self.o, self.outputs, self.state.data))
+        summary = {"schema_version": SCHEMA_VERSION, "options": self.o.to_json(), "stages": self.state.data["stages"],
+                   "outputs": self.outputs}
+        write_text_atomic(self.out / "run.json", json.dumps(summary, indent=1, default=str) + "\n")
+        return "done", {"report": str(path), "paths": [str(path)]}
+
+
+def render_summary(o: RunOptions, outputs: dict[str, dict[str, Any]], state: dict[str, Any]) -> str:
+    """report.md of the run: what ran, what tune kept, the final verdict per thread count."""
+    lines = ["# amppatch run", ""]
+    prof, tune_out, final = outputs.get("profile", {}), outputs.get("tune", {}), outputs.get("final", {})
+    lines += [f"- model: synthetic {o.shape} {o.type} ({outputs.get('model', {}).get('model')})",
+              f"- llama.cpp: {outputs.get('fetch', {}).get('repo')}; "
+              f"stock build {outputs.get('build', {}).get('build')}",
+              f"- threads: {', '.join(map(str, o.threads or ()))} (tuned at the first); tune budget "
+              f"{o.budget_minutes:g} min{' (--quick)' if o.quick else ''}"]
+    if prof:
+        share = prof.get("hot_share")
+        lines.append(f"- hottest function: {prof.get('hot_function')}"
+                     + (f" ({share:.0%} of samples)" if isinstance(share, float) else "")
+                     + f"; sites: {', '.join(prof.get('sites') or prof.get('fallback_sites') or []) or 'none'}")
+    lines += ["", "## Tune", ""]
+    if tune_out:
+        lines.append(f"learned.json: {tune_out.get('learned')}")
+        kept = ", ".join(tune_out.get("winners") or []) or "none"
+        lines.append(f"- kept: {kept}; dropped: {tune_out.get('dropped')}")
+        try:
+            learned = json.loads(Path(tune_out["learned"]).read_text())
+            for d in learned.get("dropped", []):
+                lines.append(f"- dropped {d['key']}: {d['reason']}")
+            b = learned.get("budget", {})
+            lines.append(f"- budget: {b.get('spent_minutes')} of {b.get('minutes')} min ({b.get('stopped_because')}), "
+                         f"{len(learned.get('probes', []))} probe results")
+        except (OSError, KeyError, json.JSONDecodeError):
+            pass
+    lines += ["", "## Stock vs tuned", ""]
+    if final.get("report"):
+        lines += ["| setting | ratio tuned/stock | 95% CI | verdict |", "|---|---|---|---|"]
+        for c in final.get("comparisons", []):
+            ci = c.get("ci95")
+            ratio = f"{c['ratio']:.3f}" if c.get("ratio") is not None else "—"
+            cis = f"[{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "—"
+            lines.append(f"| {c.get('setting_label') or c.get('setting')} | {ratio} | {cis} | {c.get('verdict')} |")
+        lines += ["", f"Full report: {final['report']}/report.md"]
+    else:
+        reason = (outputs.get("final") or outputs.get("bake") or {}).get("reason", "not run")
+        lines.append(f"No final ab-test: {reason}. The stock build stays the answer.")
+    lines += ["", "## Stages", "", "| stage | status | seconds |", "|---|---|---|"]
+    for name in STAGES[:-1]:
+        rec = state["stages"].get(name, {})
+        lines.append(f"| {name} | {rec.get('status', '—')} | {rec.get('seconds', '—')} |")
+    return "\n".join(lines) + "\n"
+
+
+def run(options: RunOptions) -> Path:
+    """Run (or resume) the whole pipeline; returns the run's report.md."""
+    options = resolve_options(options)
+    assert options.out is not None and options.threads is not None
+    options.out.mkdir(parents=True, exist_ok=True)
+    r = _Runner(options)
+    bo = r.o.build_options
+    build_inputs = json.loads(json.dumps(asdict(replace(bo, repo=Path("."))), default=str)) if bo else None
+    r.stage("fetch", {"repo": str(options.repo) if options.repo else None}, r.fetch)
+    r.stage("build", build_inputs, r.build)
+    r.stage("model", [options.shape, options.type, options.seed], r.model)
+    r.stage("profile", [options.threads[0], options.profile_tokens, options.repack], r.profile)
+    r.stage("apply", [], r.apply_tunable)
+    r.stage("tune", [options.threads, options.budget_minutes, options.quick, options.repack], r.tune)
+    r.stage("bake", [], r.bake)
+    r.stage("final", [options.threads, options.final_minutes, options.quick], r.final)
+    # The report is always rewritten (cheap), so it reflects the current state.
+    r.state.data["stages"].pop("report", None)
+    out = r.stage("report", [], r.report)
+    return Path(out["report"])

@@ -1,0 +1,799 @@
+"""amppatch tune: search each prefetch site's distance and hint on the tunable build, roll back the sites
+that do not pay, and write learned.json (which `apply --learned` bakes into constants).
+
+How it searches (one site at a time, hottest first; sites already kept stay at their winners, the others off):
+
+1. **Coarse** — a power-of-two distance grid (default 512 B .. 16 KiB). The first batch is the grid point
+   nearest the site's starting distance (the profile's, or apply's default) and its two neighbours, each with
+   the two main hints (3 = keep in every cache level, 0 = non-temporal), plus the starting point itself.
+   Then **geometric expansion**: while a hint's best distance sits on the edge of what was probed, the next
+   grid point beyond that edge is probed.
+2. **Hints 1 and 2** at the best distance when the search is *promising* (some setting's CI lower bound > 1).
+   "Best" always means the highest 95 % CI lower bound against off (then the ratio): a lower confidence
+   bound, so a single disturbed probe with a wide CI cannot win on a lucky point estimate.
+3. **Refinement** — bisection on a cache-line grid: the midpoints between the best distance and its probed
+   neighbours (same hint), rounded to whole lines, until the bracket is one line wide or `refine_levels` ran.
+4. **Confirmation** — the winner alone against "off" with more rounds. The winner was picked as the maximum
+   of many noisy ratios, so its own probe overstates it; the fresh, longer probe decides.
+5. **Verification** at the other thread counts (the winner against "off" there). Where the winner *loses*
+   (CI wholly below 1, or a point estimate below 1 − `loss_tolerance`), the site is retuned at that thread
+   count around the winner and the best alternative is cross-checked at the tuning thread count; the
+   candidate with the best worst-case ratio that loses nowhere is kept. One build serves every thread
+   count, so a site that loses somewhere whatever its setting is dropped.
+
+**Rollback rule** (documented in learned.json as `rule`): a site is kept only if its confirmation probe's 95 %
+CI lower bound exceeds ``1 + min_gain`` (default ``min_gain`` 0: the CI must exclude "no gain") *and* it
+loses at no verified thread count. Everything else is dropped, with the reason.
+
+**Probes.** Each probe batch is one interleaved ab-test (`amppatch.abtest.run_abtest`): the arm "off" (the
+site's hint −1) and up to `max_batch` candidates, all the *same* tunable binary differing only in the
+environment, so the correctness gate is skipped (apply gated the tunable build; prefetches never change
+results) and so are latency hooks and LLC counters. Every candidate is compared with "off" of its own
+batch, so slow drift between batches cancels in the ratio.
+
+**Budget.** Wall time minutes, excluding time spent waiting for the measurement lock (``--lock``), which other
+processes hold while they measure. Before each batch the search estimates its cost from the batches so far;
+a phase that does not fit is skipped, time for confirmation and verification is reserved. When the budget
+runs out the best result reached is reported (``budget.exhausted``) and decided on its own probe's CI.
+
+The search core (`tune_site` and the grid helpers) is pure: it gets the probe as a function, so
+tests/unit/test_tune_search.py drives it with synthetic probe results.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from amppatch import __version__
+from amppatch.errors import AmppatchError, UsageError
+from amppatch.paths import FileLock, write_text_atomic
+from amppatch.proc import progress
+
+SCHEMA_VERSION = 1
+OFF = -1
+PRIMARY_HINTS = (3, 0)
+SECONDARY_HINTS = (1, 2)
+DEFAULT_GRID_MIN = 512
+DEFAULT_GRID_MAX = 16384
+RULE = ("keep a site iff its confirmation probe's 95% CI lower bound exceeds 1 + min_gain against the site "
+        "switched off, and at no verified thread count it loses (CI upper bound < 1, or ratio < "
+        "1 - loss_tolerance); otherwise drop it")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Pure search core
+
+
+@dataclass(frozen=True, order=True)
+class Candidate:
+    """One setting of a site: bytes ahead and locality hint (-1: off)."""
+
+    distance: int
+    hint: int
+
+    @property
+    def name(self) -> str:
+        return "off" if self.hint == OFF else f"d{self.distance}-h{self.hint}"
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    """A candidate against "off" in one interleaved batch."""
+
+    candidate: Candidate
+    threads: int
+    phase: str
+    ratio: float | None  # median tok/s candidate / off; None when unavailable
+    ci95: tuple[float, float] | None
+    verdict: str
+    seconds: float = 0.0  # wall time of the whole batch
+    batch: int = 0
+    extra: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    @property
+    def ci_low(self) -> float:
+        return self.ci95[0] if self.ci95 else -math.inf
+
+    @property
+    def ci_high(self) -> float:
+        return self.ci95[1] if self.ci95 else math.inf
+
+    def to_json(self) -> dict[str, Any]:
+        return {"distance_bytes": self.candidate.distance, "hint": self.candidate.hint,
+                "name": self.candidate.name, "threads": self.threads, "phase": self.phase, "batch": self.batch,
+                "ratio": self.ratio, "ci95": list(self.ci95) if self.ci95 else None, "verdict": self.verdict,
+                "batch_seconds": round(self.seconds, 2), **self.extra}
+
+
+# probe(candidates, threads, rounds, phase) -> one result per candidate (same order)
+ProbeFn = Callable[[list[Candidate], int, int, str], list[ProbeResult]]
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    grid: tuple[int, ...] = (512, 1024, 2048, 4096, 8192, 16384)
+    line_size: int = 64
+    hints: tuple[int, ...] = PRIMARY_HINTS
+    secondary_hints: tuple[int, ...] = SECONDARY_HINTS
+    refine_levels: int = 3
+    max_batch: int = 4
+    probe_rounds: int = 4
+    confirm_rounds: int = 8
+    min_gain: float = 0.0
+    loss_tolerance: float = 0.01
+
+
+def power_grid(low: int, high: int) -> tuple[int, ...]:
+    """Powers of two from `low` rounded up to `high` rounded down (both clamped to >= 1)."""
+    if low < 1 or high < low:
+        raise UsageError(f"distance grid {low}..{high} is empty", next_step="pass --grid-min <= --grid-max, both > 0")
+    p = 1 << max(0, math.ceil(math.log2(low)))
+    out = []
+    while p <= high:
+        out.append(p)
+        p <<= 1
+    if not out:
+        raise UsageError(f"no power of two lies in {low}..{high}", next_step="widen the distance grid")
+    return tuple(out)
+
+
+def round_to_line(distance: float, line_size: int) -> int:
+    """Nearest whole number of cache lines, at least one."""
+    return max(line_size, round(distance / line_size) * line_size)
+
+
+def nearest_grid_index(grid: Sequence[int], distance: int) -> int:
+    """Index of the grid point nearest `distance` on a log scale (ties go to the smaller)."""
+    d = max(distance, 1)
+    return min(range(len(grid)), key=lambda i: (abs(math.log2(grid[i]) - math.log2(d)), grid[i]))
+
+
+def initial_candidates(start: Candidate, config: SearchConfig) -> list[Candidate]:
+    """The grid point nearest the start and its neighbours, with every main hint; plus the start itself."""
+    grid = config.grid
+    i = nearest_grid_index(grid, start.distance)
+    distances = [grid[j] for j in (i - 1, i, i + 1) if 0 <= j < len(grid)]
+    out = [Candidate(d, h) for h in config.hints for d in distances]
+    first = Candidate(round_to_line(start.distance, config.line_size), start.hint)
+    if first.hint != OFF and first not in out:
+        out.insert(0, first)
+    return out
+
+
+def _at(results: Sequence[ProbeResult], threads: int) -> list[ProbeResult]:
+    return [r for r in results if r.threads == threads and r.ratio is not None]
+
+
+def latest_by_candidate(results: Sequence[ProbeResult], threads: int) -> dict[Candidate, ProbeResult]:
+    """Each candidate's most informative result at `threads`: confirmation probes win, else the latest."""
+    out: dict[Candidate, ProbeResult] = {}
+    for r in _at(results, threads):
+        prev = out.get(r.candidate)
+        if prev is None or r.phase == "confirm" or prev.phase != "confirm":
+            out[r.candidate] = r
+    return out
+
+
+def best_result(results: Sequence[ProbeResult], threads: int, hint: int | None = None) -> ProbeResult | None:
+    """The best result at `threads` (optionally for one hint): highest CI lower bound, then ratio, then the
+    shorter distance. Ranking by the lower bound keeps one disturbed, wide-CI probe (a compile started next
+    to it) from steering the search with a lucky point estimate."""
+    pool = [r for r in latest_by_candidate(results, threads).values() if hint is None or r.candidate.hint == hint]
+    if not pool:
+        return None
+    return max(pool, key=lambda r: (r.ci_low, r.ratio, -r.candidate.distance))
+
+
+def promising(results: Sequence[ProbeResult], threads: int) -> bool:
+    """Some setting beats off beyond the noise (CI lower bound > 1): worth trying hints 1 and 2."""
+    return any(r.ci_low > 1.0 for r in latest_by_candidate(results, threads).values())
+
+
+def expansion_candidates(results: Sequence[ProbeResult], threads: int, config: SearchConfig) -> list[Candidate]:
+    """Geometric expansion: for each main hint whose best distance is the smallest (largest) probed grid
+    point, the next grid point below (above) it, if any and not probed yet."""
+    grid = config.grid
+    seen = set(latest_by_candidate(results, threads))
+    out: list[Candidate] = []
+    for hint in config.hints:
+        best = best_result(results, threads, hint)
+        if best is None:
+            continue
+        probed = sorted(c.distance for c in seen if c.hint == hint and c.distance in grid)
+        if not probed or best.candidate.distance not in grid:
+            continue
+        i = grid.index(best.candidate.distance)
+        if best.candidate.distance == probed[0] and i > 0:
+            out.append(Candidate(grid[i - 1], hint))
+        if best.candidate.distance == probed[-1] and i + 1 < len(grid):
+            out.append(Candidate(grid[i + 1], hint))
+    return [c for c in dict.fromkeys(out) if c not in seen]
+
+
+def refinement_candidates(results: Sequence[ProbeResult], threads: int, config: SearchConfig) -> list[Candidate]:
+    """Bisection on the cache-line grid: midpoints between the best distance and its nearest probed
+    neighbours of the same hint (rounded to lines), skipping points already probed or not strictly inside."""
+    best = best_result(results, threads)
+    if best is None:
+        return []
+    hint, d = best.candidate.hint, best.candidate.distance
+    seen = set(latest_by_candidate(results, threads))
+    same = sorted({c.distance for c in seen if c.hint == hint})
+    lower = [x for x in same if x < d]
+    upper = [x for x in same if x > d]
+    out = []
+    for neighbour in ([lower[-1]] if lower else []) + ([upper[0]] if upper else []):
+        mid = round_to_line((d + neighbour) / 2, config.line_size)
+        if min(d, neighbour) < mid < max(d, neighbour):
+            c = Candidate(mid, hint)
+            if c not in seen:
+                out.append(c)
+    return out
+
+
+def keep_decision(result: ProbeResult | None, min_gain: float) -> tuple[bool, str]:
+    """The rollback rule at the tuning thread count."""
+    if result is None or result.ratio is None or result.ci95 is None:
+        return False, "no usable measurement"
+    if result.ci_low > 1.0 + min_gain:
+        return True, (f"{result.candidate.name}: ratio {result.ratio:.3f}, CI [{result.ci_low:.3f}, "
+                      f"{result.ci_high:.3f}] lies above {1.0 + min_gain:.3f}")
+    return False, (f"best setting {result.candidate.name} does not beat off beyond the noise: ratio "
+                   f"{result.ratio:.3f}, CI [{result.ci_low:.3f}, {result.ci_high:.3f}] reaches "
+                   f"{1.0 + min_gain:.3f}")
+
+
+def loses(result: ProbeResult | None, tolerance: float) -> bool:
+    """Measurably slower than off (CI wholly below 1), or a point estimate below 1 - tolerance."""
+    if result is None or result.ratio is None:
+        return False
+    return result.ci_high < 1.0 or result.ratio < 1.0 - tolerance
+
+
+class Budget:
+    """Working seconds left (lock waits excluded) and the cost estimate of a batch from those so far."""
+
+    def __init__(self, seconds: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.seconds = seconds
+        self.clock = clock
+        self.start = clock()
+        self.excluded = 0.0
+        self._runs = 0.0  # llama-bench calls measured so far
+        self._run_seconds = 0.0
+
+    def spent(self) -> float:
+        return self.clock() - self.start - self.excluded
+
+    def remaining(self) -> float:
+        return self.seconds - self.spent()
+
+    def exclude(self, seconds: float) -> None:
+        self.excluded += max(0.0, seconds)
+
+    def record(self, n_candidates: int, rounds: int, seconds: float) -> None:
+        # one warmup call per arm plus one per arm and round; "off" is an arm too
+        self._runs += (n_candidates + 1) * (rounds + 1)
+        self._run_seconds += seconds
+
+    def estimate(self, n_candidates: int, rounds: int) -> float | None:
+        """Seconds a batch will take, or None before anything was measured."""
+        if self._runs == 0:
+            return None
+        return self._run_seconds / self._runs * (n_candidates + 1) * (rounds + 1)
+
+    def fits(self, n_candidates: int, rounds: int, reserve: float = 0.0) -> bool:
+        est = self.estimate(n_candidates, rounds)
+        if est is None:
+            return self.remaining() > reserve
+        return self.remaining() - reserve >= est
+
+
+@dataclass
+class SiteSearch:
+    """Everything the search did for one site."""
+
+    results: list[ProbeResult] = field(default_factory=list)
+    winner: Candidate | None = None
+    kept: bool = False
+    reason: str = ""
+    confirmed: bool = False
+    stopped_because: str = ""
+    phases_skipped: list[str] = field(default_factory=list)
+    by_threads: dict[int, ProbeResult] = field(default_factory=dict)  # the decision's evidence per thread count
+
+
+class _Searcher:
+    def __init__(self, probe: ProbeFn, config: SearchConfig, budget: Budget, threads: int,
+                 verify_threads: Sequence[int]) -> None:
+        self.probe = probe
+        self.config = config
+        self.budget = budget
+        self.threads = threads
+        self.verify_threads = [t for t in dict.fromkeys(verify_threads) if t != threads]
+        self.out = SiteSearch()
+        self.batch = 0
+
+    def reserve(self) -> float:
+        """Time kept for confirmation and verification (one single-candidate batch each)."""
+        est = self.budget.estimate(1, self.config.confirm_rounds)
+        return 0.0 if est is None else est * (1 + len(self.verify_threads))
+
+    def run(self, candidates: list[Candidate], threads: int, phase: str, rounds: int,
+            reserve: float = 0.0) -> list[ProbeResult] | None:
+        """Probe in batches of at most max_batch; None (and nothing probed) when the budget cannot pay."""
+        got: list[ProbeResult] = []
+        todo = list(dict.fromkeys(candidates))
+        while todo:
+            chunk, todo = todo[: self.config.max_batch], todo[self.config.max_batch:]
+            if not self.budget.fits(len(chunk), rounds, reserve):
+                self.out.phases_skipped.append(f"{phase} at {threads} thread(s): {len(chunk) + len(todo)} "
+                                               "candidate(s) did not fit the budget")
+                return got or None
+            t0 = self.budget.clock()
+            excluded0 = self.budget.excluded
+            self.batch += 1
+            results = self.probe(chunk, threads, rounds, phase)
+            if len(results) != len(chunk):
+                raise AmppatchError(f"probe returned {len(results)} results for {len(chunk)} candidates")
+            seconds = self.budget.clock() - t0 - (self.budget.excluded - excluded0)
+            self.budget.record(len(chunk), rounds, seconds)
+            results = [replace(r, batch=self.batch, seconds=seconds, phase=phase, threads=threads) for r in results]
+            self.out.results.extend(results)
+            got.extend(results)
+        return got
+
+    def search(self, start: Candidate, threads: int, rounds: int) -> ProbeResult | None:
+        """Coarse grid + expansion, secondary hints, refinement at `threads`; the best result."""
+        cfg = self.config
+        if self.run(initial_candidates(start, cfg), threads, "coarse", rounds, self.reserve()) is None:
+            return best_result(self.out.results, threads)
+        while True:
+            more = expansion_candidates(self.out.results, threads, cfg)
+            if not more or self.run(more, threads, "expand", rounds, self.reserve()) is None:
+                break
+        best = best_result(self.out.results, threads)
+        if best is not None and promising(self.out.results, threads):
+            extra = [Candidate(best.candidate.distance, h) for h in cfg.secondary_hints]
+            seen = set(latest_by_candidate(self.out.results, threads))
+            extra = [c for c in extra if c not in seen]
+            if extra:
+                self.run(extra, threads, "hints", rounds, self.reserve())
+        for _ in range(cfg.refine_levels):
+            more = refinement_candidates(self.out.results, threads, cfg)
+            if not more or self.run(more, threads, "refine", rounds, self.reserve()) is None:
+                break
+        return best_result(self.out.results, threads)
+
+    def confirm(self, candidate: Candidate, threads: int) -> ProbeResult | None:
+        got = self.run([candidate], threads, "confirm" if threads == self.threads else "verify",
+                       self.config.confirm_rounds)
+        return got[0] if got else None
+
+
+def tune_site(probe: ProbeFn, start: Candidate, config: SearchConfig, budget: Budget, *, threads: int = 1,
+              verify_threads: Sequence[int] = ()) -> SiteSearch:
+    """Search one site (see the module docstring); pure given `probe` and `budget.clock`."""
+    s = _Searcher(probe, config, budget, threads, verify_threads)
+    out = s.out
+    best = s.search(start, threads, config.probe_rounds)
+    if best is None:
+        out.reason = "no probe could run within the budget" if out.phases_skipped else "no usable measurement"
+        out.stopped_because = "budget" if out.phases_skipped else "no data"
+        return out
+    winner = best.candidate
+    if all((r.ratio or 0.0) <= 1.0 for r in latest_by_candidate(out.results, threads).values()):
+        out.winner, out.by_threads = winner, {threads: best}
+        out.reason = f"no setting beats off: the best, {winner.name}, has ratio {best.ratio:.3f}"
+        out.stopped_because = "rolled back"
+        return out
+    # Confirmation: a fresh, longer probe of the winner decides (the search's maximum is biased upward).
+    confirm = s.confirm(winner, threads)
+    out.confirmed = confirm is not None
+    evidence = confirm or best
+    out.by_threads = {threads: evidence}
+    keep, why = keep_decision(evidence, config.min_gain)
+    out.winner = winner
+    if not keep:
+        out.kept, out.reason = False, why + ("" if out.confirmed else " (unconfirmed: the budget ran out)")
+        out.stopped_because = "rolled back"
+        return out
+    # Verification at the other thread counts (one constant build serves them all).
+    candidates: dict[Candidate, dict[int, ProbeResult]] = {winner: {threads: evidence}}
+    for t in s.verify_threads:
+        v = s.confirm(winner, t)
+        if v is None:
+            out.phases_skipped.append(f"verify at {t} thread(s): did not fit the budget")
+            continue
+        candidates[winner][t] = v
+        if not loses(v, config.loss_tolerance):
+            continue
+        progress(f"tune: {winner.name} loses at {t} threads (ratio {v.ratio:.3f}); retuning there")
+        around = Candidate(winner.distance, winner.hint)
+        alt = s.search(around, t, config.probe_rounds)
+        if alt is None or alt.candidate == winner:
+            continue
+        alt_results = {t: alt}
+        cross = s.confirm(alt.candidate, threads)
+        if cross is not None:
+            alt_results[threads] = cross
+            candidates[alt.candidate] = alt_results
+    # The candidate whose worst ratio is best, among those kept at the tuning count and losing nowhere.
+    valid = {c: r for c, r in candidates.items()
+             if threads in r and keep_decision(r[threads], config.min_gain)[0]
+             and not any(loses(x, config.loss_tolerance) for x in r.values())}
+    if not valid:
+        where = ", ".join(f"{t} thread(s) ratio {r.ratio:.3f}" for c, rs in candidates.items()
+                          for t, r in rs.items() if loses(r, config.loss_tolerance) and r.ratio is not None)
+        out.kept = False
+        out.reason = f"faster at {threads} thread(s) but every setting tried loses elsewhere ({where})"
+        out.stopped_because = "rolled back"
+        return out
+    chosen = max(valid, key=lambda c: (min(r.ratio or 0.0 for r in valid[c].values()), -c.distance))
+    out.winner, out.kept = chosen, True
+    out.by_threads = valid[chosen]
+    _, out.reason = keep_decision(valid[chosen][threads], config.min_gain)
+    checked = sorted(valid[chosen])
+    out.reason += f"; checked at {', '.join(str(t) for t in checked)} thread(s)"
+    out.stopped_because = "done" if not out.phases_skipped else "budget"
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The stage
+
+
+@dataclass(frozen=True)
+class TuneOptions:
+    repo: Path
+    model: Path
+    profile: Path | None = None
+    sites: tuple[str, ...] = ()
+    tunable_manifest: Path | None = None  # an `apply --tunable` manifest with builds (skips the apply step)
+    threads: int = 1
+    verify_threads: tuple[int, ...] | None = None  # None: the CPU count (if it differs from `threads`)
+    budget_minutes: float = 20.0
+    out: Path | None = None
+    build_options: Any = None  # amppatch.build.BuildOptions | None: the baseline's options (both arms)
+    like: Path | None = None
+    bench_args: tuple[str, ...] | None = None  # llama-bench flags for every arm; None: the profile's (--repack)
+    grid_min: int = DEFAULT_GRID_MIN
+    grid_max: int = DEFAULT_GRID_MAX
+    hints: tuple[int, ...] = PRIMARY_HINTS
+    refine_levels: int = 3
+    max_batch: int = 4
+    probe_tokens: int = 32
+    probe_reps: int = 2
+    probe_rounds: int = 4
+    confirm_rounds: int = 8
+    probe_seconds: float = 240.0  # cap per batch: rounds are cut to fit once a batch's cost is known
+    min_gain: float = 0.0
+    loss_tolerance: float = 0.01
+    min_effect: float = 0.05
+    lock: Path | None = None
+    gate: bool = True
+    gate_model: Path | None = None
+    seed: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        for k, v in list(data.items()):
+            if isinstance(v, Path):
+                data[k] = str(v)
+        if self.build_options is not None:
+            data["build_options"] = json.loads(json.dumps(asdict(self.build_options), default=str))
+        return data
+
+
+def resolve_options(options: TuneOptions) -> TuneOptions:
+    """Check and complete the options in one place."""
+    from amppatch.workspace import check_llama_tree
+
+    sources = sum(x is not None and x != () for x in (options.profile, options.sites or None,
+                                                       options.tunable_manifest))
+    if sources != 1:
+        raise UsageError("tune needs exactly one of --profile, --site or --tunable-manifest",
+                         next_step="e.g. --profile profile.json (from `amppatch profile`)")
+    model = Path(options.model).expanduser().resolve()
+    if not model.is_file():
+        raise UsageError(f"model {model} does not exist", next_step="e.g. `amppatch model synth --shape 1b`")
+    if options.threads < 1:
+        raise UsageError("--threads must be at least 1", next_step="e.g. --threads 1")
+    if options.budget_minutes <= 0:
+        raise UsageError("--budget must be positive minutes", next_step="e.g. --budget 20")
+    verify = options.verify_threads
+    if verify is None:
+        ncpu = os.cpu_count() or 1
+        verify = (ncpu,) if ncpu != options.threads else ()
+    verify = tuple(t for t in dict.fromkeys(verify) if t != options.threads)
+    if any(t < 1 for t in verify):
+        raise UsageError("--verify-threads must list positive thread counts", next_step="e.g. --verify-threads 2")
+    bad_hints = [h for h in options.hints if h not in (0, 1, 2, 3)]
+    if bad_hints or not options.hints:
+        raise UsageError(f"hints must be 0-3, got {options.hints}", next_step="e.g. --hints 3,0")
+    power_grid(options.grid_min, options.grid_max)
+    for label, value, low in (("--probe-rounds", options.probe_rounds, 2), ("--confirm-rounds",
+                              options.confirm_rounds, 2), ("--probe-tokens", options.probe_tokens, 1),
+                              ("--probe-reps", options.probe_reps, 1), ("--max-batch", options.max_batch, 1)):
+        if value < low:
+            raise UsageError(f"{label} must be at least {low}", next_step=f"e.g. {label} {max(low, 4)}")
+    bench_args = options.bench_args
+    profile = Path(options.profile).expanduser().resolve() if options.profile else None
+    if bench_args is None:
+        bench_args = ()
+        if profile is not None:
+            try:
+                prof_opts = json.loads(profile.read_text()).get("options") or {}
+            except (OSError, json.JSONDecodeError) as exc:
+                raise UsageError(f"cannot read profile {profile}: {exc}",
+                                 next_step="pass a profile.json written by `amppatch profile`") from exc
+            # Tune what the profile measured: the same weight routing (--repack) decides which kernel runs.
+            if prof_opts.get("repack") is not None:
+                bench_args = ("--repack", str(prof_opts["repack"]))
+    out = Path(options.out or Path.cwd() / "amppatch-tune").expanduser().resolve()
+    lock = options.lock
+    if lock is None and os.environ.get("AMPPATCH_MEASURE_LOCK"):
+        lock = Path(os.environ["AMPPATCH_MEASURE_LOCK"])
+    return replace(options, repo=check_llama_tree(options.repo), model=model, profile=profile,
+                   tunable_manifest=Path(options.tunable_manifest).expanduser().resolve()
+                   if options.tunable_manifest else None,
+                   verify_threads=verify, bench_args=tuple(bench_args), out=out, lock=lock)
+
+
+def search_config(options: TuneOptions, line_size: int) -> SearchConfig:
+    return SearchConfig(grid=power_grid(options.grid_min, options.grid_max), line_size=line_size,
+                        hints=tuple(options.hints), refine_levels=options.refine_levels,
+                        max_batch=options.max_batch, probe_rounds=options.probe_rounds,
+                        confirm_rounds=options.confirm_rounds, min_gain=options.min_gain,
+                        loss_tolerance=options.loss_tolerance)
+
+
+def _tunable_variant(options: TuneOptions) -> dict[str, Any]:
+    """The `apply --tunable` manifest (built and gated), from the given one or a fresh apply."""
+    if options.tunable_manifest is not None:
+        manifest = json.loads(options.tunable_manifest.read_text())
+        manifest["_path"] = str(options.tunable_manifest)
+    else:
+        from amppatch.patch import ApplyOptions, apply
+
+        progress("tune: building the tunable variant (apply --tunable) ...")
+        result = apply(ApplyOptions(repo=options.repo, sites=options.sites, profile=options.profile, tunable=True,
+                                    build_options=options.build_options, like=options.like,
+                                    out=options.out / "tunable", gate=options.gate, gate_model=options.gate_model))
+        if result.manifest_path is None:
+            raise AmppatchError("apply --tunable produced no manifest (nothing to patch)",
+                                next_step="check the sites with `amppatch apply --dry-run`")
+        manifest = json.loads(result.manifest_path.read_text())
+        manifest["_path"] = str(result.manifest_path)
+    if not manifest.get("tunable"):
+        raise UsageError(f"{manifest['_path']} is not a tunable apply manifest",
+                         next_step="run `amppatch apply --tunable` (or let tune do it with --profile)")
+    if not manifest.get("builds", {}).get("b"):
+        raise UsageError(f"{manifest['_path']} has no builds (apply ran with --no-build)",
+                         next_step="rerun apply --tunable without --no-build")
+    return manifest
+
+
+class _Prober:
+    """Runs probe batches as ab-tests on the tunable build and remembers every one."""
+
+    def __init__(self, options: TuneOptions, build_dir: Path, sites: list[dict[str, Any]], budget: Budget) -> None:
+        self.options = options
+        self.build_dir = build_dir
+        self.sites = sites
+        self.budget = budget
+        self.fixed: dict[int, Candidate] = {}  # site index -> setting used while tuning later sites
+        self.site = 0
+        self.count = 0
+        self.probe_dir = options.out / "probes"
+
+    def env_for(self, candidate: Candidate) -> tuple[tuple[str, str], ...]:
+        env = []
+        for i, s in enumerate(self.sites):
+            c = candidate if i == self.site else self.fixed.get(i, Candidate(s["distance_bytes"], OFF))
+            env += [(s["env"]["distance"], str(c.distance)), (s["env"]["hint"], str(c.hint))]
+        return tuple(env)
+
+    def rounds_for(self, n: int, rounds: int) -> int:
+        est = self.budget.estimate(n, 1)
+        if est is None:
+            return rounds
+        per_round = est / 2  # estimate(n, 1) covers warmup + one round
+        fit = int((self.options.probe_seconds - per_round) // per_round)
+        return max(2, min(rounds, fit))
+
+    def __call__(self, candidates: list[Candidate], threads: int, rounds: int, phase: str) -> list[ProbeResult]:
+        from amppatch.abtest import AbTestOptions, ArmSpec, run_abtest
+
+        o = self.options
+        rounds = self.rounds_for(len(candidates), rounds)
+        self.count += 1
+        key = self.sites[self.site]["key"]
+        names = ", ".join(c.name for c in candidates)
+        progress(f"tune: probe {self.count} [{key}] {phase} at {threads} thread(s), {rounds} rounds: off vs "
+                 f"{names} (budget {self.budget.spent() / 60:.1f}/{self.budget.seconds / 60:.0f} min)")
+        arms = [ArmSpec("off", self.build_dir, o.bench_args, self.env_for(Candidate(0, OFF)))]
+        arms += [ArmSpec(c.name, self.build_dir, o.bench_args, self.env_for(c)) for c in candidates]
+        out = self.probe_dir / f"{self.count:03d}-site{self.site}-{phase}-t{threads}"
+        ab = AbTestOptions(arms=tuple(arms), model=o.model, threads=(threads,), tokens=o.probe_tokens,
+                           reps=o.probe_reps, rounds=rounds, min_effect=o.min_effect, seed=o.seed + self.count,
+                           out=out, skip_correctness=True, latency="off", llc=False, n_boot=2000)
+        if o.lock is not None:
+            waited = time.monotonic()
+            with FileLock(o.lock):
+                self.budget.exclude(time.monotonic() - waited)
+                report_dir = run_abtest(ab)
+        else:
+            report_dir = run_abtest(ab)
+        report = json.loads((report_dir / "report.json").read_text())
+        arms_by_name = {a["name"]: a for a in report["arms"]}
+        off = arms_by_name["off"]
+        results = []
+        for c in candidates:
+            comp = next((x for x in report["comparisons"] if x["arm"] == c.name), None)
+            arm = arms_by_name.get(c.name, {})
+            extra = {"rounds": rounds, "report": str(report_dir), "median_tok_s": arm.get("median_tok_s"),
+                     "off_median_tok_s": off.get("median_tok_s"), "samples_ns": arm.get("samples_ns", []),
+                     "off_samples_ns": off.get("samples_ns", []), "n_tokens": o.probe_tokens,
+                     "n_blocks": comp.get("n_blocks") if comp else None,
+                     "warnings": [w for w in report.get("diagnostics", {}).get("warnings", [])
+                                  if w.startswith((c.name, "the machine", "other processes", "the hypervisor"))]}
+            if comp is None or comp.get("ratio") is None:
+                results.append(ProbeResult(c, threads, phase, None, None, "unavailable", extra=extra))
+                continue
+            ci = (float(comp["ci95"][0]), float(comp["ci95"][1]))
+            results.append(ProbeResult(c, threads, phase, float(comp["ratio"]), ci, comp["verdict"], extra=extra))
+            progress(f"tune:   {c.name}: {comp['ratio']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}] {comp['verdict']} "
+                     f"({arm.get('median_tok_s', 0):.2f} vs {off.get('median_tok_s', 0):.2f} tok/s)")
+        return results
+
+
+@dataclass
+class TuneResult:
+    path: Path
+    learned: dict[str, Any]
+
+
+def _code_path(build_manifest: dict[str, Any]) -> dict[str, Any]:
+    keys = ("key", "compiler", "compiler_version", "cflags", "kernel_cflags", "cmake_options", "pgo",
+            "isa_features", "commit")
+    return {k: build_manifest.get(k) for k in keys if k in build_manifest}
+
+
+def tune(options: TuneOptions) -> TuneResult:
+    """Run the whole tune stage and write learned.json (its path is returned)."""
+    from amppatch.build import load_build
+    from amppatch.patch import cache_line_size, this_cpu_model
+
+    options = resolve_options(options)
+    assert options.out is not None
+    options.out.mkdir(parents=True, exist_ok=True)
+    manifest = _tunable_variant(options)
+    budget = Budget(options.budget_minutes * 60.0)  # the search's time; building the variant is not part of it
+    tunable_build = load_build(Path(manifest["builds"]["b"]))
+    line_size = int(manifest.get("line_size") or cache_line_size())
+    config = search_config(options, line_size)
+    sites = manifest["sites"]
+    prober = _Prober(options, tunable_build.dir, sites, budget)
+    learned_path = options.out / "learned.json"
+    started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    site_records: list[dict[str, Any]] = []
+    all_probes: list[dict[str, Any]] = []
+
+    def document(stopped: str) -> dict[str, Any]:
+        winners = [r["winner"] | {k: r[k] for k in ("key", "function", "loop", "stream", "file")}
+                   for r in site_records if r["kept"]]
+        data = {
+            "schema_version": SCHEMA_VERSION,
+            "tool": {"name": "amppatch", "version": __version__, "command": "tune"},
+            "created_utc": started,
+            "options": options.to_json(),
+            "rule": RULE,
+            "search": {"grid": list(config.grid), "line_size": line_size, "hints": list(config.hints),
+                       "secondary_hints": list(config.secondary_hints), "refine_levels": config.refine_levels},
+            "machine": {"cpu_model": this_cpu_model(), "cpus": os.cpu_count()},
+            "code_path": _code_path(tunable_build.manifest),
+            "repo": str(options.repo),
+            "base_commit": manifest.get("base_commit"),
+            "tunable": {"manifest": manifest["_path"], "branch": manifest.get("branch"),
+                        "commit": manifest.get("commit"), "build": str(tunable_build.dir),
+                        "stock_build": manifest.get("builds", {}).get("a")},
+            "model": str(options.model),
+            "threads": options.threads,
+            "verify_threads": list(options.verify_threads or ()),
+            "budget": {"minutes": options.budget_minutes, "spent_minutes": round(budget.spent() / 60, 2),
+                       "lock_wait_minutes": round(budget.excluded / 60, 2),
+                       "exhausted": budget.remaining() <= 0 or any(r["phases_skipped"] for r in site_records),
+                       "stopped_because": stopped},
+            "sites": site_records,
+            "probes": all_probes,
+            "winners": winners,
+            "dropped": [{k: r[k] for k in ("key", "function", "loop", "stream")} | {"reason": r["reason"],
+                        "best": r["best"]} for r in site_records if not r["kept"]],
+        }
+        write_text_atomic(learned_path, json.dumps(data, indent=1, default=str) + "\n")
+        return data
+
+    stopped = "done"
+    try:
+        for i, site in enumerate(sites):
+            prober.site = i
+            left = len(sites) - i
+            share = budget.remaining() / left
+            site_budget = _SubBudget(budget, share)
+            start = Candidate(int(site["distance_bytes"]), int(site["hint"]))
+            progress(f"tune: site {i + 1}/{len(sites)} {site['key']}: start {start.name}, "
+                     f"{share / 60:.1f} min of budget, tuned at {options.threads} thread(s), verified at "
+                     f"{', '.join(map(str, options.verify_threads or ())) or 'no other count'}")
+            probes_before = len(all_probes)
+            prober.budget = site_budget
+            search = tune_site(prober, start, config, site_budget, threads=options.threads,
+                               verify_threads=options.verify_threads or ())
+            for r in search.results:
+                all_probes.append({"site": site["key"], **r.to_json()})
+            best = best_result(search.results, options.threads)
+            record = {
+                "key": site["key"], "function": site["function"], "loop": site["loop"], "stream": site["stream"],
+                "file": site.get("file"), "env": site.get("env"), "start": {"distance_bytes": start.distance,
+                                                                            "hint": start.hint},
+                "kept": search.kept, "reason": search.reason, "confirmed": search.confirmed,
+                "stopped_because": search.stopped_because, "phases_skipped": search.phases_skipped,
+                "best": best.to_json() | {"samples_ns": None, "off_samples_ns": None} if best else None,
+                "evidence": {str(t): r.to_json() | {"samples_ns": None, "off_samples_ns": None}
+                             for t, r in search.by_threads.items()},
+                "probes": list(range(probes_before, len(all_probes))),
+                "winner": None,
+            }
+            if search.winner is not None and search.kept:
+                ev = search.by_threads.get(options.threads)
+                record["winner"] = {"distance_bytes": search.winner.distance, "hint": search.winner.hint,
+                                    "ratio": ev.ratio if ev else None,
+                                    "ci95": list(ev.ci95) if ev and ev.ci95 else None,
+                                    "ratio_by_threads": {str(t): r.ratio for t, r in search.by_threads.items()}}
+                prober.fixed[i] = search.winner
+            site_records.append(record)
+            verdict = "kept" if search.kept else "dropped"
+            progress(f"tune: site {site['key']}: {verdict} — {search.reason}")
+            document("running")
+    except KeyboardInterrupt:
+        stopped = "interrupted"
+        progress("tune: interrupted; writing what was reached")
+    if any(r["phases_skipped"] for r in site_records):
+        stopped = "budget spent" if stopped == "done" else stopped
+    data = document(stopped)
+    kept = [w["key"] + f" d={w['distance_bytes']} h={w['hint']}" for w in data["winners"]]
+    progress(f"tune: {len(kept)} of {len(sites)} site(s) kept ({'; '.join(kept) or 'none'}); "
+             f"{data['budget']['spent_minutes']:.1f} of {options.budget_minutes:g} min used ({stopped})")
+    if data["winners"]:
+        progress(f"next: amppatch apply --repo {options.repo} --learned {learned_path}")
+    return TuneResult(learned_path, data)
+
+
+class _SubBudget(Budget):
+    """A share of a parent budget: spends (and excludes) on the parent's clock, capped at `seconds`."""
+
+    def __init__(self, parent: Budget, seconds: float) -> None:
+        super().__init__(seconds, parent.clock)
+        self.parent = parent
+
+    def exclude(self, seconds: float) -> None:
+        super().exclude(seconds)
+        self.parent.exclude(seconds)
+
+    def remaining(self) -> float:
+        return min(super().remaining(), self.parent.remaining())
+
+    def record(self, n_candidates: int, rounds: int, seconds: float) -> None:
+        super().record(n_candidates, rounds, seconds)
+        self.parent.record(n_candidates, rounds, seconds)
+
+    def estimate(self, n_candidates: int, rounds: int) -> float | None:
+        # a later site starts with what the earlier ones measured (same binary, model and machine)
+        own = super().estimate(n_candidates, rounds)
+        return own if own is not None else self.parent.estimate(n_candidates, rounds)
