@@ -44,6 +44,7 @@ from amppatch.errors import (
     SubprocessError,
     UsageError,
 )
+from amppatch.machine import cpu_model
 from amppatch.proc import describe_returncode, progress, run
 
 if TYPE_CHECKING:
@@ -491,16 +492,6 @@ def read_cpufreq() -> dict[str, Any]:
         "governor": ",".join(governors) if governors else "not readable (no cpufreq in sysfs)",
         "boost": boost or "not readable",
     }
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
 
 
 def read_cpu_times() -> dict[str, int] | None:

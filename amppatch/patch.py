@@ -38,6 +38,7 @@ import jinja2
 from amppatch import __version__
 from amppatch.build import BuildOptions
 from amppatch.errors import AmppatchError, BuildError, SubprocessError, UsageError
+from amppatch.machine import cpu_model
 from amppatch.paths import cache_dir, write_text_atomic
 from amppatch.proc import progress
 from amppatch.source import (
@@ -200,16 +201,6 @@ def sites_from_learned(path: Path) -> tuple[list[SiteRequest], dict]:
         out.append(SiteRequest(str(w["function"]), parse_loop_key(w.get("loop")), w.get("stream") or None,
                                int(d), int(h), "learned", inputs))
     return out, learned
-
-
-def this_cpu_model() -> str | None:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        return None
-    return None
 
 
 def cache_line_size() -> int:
@@ -790,7 +781,7 @@ def apply(options: ApplyOptions) -> ApplyResult:
     warnings: list[str] = []
     if profile is not None:
         theirs = (profile.get("machine") or {}).get("cpu_model")
-        ours = this_cpu_model()
+        ours = cpu_model()
         what = "tune result" if options.learned is not None else "profile"
         if theirs and ours and theirs != ours:
             warnings.append(f"the {what} was measured on {theirs!r}, this CPU is {ours!r}: its distances and "

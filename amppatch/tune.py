@@ -669,7 +669,8 @@ def _code_path(build_manifest: dict[str, Any]) -> dict[str, Any]:
 def tune(options: TuneOptions) -> TuneResult:
     """Run the whole tune stage and write learned.json (its path is returned)."""
     from amppatch.build import load_build
-    from amppatch.patch import cache_line_size, this_cpu_model
+    from amppatch.machine import cpu_model
+    from amppatch.patch import cache_line_size
 
     options = resolve_options(options)
     assert options.out is not None
@@ -697,7 +698,7 @@ def tune(options: TuneOptions) -> TuneResult:
             "rule": RULE,
             "search": {"grid": list(config.grid), "line_size": line_size, "hints": list(config.hints),
                        "secondary_hints": list(config.secondary_hints), "refine_levels": config.refine_levels},
-            "machine": {"cpu_model": this_cpu_model(), "cpus": os.cpu_count()},
+            "machine": {"cpu_model": cpu_model(), "cpus": os.cpu_count()},
             "code_path": _code_path(tunable_build.manifest),
             "repo": str(options.repo),
             "base_commit": manifest.get("base_commit"),
