@@ -1,0 +1,194 @@
+"""bench/compare.py's pure parts: configurations, arms, the time split, results rows and the Markdown."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root holds bench/
+
+from amppatch.errors import UsageError
+from bench import compare
+
+
+def test_all_configurations_cover_types_paths_and_threads_headline_first() -> None:
+    ids = [c.id for c in compare.all_configs()]
+    assert len(ids) == 3 * 2 + 3 * 2 + 1 * 2  # native, noamx, and Q4_0 with --repack 0 on noamx
+    assert len(set(ids)) == len(ids)
+    assert ids[0] == "q8_0:native:1"
+    assert "q4_0:noamx-repack0:2" in ids
+    assert not any(i.startswith(("q8_0:noamx-repack0", "f16:noamx-repack0")) for i in ids)
+
+
+def test_quick_runs_one_configuration_per_code_path() -> None:
+    quick = compare.quick_configs()
+    assert sorted(c.code_path for c in quick) == sorted(compare.CODE_PATHS)
+    assert all(c.threads == 1 for c in quick)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("q8_0:noamx:1", ["q8_0:noamx:1"]),
+        ("q8_0:native:1,q8_0:native:2", ["q8_0:native:1", "q8_0:native:2"]),
+        ("*:noamx-repack0:*", ["q4_0:noamx-repack0:1", "q4_0:noamx-repack0:2"]),
+        ("f16:*:2", ["f16:native:2", "f16:noamx:2"]),
+    ],
+)
+def test_only_selects_by_pattern(text: str, expected: list[str]) -> None:
+    assert [c.id for c in compare.parse_only(text)] == expected
+
+
+@pytest.mark.parametrize("text", ["q8_0:noamx", "q5_1:native:1", "q8_0:noamx-repack0:1", "q8_0:native:4", ","])
+def test_only_rejects_what_matches_nothing(text: str) -> None:
+    with pytest.raises(UsageError):
+        compare.parse_only(text)
+
+
+def test_runs_group_thread_counts_of_one_type_and_path() -> None:
+    groups = compare.group_runs(compare.parse_only("q8_0:native:2,q8_0:native:1,q4_0:noamx:1"))
+    assert [(g.id, g.threads) for g in groups] == [("q8_0:native:1,2", (1, 2)), ("q4_0:noamx:1", (1,))]
+    assert [c.id for c in groups[0].configs()] == ["q8_0:native:1", "q8_0:native:2"]
+
+
+def test_arms_put_stock_first_add_path_flags_and_explain_what_is_missing() -> None:
+    group = compare.group_runs(compare.parse_only("q4_0:noamx-repack0:1"))[0]
+    available = {a: None for a in compare.ARMS} | {"hugepages": "transparent huge pages are disabled (mode never)"}
+    arms, missing = compare.arms_for(group, compare.ARMS, available, {"pgo": "PGO label"})
+    assert [a.name for a in arms] == ["stock", "gcc-prefetch", "pgo", "amppatch", "amppatch-pgo"]
+    assert all(a.bench_args[:2] == ("--repack", "0") for a in arms)
+    assert missing == {"hugepages": "transparent huge pages are disabled (mode never)"}
+    assert arms[2].label == "PGO label"
+
+
+def test_hugepages_arm_runs_stock_without_mmap_under_the_glibc_tunable() -> None:
+    group = compare.group_runs(compare.parse_only("q8_0:native:1"))[0]
+    arms, _ = compare.arms_for(group, ("stock", "hugepages"), {"stock": None, "hugepages": None}, {})
+    huge = arms[1]
+    assert huge.build_role == "stock"
+    assert huge.bench_args == ("-lm", "none")
+    assert dict(huge.env) == {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
+
+
+def test_arms_refuse_a_run_without_stock() -> None:
+    group = compare.group_runs(compare.parse_only("q8_0:native:1"))[0]
+    with pytest.raises(UsageError):
+        compare.arms_for(group, compare.ARMS, {"stock": "build failed"}, {})
+
+
+def test_time_share_follows_the_weights_and_keeps_a_floor() -> None:
+    assert compare.time_share(900.0, 2.0, [2.0, 1.0], 60.0) == pytest.approx(600.0)
+    assert compare.time_share(10.0, 1.0, [1.0, 1.0], 60.0) == 60.0
+    weights = compare.run_weights(compare.group_runs(compare.parse_only("f16:native:*,q4_0:native:1")),
+                                  {"f16": 2000, "q4_0": 600})
+    assert weights == {"q4_0:native:1": 600.0, "f16:native:1,2": 4000.0}
+
+
+def _report() -> dict:
+    def by(median: float, share: float) -> dict:
+        return {"median_tok_s": median, "cv": 0.02, "n": 8, "failed": None,
+                "bandwidth": {"gb_per_s": median * 1.1, "ceiling_gbps": 40.0, "share_of_ceiling": share}}
+
+    return {
+        "schema_version": 1,
+        "settings": [{"id": "tg32-t1", "test": "tg", "threads": 1}, {"id": "tg32-t2", "test": "tg", "threads": 2}],
+        "arms": [
+            {"name": "stock", "build_dir": "/b/s", "bench_args": [], "env": {},
+             "by_setting": {"tg32-t1": by(20.0, 0.55), "tg32-t2": by(30.0, 0.7)}},
+            {"name": "amppatch", "build_dir": "/b/a", "bench_args": [], "env": {},
+             "by_setting": {"tg32-t1": by(28.0, 0.77), "tg32-t2": by(31.0, 0.72)}},
+        ],
+        "comparisons": [
+            {"arm": "amppatch", "baseline": "stock", "setting": "tg32-t1", "ratio": 1.4, "ci95": [1.3, 1.5],
+             "verdict": "faster", "resolution": 0.1, "p_value": 0.001, "unavailable": None},
+            {"arm": "amppatch", "baseline": "stock", "setting": "tg32-t2", "ratio": None, "ci95": None,
+             "verdict": "unavailable", "unavailable": "amppatch: cannot run"},
+        ],
+        "diagnostics": {"loadavg_start": {"1min": 0.5}, "loadavg_end": {"1min": 1.5}},
+    }
+
+
+def test_rows_carry_the_issue_fields_per_configuration_and_arm() -> None:
+    group = compare.group_runs(compare.parse_only("q8_0:native:*"))[0]
+    arms = [compare.ArmDef("stock", "stock", label="as is"), compare.ArmDef("amppatch", "amppatch", label="amp")]
+    rows = compare.rows_from_report(_report(), group, arms, {"report": "/r"})
+    assert [(r["config"]["id"], r["arm"]) for r in rows] == [
+        ("q8_0:native:1", "stock"), ("q8_0:native:1", "amppatch"),
+        ("q8_0:native:2", "stock"), ("q8_0:native:2", "amppatch")]
+    for r in rows:
+        assert {"config", "arm", "median_tok_s", "ratio", "ci95", "ceiling_pct"} <= set(r)
+        assert set(r["config"]) >= {"weight_type", "code_path", "threads"}
+    stock1, amp1, _, amp2 = rows
+    assert stock1["ratio"] == 1.0 and stock1["ci95"] is None
+    assert amp1["ratio"] == 1.4 and amp1["ci95"] == [1.3, 1.5] and amp1["verdict"] == "faster"
+    assert amp1["ceiling_pct"] == pytest.approx(77.0)
+    assert amp1["loadavg_start"] == {"1min": 0.5} and amp1["report"] == "/r"
+    assert amp2["ratio"] is None and amp2["failed"] == "amppatch: cannot run"
+
+
+def test_rows_refuse_another_report_schema() -> None:
+    group = compare.group_runs(compare.parse_only("q8_0:native:1"))[0]
+    with pytest.raises(UsageError):
+        compare.rows_from_report({**_report(), "schema_version": 2}, group, [compare.ArmDef("stock", "stock")])
+
+
+def test_only_reruns_replace_just_their_configurations() -> None:
+    def row(cid: str, arm: str, tok: float) -> dict:
+        return {"config": {"id": cid}, "arm": arm, "median_tok_s": tok}
+
+    old = [row("q8_0:native:1", "stock", 1.0), row("q8_0:native:1", "pgo", 1.1), row("f16:noamx:2", "stock", 2.0)]
+    new = [row("q8_0:native:1", "stock", 5.0)]
+    merged = compare.merge_rows(old, new)
+    assert [(r["config"]["id"], r["arm"], r["median_tok_s"]) for r in merged] == [
+        ("q8_0:native:1", "stock", 5.0), ("f16:noamx:2", "stock", 2.0)]
+
+
+def test_markdown_section_is_replaced_in_place_and_other_sections_stay() -> None:
+    group = compare.group_runs(compare.parse_only("q8_0:native:*"))[0]
+    rows = compare.rows_from_report(_report(), group, [compare.ArmDef("stock", "stock"),
+                                                       compare.ArmDef("amppatch", "amppatch")])
+    results = {"rows": rows, "machine": {"cpu_model": "CPU X", "ceiling_gbps": {"1": 40.0}}, "command": "cmd",
+               "runs": [], "arm_labels": {"stock": "as is"}}
+    md = compare.render_markdown(results)
+    assert "1.400 [1.300, 1.500]" in md and "| q8_0:native:1 | amppatch | 28.00 |" in md
+    assert "**Partial:**" in md and "f16:noamx:2" in md
+    original = "# results\n\n## profile\n\nkept text\n"
+    once = compare.update_results_md(original, md)
+    assert once.startswith(original.rstrip("\n")) and compare.SECTION_TITLE in once
+    twice = compare.update_results_md(once + "\nhand-written notes\n", md.replace("28.00", "29.00"))
+    assert twice.count(compare.SECTION_TITLE) == 1 and "29.00" in twice and "28.00" not in twice
+    assert "hand-written notes" in twice and "kept text" in twice
+
+
+def test_pick_best_never_picks_a_measured_loss() -> None:
+    two = {"a": {"ratio": 1.05, "ci95": [0.99, 1.1]}, "b": {"ratio": 1.2, "ci95": [1.1, 1.3]}}
+    assert compare.pick_best(two)[0] == "b"
+    assert compare.pick_best({"a": {"ratio": 0.97, "ci95": [0.95, 0.99]}})[0] is None
+    assert compare.pick_best({"a": {"ratio": None, "ci95": None}})[0] is None
+
+
+def test_search_targets_split_the_q4_0_kernels() -> None:
+    assert compare.search_target("ggml_vec_dot_q8_0_q8_0") == "q8_0"
+    assert compare.search_target("gemv_q4_b32_8x8_q8_0_lut_avx") == "q4_0"
+    assert compare.search_target("ggml_vec_dot_q4_0_q8_0") == "q4_0-repack0"
+    assert compare.search_target("ggml_vec_dot_f16") == "f16"
+    assert compare.search_target("ggml_vec_dot_q6_K_q8_K") is None
+
+
+def test_gcc_grid_params_survive_cmake_option_deduplication() -> None:
+    # CMake de-duplicates repeated target options, so a bare `--param` twice would lose one of them.
+    for params in compare.GCC_GRID:
+        assert all(tok.startswith("--param=") for tok in params.split())
+
+
+def test_cli_parses_into_resolved_options(tmp_path: Path) -> None:
+    opts = compare.parse_args(["--only", "q8_0:noamx:1", "--arms", "stock,pgo", "--work", str(tmp_path),
+                               "--no-results-md", "--results", str(tmp_path / "r.json")])
+    resolved = compare.resolve_options(opts)
+    assert resolved.only == ("q8_0:noamx:1",) and resolved.arms == ("stock", "pgo")
+    assert resolved.results_md is None and resolved.work == tmp_path.resolve()
+    assert resolved.to_json()["arms"] == ["stock", "pgo"]
+    with pytest.raises(UsageError):
+        compare.resolve_options(compare.parse_args(["--arms", "stock,magic"]))
