@@ -67,3 +67,11 @@ def write_text_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def options_json(options: object) -> dict:
+    """A frozen options dataclass (nested ones included) as plain JSON values, for result files."""
+    import dataclasses
+    import json
+
+    return json.loads(json.dumps(dataclasses.asdict(options), default=str))  # type: ignore[call-overload]

@@ -29,7 +29,7 @@ from typing import Any
 
 from amppatch import __version__
 from amppatch.errors import AmppatchError, UsageError
-from amppatch.paths import FileLock, write_text_atomic
+from amppatch.paths import FileLock, options_json, write_text_atomic
 from amppatch.proc import progress
 
 SCHEMA_VERSION = 1
@@ -55,13 +55,7 @@ class RunOptions:
     seed: int = 0
 
     def to_json(self) -> dict[str, Any]:
-        data = asdict(self)
-        for k, v in list(data.items()):
-            if isinstance(v, Path):
-                data[k] = str(v)
-        if self.build_options is not None:
-            data["build_options"] = json.loads(json.dumps(asdict(self.build_options), default=str))
-        return data
+        return options_json(self)
 
 
 def resolve_options(options: RunOptions) -> RunOptions:

@@ -47,13 +47,13 @@ import math
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from amppatch import __version__
 from amppatch.errors import AmppatchError, UsageError
-from amppatch.paths import FileLock, write_text_atomic
+from amppatch.paths import FileLock, options_json, write_text_atomic
 from amppatch.proc import progress
 
 SCHEMA_VERSION = 1
@@ -482,13 +482,7 @@ class TuneOptions:
     seed: int = 0
 
     def to_json(self) -> dict[str, Any]:
-        data = asdict(self)
-        for k, v in list(data.items()):
-            if isinstance(v, Path):
-                data[k] = str(v)
-        if self.build_options is not None:
-            data["build_options"] = json.loads(json.dumps(asdict(self.build_options), default=str))
-        return data
+        return options_json(self)
 
 
 def resolve_options(options: TuneOptions) -> TuneOptions:
