@@ -150,13 +150,17 @@ def parse_site_spec(spec: str, distance: int | None, hint: int | None) -> SiteRe
     return SiteRequest(function, loop, stream, d, h, "manual")
 
 
+def _read_json(path: Path, next_step: str) -> object:
+    """A JSON input file, or a UsageError that says which file and what to pass instead."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise UsageError(f"cannot read {path}: {exc}", next_step=next_step) from exc
+
+
 def sites_from_profile(path: Path, distance: int | None, hint: int | None) -> tuple[list[SiteRequest], dict]:
     """The profile's `sites` as requests (--distance/--hint override theirs), and the profile itself."""
-    try:
-        profile = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise UsageError(f"cannot read profile {path}: {exc}",
-                         next_step="pass a profile.json written by `amppatch profile`") from exc
+    profile = _read_json(path, "pass a profile.json written by `amppatch profile`")
     sites = profile.get("sites") if isinstance(profile, dict) else None
     if not isinstance(sites, list):
         raise UsageError(f"{path} has no `sites` list", next_step="pass a profile.json written by `amppatch profile`")
@@ -177,11 +181,7 @@ def sites_from_profile(path: Path, distance: int | None, hint: int | None) -> tu
 
 def sites_from_learned(path: Path) -> tuple[list[SiteRequest], dict]:
     """The winners of a learned.json (what `amppatch tune` kept), with their tuned distance and hint."""
-    try:
-        learned = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise UsageError(f"cannot read {path}: {exc}",
-                         next_step="pass a learned.json written by `amppatch tune`") from exc
+    learned = _read_json(path, "pass a learned.json written by `amppatch tune`")
     winners = learned.get("winners") if isinstance(learned, dict) else None
     if not isinstance(winners, list):
         raise UsageError(f"{path} has no `winners` list", next_step="pass a learned.json written by `amppatch tune`")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 from pathlib import Path
 
 import jinja2
@@ -31,17 +30,6 @@ from amppatch.patch import (
     unified_diff,
 )
 from amppatch.source.parse import error_nodes, parse_bytes
-
-FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
-
-
-@pytest.fixture()
-def tree(tmp_path: Path) -> Path:
-    cpu = tmp_path / "ggml" / "src" / "ggml-cpu"
-    cpu.mkdir(parents=True)
-    for f in FIXTURES.iterdir():
-        shutil.copy(f, cpu / f.name)
-    return tmp_path
 
 
 def _apply_once(tree: Path, specs: list[str], *, tunable: bool = False, line_size: int = 64):

@@ -2,24 +2,12 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
 
 from amppatch.errors import UsageError
 from amppatch.source import analyze_function, default_stream
-
-FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
-
-
-@pytest.fixture()
-def tree(tmp_path: Path) -> Path:
-    cpu = tmp_path / "ggml" / "src" / "ggml-cpu"
-    cpu.mkdir(parents=True)
-    for f in FIXTURES.iterdir():
-        shutil.copy(f, cpu / f.name)
-    return tmp_path
 
 
 def test_if_chain_loops_steps_and_indexed_streams(tree: Path) -> None:
