@@ -373,7 +373,8 @@ def marker(site: PlannedSite) -> str:
 def render_site(site: PlannedSite, *, tunable: bool, line_size: int, env: jinja2.Environment | None = None) -> str:
     """The lines inserted at the top of the site's loop body (no trailing newline)."""
     env = env or _environment()
-    common = {"indent": site.loop.body_indent, "marker": marker(site), "address": site.stream.address,
+    indent = site.stream.insert_indent or site.loop.body_indent
+    common = {"indent": indent, "marker": marker(site), "address": site.stream.address,
               "distance": site.request.distance_bytes, "hint": site.request.hint}
     if tunable:
         text = env.get_template("prefetch_tunable.c.j2").render(
@@ -408,8 +409,11 @@ def splice(source: bytes, edits: list[Edit]) -> bytes:
 
 
 def site_edits(site: PlannedSite, source: bytes, rendered: str) -> list[Edit]:
-    """Insert `rendered` as the first lines of the loop body (wrapping a brace-less body in braces)."""
+    """Insert `rendered` as the first lines of the loop body (wrapping a brace-less body in braces), or
+    for a row pointer right after its declaration."""
     loop = site.loop
+    if site.stream.insert_byte is not None:  # a row pointer: right after its declaration
+        return [Edit(site.stream.insert_byte, "\n" + rendered)]
     if loop.body_compound:
         return [Edit(loop.body_start_byte + 1, "\n" + rendered)]
     line_start = source.rfind(b"\n", 0, loop.body_start_byte) + 1

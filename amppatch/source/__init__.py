@@ -131,6 +131,9 @@ class FunctionAnalysis:
             for key in ("start_byte", "end_byte", "body_start_byte", "body_end_byte", "body_compound",
                         "body_indent"):
                 loop.pop(key, None)
+            for stream in loop["streams"]:
+                stream.pop("insert_byte", None)
+                stream.pop("insert_indent", None)
         return data
 
 

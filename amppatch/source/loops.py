@@ -43,6 +43,10 @@ class Stream:
     bytes_per_iteration: int | None = None
     param_index: int | None = None  # which function parameter the base pointer comes from (weights first)
     note: str = ""
+    # Where the prefetch goes when not at the top of the loop body: right after the declaration of a row
+    # pointer (the row does not exist before it). Byte offset of the declaration's end, and its indentation.
+    insert_byte: int | None = field(default=None, repr=False)
+    insert_indent: str | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)
@@ -68,7 +72,10 @@ class Loop:
     streams: tuple[Stream, ...]
     prefetches: tuple[ExistingPrefetch, ...]
     parse_error: str | None  # why the loop's parse cannot be trusted (ERROR nodes), else None
-    live: bool | None = None  # compiled by the real command (None: no compile command known)
+    live: bool | None = None
+    # Accesses that advance with the induction variable but cannot be prefetched at the top of the body,
+    # because their address uses a name declared later (inside the body or a nested loop), with the reason.
+    unplaceable: tuple[str, ...] = ()  # compiled by the real command (None: no compile command known)
     start_byte: int = field(default=0, repr=False)
     end_byte: int = field(default=0, repr=False)
     body_start_byte: int = field(default=0, repr=False)
@@ -99,9 +106,11 @@ class _Decl:
     type_text: str
     pointer_depth: int
     is_array: bool
-    byte: int
+    byte: int  # where the declaration starts
     param_index: int | None
     init: Node | None
+    end: int = 0  # where the declaration statement ends (the name is usable after it)
+    scope_end: int = 0  # where its block ends (the name is out of scope from there on)
 
 
 _NODE_KINDS = ("subscript_expression", "binary_expression", "call_expression", "declaration",
@@ -201,7 +210,8 @@ def _collect_declarations(parsed: ParsedFile, function: Node, index_: _NodeIndex
                 name, depth, arr, _ = _declarator_shape(d)
                 if name:
                     decls.setdefault(name, []).append(
-                        _Decl(name, _type_text(parsed, p), depth, arr, p.start_byte, index, None))
+                        _Decl(name, _type_text(parsed, p), depth, arr, p.start_byte, index, None,
+                              end=p.end_byte, scope_end=function.end_byte))
             index += 1
     body = function.child_by_field_name("body")
     if body is None:
@@ -212,7 +222,8 @@ def _collect_declarations(parsed: ParsedFile, function: Node, index_: _NodeIndex
             name, depth, arr, init = _declarator_shape(d)
             if not name:
                 continue
-            decls.setdefault(name, []).append(_Decl(name, type_text, depth, arr, node.start_byte, None, init))
+            decls.setdefault(name, []).append(_Decl(name, type_text, depth, arr, node.start_byte, None, init,
+                                                    end=node.end_byte, scope_end=_scope_end(node)))
     # Locals initialized from a parameter (x = vx; q4 = x[i].qs) inherit its index: streams that come from
     # the first pointer argument (the weight row in ggml's vec_dot) are the default site.
     idents: dict[int, list[str]] = {}
@@ -231,13 +242,44 @@ def _collect_declarations(parsed: ParsedFile, function: Node, index_: _NodeIndex
     return decls
 
 
+def _scope_end(declaration: Node) -> int:
+    """End of the block a local declaration lives in: its compound statement, or the `for` whose
+    initializer it is (`for (int i = 0; ...)`: i dies with the loop)."""
+    current = declaration.parent
+    while current is not None:
+        if current.type == "for_statement" and current == declaration.parent:
+            return current.end_byte
+        if current.type in ("compound_statement", "function_definition", "translation_unit"):
+            return current.end_byte
+        current = current.parent
+    return declaration.end_byte
+
+
 def _lookup(decls: dict[str, list[_Decl]], name: str, byte: int) -> _Decl | None:
-    """The declaration of `name` nearest before `byte` (approximates C scoping well enough for kernels)."""
+    """The declaration of `name` in scope at `byte`: started before it, block not yet closed; the
+    innermost (latest) such one wins, as in C's shadowing."""
     best = None
     for d in decls.get(name, ()):
-        if d.byte <= byte and (best is None or d.byte > best.byte):
+        if d.byte <= byte < d.scope_end and (best is None or d.byte > best.byte):
             best = d
     return best
+
+
+def _out_of_scope(node: Node, use_byte: int, at_byte: int, decls: dict[str, list[_Decl]]) -> list[str]:
+    """Names in `node` that do not mean the same declaration at `at_byte` (where a prefetch would go)
+    as at `use_byte` (where the access is): declared later, in a nested block, or shadowed.
+    Names the function never declares (globals, macros, enumerators) mean the same everywhere."""
+    bad = []
+    for name in sorted(_identifiers(node)):
+        if name not in decls:
+            continue
+        use = _lookup(decls, name, use_byte)
+        here = _lookup(decls, name, at_byte)
+        if use is None:
+            continue  # not a local at the access either (a global the grammar saw as an identifier)
+        if here is None or here != use or here.end > at_byte:
+            bad.append(name)
+    return bad
 
 
 def _int_value(text: str | None) -> int | None:
@@ -357,6 +399,12 @@ def _prefetches(parsed: ParsedFile, body: Node, index_: _NodeIndex) -> tuple[Exi
     return tuple(found)
 
 
+def _line_indent(parsed: ParsedFile, node: Node) -> str:
+    line_start = parsed.source.rfind(b"\n", 0, node.start_byte) + 1
+    prefix = parsed.source[line_start : node.start_byte]
+    return prefix.decode() if prefix.strip() == b"" else re.match(r"[ \t]*", prefix.decode()).group(0)
+
+
 def _body_indent(parsed: ParsedFile, body: Node) -> str:
     for child in body.named_children:
         if child.type == "comment":
@@ -395,8 +443,9 @@ def _analyze_loop(parsed: ParsedFile, node: Node, ordinal: int, depth: int, pare
     if node.type == "do_statement" and body is None:
         body = next((c for c in node.named_children if c.type == "compound_statement"), None)
     streams: dict[str, Stream] = {}
+    unplaceable: dict[str, str] = {}
     if body is not None and var is not None:
-        _find_streams(parsed, node, body, var, step, decls, streams, index_)
+        _find_streams(parsed, node, body, var, step, decls, streams, unplaceable, index_)
     errors = error_nodes(node)
     parse_error = None
     if errors:
@@ -416,6 +465,7 @@ def _analyze_loop(parsed: ParsedFile, node: Node, ordinal: int, depth: int, pare
         body_end_byte=body.end_byte if body is not None else node.end_byte,
         body_compound=body is not None and body.type == "compound_statement",
         body_indent=_body_indent(parsed, body) if body is not None else "    ",
+        unplaceable=tuple(f"{expr}: {why}" for expr, why in unplaceable.items()),
     )
 
 
@@ -434,8 +484,20 @@ def _element_type(decl: _Decl) -> str | None:
 
 
 def _find_streams(parsed: ParsedFile, loop: Node, body: Node, var: str, step: str | None,
-                  decls: dict[str, list[_Decl]], streams: dict[str, Stream], index_: _NodeIndex) -> None:
+                  decls: dict[str, list[_Decl]], streams: dict[str, Stream], unplaceable: dict[str, str],
+                  index_: _NodeIndex) -> None:
     step_value = _int_value(step)
+    # A prefetch is inserted as the first statement of the body: its address may only use names that
+    # mean the same thing there (a stream like dst_col[iir0 + cn] whose dst_col and cn are declared
+    # inside the body would not compile, or would silently read another variable if shadowed).
+    top = body.start_byte + 1 if body.type == "compound_statement" else body.start_byte
+
+    def placeable(node: Node, expression: str) -> bool:
+        bad = _out_of_scope(node, node.start_byte, top, decls)
+        if bad:
+            unplaceable.setdefault(expression, f"uses {', '.join(bad)}, not declared (or another declaration) "
+                                               "at the top of the loop body")
+        return not bad
 
     def add(base: str, kind: str, expression: str, address: str, at: Node, factor: int | None,
             per_iter: str | None, note: str = "") -> None:
@@ -475,6 +537,8 @@ def _find_streams(parsed: ParsedFile, loop: Node, body: Node, var: str, step: st
             if base == var or not _is_pointer(_lookup(decls, base, node.start_byte)):
                 continue
             expr = parsed.text(node)
+            if not placeable(node, expr):
+                continue
             add(base, "indexed", expr, f"&{expr}", node, _index_factor(index_text, var), step)
         elif node.type == "binary_expression":
             left, right = node.child_by_field_name("left"), node.child_by_field_name("right")
@@ -488,6 +552,8 @@ def _find_streams(parsed: ParsedFile, loop: Node, body: Node, var: str, step: st
                     base = parsed.text(ptr)
                     if _is_pointer(_lookup(decls, base, node.start_byte)):
                         expr = parsed.text(node)
+                        if not placeable(node, expr):
+                            break
                         add(base, "offset", expr, expr, node, _index_factor(parsed.text(off), var), step)
                         break
 
@@ -530,11 +596,15 @@ def _find_streams(parsed: ParsedFile, loop: Node, body: Node, var: str, step: st
                         accesses=(parsed.text(init),), element_type=_element_type(row_decl),
                         param_index=row_decl.param_index,
                         note=f"row pointer set from the induction variable: {name} = {parsed.text(init)}",
+                        insert_byte=node.end_byte, insert_indent=_line_indent(parsed, node),
                     )
     for name, items in bumps.items():
         if name in streams:
             continue
         decl = _lookup(decls, name, items[0][1].start_byte)
+        if decl is not None and (decl != _lookup(decls, name, top) or decl.end > top):
+            unplaceable.setdefault(name, f"the bumped pointer {name} is declared inside the loop body")
+            continue
         amounts = [a for a, _ in items]
         total = " + ".join(f"({a})" if not re.fullmatch(r"\w+", a) else a for a in amounts)
         values = [_int_value(a) for a in amounts]

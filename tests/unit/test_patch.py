@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
+import subprocess
 from pathlib import Path
 
 import jinja2
@@ -134,6 +136,26 @@ def test_tunable_apply_twice_no_change(tree: Path) -> None:
     assert kernels.count('#include "amppatch-tunables.h"') == 1
     _, changes2, _ = _apply_once(tree, ["fx_rows:0:row"], tunable=True)
     assert changes2 == []
+
+
+@pytest.mark.parametrize("tunable", [False, True])
+def test_every_offered_stream_compiles_once_patched(tree: Path, tunable: bool) -> None:
+    """Apply a prefetch to every stream of every loop of the C fixtures and compile the result: the
+    analysis offers only addresses that are valid C at the insertion point (a parse is not enough)."""
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        pytest.skip("no C compiler (ci/setup.sh installs gcc)")
+    functions = ["fx_dot_blocks", "fx_bumps", "fx_rows", "fx_prefetched", "fx_braceless", "fx_while", "fx_tiled"]
+    probe = [SiteRequest(f) for f in functions]
+    analyses = analyze_requests(tree, probe, None)
+    specs = [f"{f}:{lp.ordinal}:*" for f in functions for lp in analyses[f].loops if lp.streams]
+    _, _, applied = _apply_once(tree, specs, tunable=tunable)
+    assert len(applied) >= 15 and any(s.stream.kind == "row" for s in applied)
+    source = tree / "ggml/src/ggml-cpu/fx_kernels.c"
+    for define in ([], ["-DFX_WIDE"], ["-DFX_MID"]):  # each #if branch of fx_dot_blocks in turn
+        done = subprocess.run([cc, "-fsyntax-only", "-std=gnu11", "-Wall", "-Werror", *define, str(source)],
+                              capture_output=True, text=True, check=False)
+        assert done.returncode == 0, done.stderr
 
 
 def test_braceless_body_is_wrapped_and_still_parses(tree: Path) -> None:

@@ -52,6 +52,24 @@ def test_row_pointer_set_in_outer_loop(tree: Path) -> None:
     assert inner.stream("row[k]").kind == "indexed"
 
 
+def test_streams_whose_names_are_not_in_scope_at_the_loop_top_are_not_offered(tree: Path) -> None:
+    """A prefetch goes first in the loop body: an access built from names declared later in the body
+    (or a shadowing redeclaration) cannot be prefetched there (the CI failure of dst_col[iir0 + cn])."""
+    fa = analyze_function(tree, "fx_tiled")
+    tile, rows, cols, copy = fa.loops
+    assert [s.expression for s in tile.streams] == ["dst + t0", "out"]
+    reasons = dict(u.split(": ", 1) for u in tile.unplaceable)
+    assert reasons["out[t0 - t0 + c]"].startswith("uses c, out,")
+    assert reasons["dst[t0 + k]"].startswith("uses k,")  # the block-local k shadows the function's k
+    # inner loops see their own names: the same accesses are streams there
+    assert cols.stream("wrow[k]") is not None and copy.stream("out[t0 - t0 + c]") is not None
+    # a row pointer is prefetched right after its declaration (it does not exist before)
+    row = rows.stream("wrow")
+    assert row.kind == "row" and row.insert_byte is not None
+    text = fa.source[: row.insert_byte].decode()
+    assert text.rstrip().endswith("const float * wrow = w + r * row_stride;")
+
+
 def test_existing_prefetch_is_reported(tree: Path) -> None:
     (loop,) = analyze_function(tree, "fx_prefetched").loops
     (pf,) = loop.prefetches
