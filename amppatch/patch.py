@@ -48,6 +48,7 @@ from amppatch.source import (
     analyze_function,
     default_stream,
     find_function_files,
+    split_specialization,
 )
 from amppatch.source.loops import MARKER_WORD
 from amppatch.source.parse import error_nodes, parse_bytes
@@ -136,12 +137,24 @@ def _check_params(distance: int, hint: int, where: str) -> None:
 
 
 def parse_site_spec(spec: str, distance: int | None, hint: int | None) -> SiteRequest:
-    """FUNCTION[:LOOP[:STREAM]] (the stream may contain ':' only in C++ scopes, so it takes the rest)."""
+    """FUNCTION[:LOOP[:STREAM]] (the stream may contain ':' only in C++ scopes, so it takes the rest);
+    FUNCTION may be one specialization of a template, NAME<ARG, ...>."""
+    # A template specialization (gemv<block_q4_0x8>) may hold '::' in its arguments: split after the '>'.
+    head = ""
+    if "<" in spec.split(":", 1)[0]:
+        depth, close = 0, -1
+        for i, ch in enumerate(spec):
+            depth += (ch == "<") - (ch == ">")
+            if ch == ">" and depth == 0:
+                close = i
+                break
+        head, spec = spec[: close + 1], spec[close + 1 :]
     parts = spec.split(":", 2)
-    function = parts[0].strip()
-    if not re.fullmatch(r"[A-Za-z_]\w*", function):
-        raise UsageError(f"--site {spec!r}: {function!r} is not a function name",
-                         next_step="use --site FUNCTION[:LOOP[:STREAM]], e.g. ggml_vec_dot_q8_0_q8_0:0:x[ib]")
+    function = (head + parts[0]).strip()
+    if not re.fullmatch(r"[A-Za-z_]\w*(<[^<>]*(<[^<>]*>[^<>]*)*>)?", function):
+        raise UsageError(f"--site {head + spec!r}: {function!r} is not a function name",
+                         next_step="use --site FUNCTION[:LOOP[:STREAM]], e.g. ggml_vec_dot_q8_0_q8_0:0:x[ib], "
+                                   "or TEMPLATE<ARGS>:LOOP:STREAM for one specialization")
     loop = parse_loop_key(parts[1]) if len(parts) > 1 else None
     stream = parts[2].strip() if len(parts) > 2 and parts[2].strip() else None
     d = DEFAULT_DISTANCE if distance is None else distance
@@ -229,6 +242,7 @@ class PlannedSite:
     slug: str
     lines: int  # prefetches per iteration (cache lines the stream consumes per iteration)
     existing_prefetches: tuple[str, ...]
+    guard: str | None = None  # C++ condition confining the prefetch to one template specialization
 
     @property
     def env_distance(self) -> str:
@@ -249,7 +263,7 @@ class PlannedSite:
             "bytes_per_iteration": s.bytes_per_iteration, "lines_per_iteration": self.lines,
             "distance_bytes": self.request.distance_bytes, "hint": self.request.hint,
             "origin": self.request.origin, "inputs": self.request.inputs,
-            "existing_prefetches": list(self.existing_prefetches),
+            "existing_prefetches": list(self.existing_prefetches), "specialization_guard": self.guard,
         }
         if tunable:
             data["env"] = {"distance": self.env_distance, "hint": self.env_hint}
@@ -338,7 +352,8 @@ def plan_sites(requests: list[SiteRequest], analyses: dict[str, FunctionAnalysis
             if existing:
                 warnings.append(f"{key}: the loop already prefetches ({'; '.join(existing)}); kept as is")
             planned.append(PlannedSite(req, fa.function, loop, stream, fa.relpath, key,
-                                       _slug(fa.function, loop.ordinal, stream.base), lines, existing))
+                                       _slug(fa.function, loop.ordinal, stream.base), lines, existing,
+                                       fa.specialization_guard))
     return Plan(planned, skipped, analyses, warnings)
 
 
@@ -370,15 +385,30 @@ def marker(site: PlannedSite) -> str:
     return f"{MARKER_WORD} {_comment_safe(site.key)}"
 
 
+def _row_stride_bytes(stream: Stream) -> str | None:
+    """C expression of the bytes between consecutive rows of a strided row stream, else None. The stride
+    counts elements of the row pointer's type (row = base + r*stride on a float * moves 4*stride bytes);
+    byte rows (const char * k_data = (const char *) k->data + ic*nbk1) multiply by sizeof(char) = 1."""
+    if stream.kind != "row" or not stream.row_stride:
+        return None
+    if stream.element_type and re.fullmatch(r"(const\s+)?(volatile\s+)?void", stream.element_type.strip()):
+        return stream.row_stride
+    return f"({stream.row_stride}) * sizeof(*({stream.address}))"
+
+
 def render_site(site: PlannedSite, *, tunable: bool, line_size: int, env: jinja2.Environment | None = None) -> str:
     """The lines inserted at the top of the site's loop body (no trailing newline)."""
     env = env or _environment()
     indent = site.stream.insert_indent or site.loop.body_indent
     common = {"indent": indent, "marker": marker(site), "address": site.stream.address,
-              "distance": site.request.distance_bytes, "hint": site.request.hint}
+              "distance": site.request.distance_bytes, "hint": site.request.hint, "guard": site.guard}
+    stride = _row_stride_bytes(site.stream)
     if tunable:
         text = env.get_template("prefetch_tunable.c.j2").render(
-            **common, slug=site.slug, env_distance=site.env_distance, env_hint=site.env_hint)
+            **common, slug=site.slug, env_distance=site.env_distance, env_hint=site.env_hint, stride=stride)
+    elif stride:
+        text = env.get_template("prefetch_rows.c.j2").render(**common, lines=site.lines, line_size=line_size,
+                                                             stride=stride)
     elif site.lines > 1:
         text = env.get_template("prefetch_lines.c.j2").render(**common, lines=site.lines, line_size=line_size)
     else:
@@ -389,7 +419,8 @@ def render_site(site: PlannedSite, *, tunable: bool, line_size: int, env: jinja2
 def render_tunables_header(sites: list[PlannedSite], line_size: int, env: jinja2.Environment | None = None) -> str:
     env = env or _environment()
     items = [{"key": _comment_safe(s.key), "slug": s.slug, "env_distance": s.env_distance, "env_hint": s.env_hint,
-              "distance": s.request.distance_bytes, "hint": s.request.hint, "lines": s.lines} for s in sites]
+              "distance": s.request.distance_bytes, "hint": s.request.hint, "lines": s.lines,
+              "stride": _row_stride_bytes(s.stream)} for s in sites]
     return env.get_template("tunables.h.j2").render(sites=items, line_size=line_size,
                                                     tool_version=__version__).rstrip("\n") + "\n"
 
@@ -651,8 +682,11 @@ _KERNEL_TYPES = {"q8_0": "q8_0", "q4_0": "q4_0", "q4_k": "q4_k", "q6_k": "q6_k",
 
 
 def model_type_for(function: str) -> str | None:
-    """The synthetic model type whose weights run `function` (ggml_vec_dot_<type>_...)."""
-    m = re.match(r"ggml_vec_dot_([a-z0-9]+(?:_[0-9a-z]+)?)", function.lower())
+    """The synthetic model type whose weights run `function`: ggml_vec_dot_<type>_..., a repack
+    ggml_gemv_<type>_..., or a specialization over block_<type>x<N> (gemv_..._lut_avx<block_q4_0x8>)."""
+    text = function.lower()
+    m = (re.match(r"ggml_(?:vec_dot|gemv|gemm)_([a-z0-9]+(?:_[0-9a-z]+)?)", text)
+         or re.search(r"<\s*(?:const\s+)?block_([a-z0-9]+_[0-9a-z]+?)x\d+\b", text))
     if not m:
         return None
     name = m.group(1)
@@ -755,12 +789,42 @@ def _configure_compile_db(repo: Path, base: str, options: ApplyOptions) -> Path:
 
 
 def analyze_requests(repo: Path, requests: list[SiteRequest], compile_db: Path | None) -> dict[str, FunctionAnalysis]:
+    """The analysis each request's function resolves to. A function without a streaming loop of its own
+    that calls a same-file helper which has one (ggml_gemv_q4_0_8x8_q8_0 -> gemv_..._lut_avx<block_q4_0x8>)
+    resolves to that helper's specialization: the prefetch goes where the loop is, confined to the
+    specialization the wrapper runs."""
     analyses: dict[str, FunctionAnalysis] = {}
     for req in requests:
-        if req.function not in analyses:
-            progress(f"apply: analyzing {req.function} ...")
-            analyses[req.function] = analyze_function(repo, req.function, compile_db)
+        if req.function in analyses:
+            continue
+        progress(f"apply: analyzing {req.function} ...")
+        fa = analyze_function(repo, req.function, compile_db)
+        if req.loop is None and fa.default_loop() is None:
+            fa = _follow_calls(repo, fa, compile_db) or fa
+        analyses[req.function] = fa
+        analyses.setdefault(fa.function, fa)  # planned sites name the function they really patch
     return analyses
+
+
+def _follow_calls(repo: Path, fa: FunctionAnalysis, compile_db: Path | None,
+                  depth: int = 2) -> FunctionAnalysis | None:
+    # calls the build compiles first; without a compile database liveness is unknown (None), tried next
+    for call in sorted(fa.calls, key=lambda c: c.live is not True):
+        if call.live is False:
+            continue
+        try:
+            callee = analyze_function(repo, call.callee, compile_db)
+        except UsageError:
+            continue
+        if callee.default_loop() is None:
+            callee = _follow_calls(repo, callee, compile_db, depth - 1) if depth > 1 else None
+            if callee is None:
+                continue
+        note = (f"{fa.function} has no streaming loop of its own; its work is done in {callee.function} "
+                f"(called at {fa.relpath}:{call.line}), which is patched instead")
+        progress(f"apply: {note}")
+        return replace(callee, warnings=(*callee.warnings, note))
+    return None
 
 
 def _build_options(options: ApplyOptions, repo: Path, ref: str, name: str) -> BuildOptions:
@@ -795,7 +859,7 @@ def apply(options: ApplyOptions) -> ApplyResult:
             warnings.append(f"learned.json was tuned on commit {learned_base[:12]}, the tree is at {base[:12]}: "
                             "the kernels may have changed (re-tune)")
     for req in requests:  # fail fast, before any build, on a function that does not exist
-        if not find_function_files(repo, req.function):
+        if not find_function_files(repo, split_specialization(req.function)[0]):
             raise UsageError(f"{req.function} is not mentioned anywhere under {repo}/ggml/src/ggml-cpu",
                              next_step="check the name; `amppatch profile` lists the hot kernels")
     line_size = options.line_size or cache_line_size()
@@ -817,7 +881,7 @@ def apply(options: ApplyOptions) -> ApplyResult:
     analyses = analyze_requests(repo, requests, compile_db)
     plan = plan_sites(requests, analyses, line_size)
     plan.warnings[:0] = warnings
-    for fa in analyses.values():
+    for fa in {id(fa): fa for fa in analyses.values()}.values():  # a wrapper and its callee share one
         plan.warnings.extend(f"{fa.function}: {w}" for w in fa.warnings)
     for sk in plan.skipped:
         progress(f"apply: skipped {sk.request.describe()}: {sk.reason}")
@@ -913,34 +977,50 @@ def _options_json(options: ApplyOptions) -> dict:
 
 
 def _gate(options: ApplyOptions, build_a, build_b, sites: list[PlannedSite]) -> dict:
+    """B computes exactly what A computes, and every patched function ran in B.
+
+    Sites on kernels of different weight types (a Q4_0 GEMV and a Q4_K GEMV patched at once) cannot all
+    run on one synthetic model: each type gets its own gate run, and kernels of no particular type (flash
+    attention) are counted on the first. The first run's fields stay at the top level (scripts read
+    `passed`, `tokens_a`, ...); every run is in `runs`."""
     from amppatch.errors import CorrectnessError
     from amppatch.gate import GateOptions, run_gate
 
     functions = sorted({s.function for s in sites})
-    model = options.gate_model
-    if model is None:
+    if options.gate_model is not None:
+        groups: list[tuple[Path, list[str]]] = [(Path(options.gate_model), functions)]
+    else:
         from amppatch.model import SynthOptions, synth_model
 
-        types = {model_type_for(f) for f in functions}
-        types.discard(None)
-        if len(types) != 1:
-            raise UsageError(f"cannot pick one synthetic model type that runs {', '.join(functions)}",
+        by_type: dict[str, list[str]] = {}
+        untyped = []
+        for f in functions:
+            t = model_type_for(f)
+            (by_type.setdefault(t, []) if t else untyped).append(f)
+        if not by_type:
+            raise UsageError(f"cannot pick a synthetic model type that runs {', '.join(functions)}",
                              next_step="pass --gate-model M (a model whose weights run the patched kernels)")
-        model = synth_model(SynthOptions(type=types.pop(), build=build_a))
+        groups = []
+        for i, (t, fs) in enumerate(sorted(by_type.items())):
+            model = synth_model(SynthOptions(type=t, build=build_a))
+            groups.append((Path(model), fs + (untyped if i == 0 else [])))
     args = tuple(dict.fromkeys((*gate_runtime_args(functions), *options.gate_args)))
-    progress(f"apply: correctness gate on {Path(model).name} (args: {' '.join(args) or 'none'}) ...")
-    gate = run_gate(build_a, build_b, GateOptions(model=Path(model), mode="identical", extra_args=args))
-    hits = {}
-    for f in functions:
-        progress(f"apply: checking that {f} runs in B (gdb breakpoint count) ...")
-        hits[f] = count_function_hits(build_b, f, Path(model), args)
-        if hits[f] == 0:
-            raise CorrectnessError(
-                f"{f} never ran in B on {Path(model).name} with {' '.join(args) or 'no extra args'}: the gate "
-                "compared builds without exercising the patch, so it proves nothing",
-                next_step="pass --gate-model with weights of the kernel's type, or --gate-arg flags that route "
-                          "them to it")
-    return {**gate.to_json(), "model": str(model), "args": list(args), "function_hits": hits}
+    runs = []
+    hits: dict[str, int] = {}
+    for model, fs in groups:
+        progress(f"apply: correctness gate on {model.name} (args: {' '.join(args) or 'none'}) ...")
+        gate = run_gate(build_a, build_b, GateOptions(model=model, mode="identical", extra_args=args))
+        for f in fs:
+            progress(f"apply: checking that {f} runs in B (gdb breakpoint count) ...")
+            hits[f] = count_function_hits(build_b, f, model, args)
+            if hits[f] == 0:
+                raise CorrectnessError(
+                    f"{f} never ran in B on {model.name} with {' '.join(args) or 'no extra args'}: the gate "
+                    "compared builds without exercising the patch, so it proves nothing",
+                    next_step="pass --gate-model with weights of the kernel's type, or --gate-arg flags that "
+                              "route them to it")
+        runs.append({**gate.to_json(), "model": str(model), "functions": fs})
+    return {**runs[0], "args": list(args), "function_hits": hits, "runs": runs}
 
 
 def format_summary(result: ApplyResult) -> str:

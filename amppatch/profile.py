@@ -60,6 +60,25 @@ def bare_name(function: str) -> str:
     return head.split("::")[-1]
 
 
+def site_function_name(function: str) -> str:
+    """How a site names a symbol: the bare name, plus the template arguments of a specialization.
+    'void gemv<block_q4_0x8>(int, float*)' -> 'gemv<block_q4_0x8>'; 'ggml_vec_dot_f16' unchanged."""
+    name = bare_name(function)
+    text = function.strip()
+    start = text.find(name + "<") if name else -1
+    if start < 0:
+        return name
+    depth = 0
+    for i in range(start + len(name), len(text)):
+        depth += (text[i] == "<") - (text[i] == ">")
+        if depth == 0:
+            from amppatch.source import split_specialization
+
+            _, args = split_specialization(text[start : i + 1])
+            return f"{name}<{', '.join(args)}>" if any(args) else name
+    return name
+
+
 def tensor_type_of_kernel(function: str, types: list[str]) -> list[str]:
     """Tensor types (lower-case ggml names, e.g. 'q8_0', 'f16') a kernel's name says it reads as weights.
 
@@ -452,7 +471,7 @@ def _sites(
             rel = _relpath_in(frame.file, source_dir)
             if rel is None or not rel.startswith(GGML_CPU_DIR):
                 continue
-            name = bare_name(frame.function)
+            name = site_function_name(frame.function)  # a template's loops: per specialization
             fa = analysis(name)
             if fa is None or not (rel.endswith(fa.relpath) or fa.relpath.endswith(rel)):
                 continue

@@ -209,7 +209,7 @@ class _Runner:
         return "done", {"model": str(model), "gate_model": str(gate), "paths": [str(model), str(gate)]}
 
     def profile(self) -> tuple[str, dict[str, Any]]:
-        from amppatch.profile import WEIGHT_KERNEL_RE, ProfileOptions, bare_name, profile
+        from amppatch.profile import WEIGHT_KERNEL_RE, ProfileOptions, profile, site_function_name
 
         o = self.o
         assert o.threads is not None
@@ -223,7 +223,7 @@ class _Runner:
         fallback: list[str] = []
         if not sites:
             # No streaming loop was mapped: the hottest weight kernel, with apply's default loop and stream.
-            kernels = [bare_name(h["name"]) for h in hot if WEIGHT_KERNEL_RE.search(h.get("name", ""))]
+            kernels = [site_function_name(h["name"]) for h in hot if WEIGHT_KERNEL_RE.search(h.get("name", ""))]
             if not kernels:
                 raise AmppatchError(
                     "the profile found no site and no weight kernel among the hot functions "

@@ -73,6 +73,98 @@ _ARCH_DIRS = {
 
 
 @dataclass(frozen=True)
+class Call:
+    """A call from the analyzed function to a function defined in the same file."""
+
+    callee: str  # the callee as a site names it: "gemv_q4_b32_8x8_q8_0_lut_avx<block_q4_0x8>"
+    line: int
+    live: bool | None
+
+
+def split_specialization(function: str) -> tuple[str, tuple[str, ...]]:
+    """'gemv<block_q4_0x8, 4>' -> ('gemv', ('block_q4_0x8', '4')); a plain name has no arguments."""
+    text = function.strip()
+    if "<" not in text:
+        return text, ()
+    name, rest = text.split("<", 1)
+    if not rest.endswith(">"):
+        raise UsageError(f"{function!r}: template arguments must end with '>'",
+                         next_step="write the specialization as NAME<ARG, ...>, e.g. gemv<block_q4_0x8>")
+    args, depth, current = [], 0, ""
+    for ch in rest[:-1]:
+        if ch == "," and depth == 0:
+            args.append(current.strip())
+            current = ""
+            continue
+        depth += (ch in "<([") - (ch in ">)]")
+        current += ch
+    args.append(current.strip())
+    return name.strip(), tuple(" ".join(a.split()) for a in args)
+
+
+def _template_parameters(node) -> list[tuple[str, str]] | None:
+    """[(kind 'type'|'value', name)] of the template a function definition belongs to; None if none."""
+    parent = node.parent
+    if parent is None or parent.type != "template_declaration":
+        return None
+    plist = parent.child_by_field_name("parameters")
+    out: list[tuple[str, str]] = []
+    for p in plist.named_children if plist is not None else []:
+        if p.type in ("type_parameter_declaration", "optional_type_parameter_declaration"):
+            ident = next((c for c in p.named_children if c.type == "type_identifier"), None)
+            out.append(("type", ident.text.decode() if ident is not None and ident.text else ""))
+        elif p.type in ("parameter_declaration", "optional_parameter_declaration"):
+            d = p.child_by_field_name("declarator")
+            out.append(("value", d.text.decode() if d is not None and d.text else ""))
+        else:
+            out.append(("other", p.text.decode() if p.text else ""))
+    return out
+
+
+def _specialize(function: str, node, args: tuple[str, ...]) -> tuple[dict[str, str], str]:
+    params = _template_parameters(node)
+    if params is None:
+        raise UsageError(f"{function}: the definition is not a template, so it has no specialization",
+                         next_step="name the function without <...>")
+    if len(params) != len(args) or any(kind == "other" or not name for kind, name in params):
+        shown = ", ".join(f"{k} {n}" for k, n in params)
+        raise UsageError(f"{function}: the template takes ({shown}); {len(args)} argument(s) given",
+                         next_step="give one argument per template parameter (defaults are not filled in)")
+    mapping = {name: arg for (_, name), arg in zip(params, args, strict=True)}
+    # std::is_same needs <type_traits>, which every C++ unit with such templates already pulls in; a plain
+    # `if` (not `if constexpr`) keeps C++11 units valid and still folds to nothing in other specializations.
+    terms = [f"std::is_same<{name}, {arg}>::value" if kind == "type" else f"(({name}) == ({arg}))"
+             for (kind, name), arg in zip(params, args, strict=True)]
+    return mapping, " && ".join(terms)
+
+
+def _same_file_calls(parsed: ParsedFile, node) -> list[tuple[str, int]]:
+    """(callee as site name, byte offset) of calls in `node` to functions the same file defines."""
+    from amppatch.source.parse import function_definitions, function_name, walk
+
+    defined = {function_name(d) for d in function_definitions(parsed.root)}
+    own = function_name(node)
+    calls = []
+    for n in walk(node):
+        if n.type != "call_expression":
+            continue
+        fn = n.child_by_field_name("function")
+        if fn is None:
+            continue
+        if fn.type == "template_function":
+            name_node, targs = fn.child_by_field_name("name"), fn.child_by_field_name("arguments")
+            name = parsed.text(name_node) if name_node is not None else ""
+            spec = f"{name}<{', '.join(parsed.text(a) for a in targs.named_children)}>" if targs else name
+        elif fn.type == "identifier":
+            name = spec = parsed.text(fn)
+        else:
+            continue
+        if name in defined and name != own:
+            calls.append((spec, n.start_byte))
+    return calls
+
+
+@dataclass(frozen=True)
 class FunctionAnalysis:
     function: str
     repo: Path
@@ -91,6 +183,12 @@ class FunctionAnalysis:
     candidates: tuple[str, ...] = ()  # every file that defines the function (relpaths)
     parse_errors: int = 0  # ERROR nodes inside the function (after blanking)
     source: bytes = field(default=b"", repr=False, compare=False)
+    # A template analyzed for one specialization ("gemv<block_q4_0x8>"): template parameter -> argument,
+    # and the C++ condition true only in that specialization (what confines an inserted prefetch to it).
+    specialization: dict[str, str] = field(default_factory=dict)
+    specialization_guard: str | None = None
+    # Calls in the live body to functions defined in the same file (where a wrapper's loops really are).
+    calls: tuple[Call, ...] = ()
 
     def loop(self, ordinal: int) -> Loop:
         for loop in self.loops:
@@ -113,11 +211,17 @@ class FunctionAnalysis:
 
     def default_loop(self) -> Loop | None:
         """What a bare `--site FUNCTION` patches: the first outermost loop (source order) that is not dead,
-        parses cleanly and walks a stream — the main SIMD loop of every ggml vec_dot; tail loops come
-        after it, dead ISA branches are skipped."""
+        parses cleanly and walks a stream of typed elements (else any stream) — the main SIMD loop of
+        every ggml vec_dot, the block loop of a repack GEMV; tail loops come after it, dead ISA branches
+        are skipped."""
         usable = [lp for lp in self.loops if lp.live is not False and not lp.parse_error and lp.streams]
         if not usable:
             return None
+        # A loop that walks typed elements (x[ib] over blocks: bytes per iteration known) is the kernel's
+        # streaming loop; an outer loop over rows (a_ptr_start + y * nb) merely sets one up. GEMVs nest
+        # the block loop inside row loops, vec_dots have it outermost: both get the block loop.
+        walking = [lp for lp in usable if any(s.bytes_per_iteration and not _written(s) for s in lp.streams)]
+        usable = walking or usable
         top = min(lp.depth for lp in usable)
         return next(lp for lp in usable if lp.depth == top)
 
@@ -137,6 +241,11 @@ class FunctionAnalysis:
         return data
 
 
+def _written(stream: Stream) -> bool:
+    """A stream of non-const elements (an output such as `s` of a GEMV): written, not a read to prefetch."""
+    return bool(stream.element_type) and not re.search(r"\bconst\b", stream.element_type or "")
+
+
 def default_stream(loop: Loop) -> Stream | None:
     """The stream a site without a stream key prefetches: the one from the earliest pointer parameter
     (in ggml's vec_dot that is `vx`, the weight row; the activation row `vy` is reused by every row and
@@ -144,7 +253,7 @@ def default_stream(loop: Loop) -> Stream | None:
     if not loop.streams:
         return None
     kind_rank = {"indexed": 0, "offset": 1, "row": 2, "bump": 3}
-    return min(loop.streams, key=lambda s: (s.param_index if s.param_index is not None else 99,
+    return min(loop.streams, key=lambda s: (_written(s), s.param_index if s.param_index is not None else 99,
                                             kind_rank.get(s.kind, 9), s.line))
 
 
@@ -193,11 +302,14 @@ def analyze_function(repo: Path, function: str, compile_db: Path | list[dict] | 
 
     repo = Path(repo).resolve()
     db = load_compile_db(compile_db) if isinstance(compile_db, (str, Path)) else compile_db
-    files = find_function_files(repo, function)
+    spec_name, spec_args = split_specialization(function)
+    if spec_args:
+        function = f"{spec_name}<{', '.join(spec_args)}>"
+    files = find_function_files(repo, spec_name)
     warnings: list[str] = []
     candidates: list[tuple[Path, ParsedFile, list]] = []
     for path in files:
-        parsed_defs = _parse_best(path, path.read_bytes(), function)
+        parsed_defs = _parse_best(path, path.read_bytes(), spec_name)
         if parsed_defs is not None:
             candidates.append((path, *parsed_defs))
     if not candidates:
@@ -229,32 +341,40 @@ def analyze_function(repo: Path, function: str, compile_db: Path | list[dict] | 
         rel = str(path.relative_to(repo))
         command = command_for(db, repo, rel) if db is not None else None
         loops_by_def = [(d, analyze_loops(parsed, d)) for d in defs]
+        calls_by_def = [_same_file_calls(parsed, d) for d in defs]
         live_flags: list[bool | None] = [None] * len(defs)
         loop_live: list[list[bool | None]] = [[None] * len(lps) for _, lps in loops_by_def]
+        call_live: list[list[bool | None]] = [[None] * len(cs) for cs in calls_by_def]
         if command is not None:
-            positions = [d.start_byte for d in defs] + [lp.start_byte for _, lps in loops_by_def for lp in lps]
+            positions = ([d.start_byte for d in defs] + [lp.start_byte for _, lps in loops_by_def for lp in lps]
+                         + [b for cs in calls_by_def for _, b in cs])
             marks = preprocess_markers(command, parsed.source, positions)
             live_flags = list(marks[: len(defs)])
             rest = marks[len(defs):]
             for i, (_, lps) in enumerate(loops_by_def):
                 loop_live[i], rest = list(rest[: len(lps)]), rest[len(lps):]
+            for i, cs in enumerate(calls_by_def):
+                call_live[i], rest = list(rest[: len(cs)]), rest[len(cs):]
         for i, d in enumerate(defs):
             if live_flags[i] is False:
                 continue
-            chosen = (path, parsed, d, loops_by_def[i][1], loop_live[i], live_flags[i], command)
+            calls = tuple(Call(spec, parsed.source.count(b"\n", 0, b) + 1, lv)
+                          for (spec, b), lv in zip(calls_by_def[i], call_live[i], strict=True))
+            chosen = (path, parsed, d, loops_by_def[i][1], loop_live[i], live_flags[i], command, calls)
             break
         if chosen:
             break
     if chosen is None:
         raise UsageError(f"every definition of {function} ({', '.join(all_rel)}) is in a preprocessor branch "
                          "this build does not compile", next_step="check the build options (e.g. GGML_NATIVE)")
-    path, parsed, node, loops, live, fn_live, command = chosen
+    path, parsed, node, loops, live, fn_live, command, calls = chosen
+    mapping, guard = _specialize(function, node, spec_args) if spec_args else ({}, None)
     if command is None:
         warnings.append("no compile command for this file: which #if branch is live is unknown, "
                         "and sizes are not probed (pass a build's compile_commands.json)")
     loops = [replace(lp, live=lv) for lp, lv in zip(loops, live, strict=True)]
     if probe and command is not None:
-        loops = _fill_sizes(loops, command, warnings)
+        loops = _fill_sizes(loops, command, warnings, mapping)
     rel = str(path.relative_to(repo))
     return FunctionAnalysis(
         function=function, repo=repo, file=path, relpath=rel, grammar=parsed.grammar,
@@ -262,12 +382,25 @@ def analyze_function(repo: Path, function: str, compile_db: Path | list[dict] | 
         start_byte=node.start_byte, end_byte=node.end_byte, loops=tuple(loops), live=fn_live,
         compile_command=command.argv if command else None,
         source_sha=hashlib.sha256(parsed.source).hexdigest(), warnings=tuple(warnings), candidates=all_rel,
-        parse_errors=len(error_nodes(node)), source=parsed.source,
+        parse_errors=len(error_nodes(node)), source=parsed.source, specialization=mapping,
+        specialization_guard=guard, calls=calls,
     )
 
 
-def _fill_sizes(loops: list[Loop], command: CompileCommand, warnings: list[str]) -> list[Loop]:
-    """sizeof(element type) and macro-valued steps/bumps, from one compiled probe of the unit."""
+def _substitute(text: str, mapping: dict[str, str]) -> str:
+    for name, arg in mapping.items():
+        text = re.sub(rf"\b{re.escape(name)}\b", arg, text)
+    return text
+
+
+def _fill_sizes(loops: list[Loop], command: CompileCommand, warnings: list[str],
+                mapping: dict[str, str] | None = None) -> list[Loop]:
+    """sizeof(element type) and macro-valued steps/bumps, from one compiled probe of the unit
+    (element types of a template specialization with its arguments substituted)."""
+    mapping = mapping or {}
+    if mapping:
+        loops = [replace(lp, streams=tuple(replace(s, element_type=_substitute(s.element_type, mapping))
+                                           if s.element_type else s for s in lp.streams)) for lp in loops]
     exprs: list[str] = []
     for lp in loops:
         if lp.live is False:

@@ -47,6 +47,9 @@ class Stream:
     # pointer (the row does not exist before it). Byte offset of the declaration's end, and its indentation.
     insert_byte: int | None = field(default=None, repr=False)
     insert_indent: str | None = field(default=None, repr=False)
+    # A row pointer set as base + var*stride (flash attention's k_data = k->data + ic*nbk1 + ...): the C
+    # expression of the stride, so a distance can land on a whole number of rows ahead.
+    row_stride: str | None = None
 
 
 @dataclass(frozen=True)
@@ -399,6 +402,22 @@ def _prefetches(parsed: ParsedFile, body: Node, index_: _NodeIndex) -> tuple[Exi
     return tuple(found)
 
 
+def _stride_of(parsed: ParsedFile, init: Node, var: str) -> str | None:
+    """`nbk1` when `init` holds the term `var * nbk1` (or `nbk1 * var`): how far the row moves per step."""
+    for n in walk(init):
+        if n.type != "binary_expression":
+            continue
+        left, right = n.child_by_field_name("left"), n.child_by_field_name("right")
+        if left is None or right is None:
+            continue
+        if parsed.source[left.end_byte : right.start_byte].decode().strip() != "*":
+            continue
+        for a, b in ((left, right), (right, left)):
+            if a.type == "identifier" and parsed.text(a) == var and var not in _identifiers(b):
+                return parsed.text(b)
+    return None
+
+
 def _line_indent(parsed: ParsedFile, node: Node) -> str:
     line_start = parsed.source.rfind(b"\n", 0, node.start_byte) + 1
     prefix = parsed.source[line_start : node.start_byte]
@@ -597,6 +616,7 @@ def _find_streams(parsed: ParsedFile, loop: Node, body: Node, var: str, step: st
                         param_index=row_decl.param_index,
                         note=f"row pointer set from the induction variable: {name} = {parsed.text(init)}",
                         insert_byte=node.end_byte, insert_indent=_line_indent(parsed, node),
+                        row_stride=_stride_of(parsed, init, var),
                     )
     for name, items in bumps.items():
         if name in streams:

@@ -29,13 +29,6 @@ def _git(repo: Path, *args: str) -> str:
     return run(["git", "-C", str(repo), *args], env={**os.environ, **_IDENTITY}).stdout
 
 
-def _prefetch_instructions(build_dir: str, function: str) -> int:
-    """prefetch* instructions in the compiled function (gdb disassembly of the build's libggml-cpu)."""
-    library = Path(build_dir) / "bin" / "libggml-cpu.so"
-    out = run(["gdb", "-nx", "-batch", "-ex", f"disassemble {function}", str(library)], check=False).stdout
-    return sum(1 for line in out.splitlines() if "\tprefetch" in line)
-
-
 @pytest.fixture()
 def fixture_repo(tmp_path: Path) -> tuple[Path, Path]:
     """A llama.cpp-shaped git repo holding amppatch's fixtures, with a compile database for them."""
@@ -142,6 +135,48 @@ def test_dry_run_prints_the_diff_and_touches_nothing(fixture_repo: tuple[Path, P
     assert _git(repo, "branch", "--list", "amppatch/*") == ""
 
 
+def _prefetches_by_symbol(obj: Path) -> dict[str, int]:
+    """prefetch* instructions per (demangled) symbol of an object file or library (objdump -d -C)."""
+    out = run(["objdump", "-d", "-C", "--no-show-raw-insn", str(obj)]).stdout
+    counts: dict[str, int] = {}
+    current = ""
+    for line in out.splitlines():
+        if line.endswith(">:") and "<" in line:
+            current = line[line.index("<") + 1 : -2]
+            counts.setdefault(current, 0)
+        elif "\tprefetch" in line:
+            counts[current] = counts.get(current, 0) + 1
+    return counts
+
+
+def test_wrapper_site_lands_in_the_live_specialization_only(fixture_repo: tuple[Path, Path],
+                                                            tmp_path: Path) -> None:
+    """A site on a wrapper without loops (as ggml_gemv_q4_0_8x8_q8_0 is on x86) resolves to the template
+    it calls in the live #if branch, for that specialization only: the other specialization of the same
+    loop compiles to no prefetch at all."""
+    repo, db = fixture_repo
+    result = apply(ApplyOptions(repo=repo, sites=("fx_gemv_pack8",), build=False, compile_db=db,
+                                out=tmp_path / "out", line_size=64))
+    (site,) = result.sites
+    assert site.function == "fx_gemv_tmpl<fx_pack8, 8>"  # the FX_NEVER call (pack4) is dead
+    assert (site.loop.ordinal, site.stream.expression, site.stream.bytes_per_iteration) == (1, "w_row[b]", 144)
+    assert site.guard == "std::is_same<block_t, fx_pack8>::value && ((ROWS) == (8))"
+    assert site.lines == 3 and any("fx_gemv_pack8 has no streaming loop" in w for w in result.warnings)
+    patched = tmp_path / "fx_vec.cpp"
+    patched.write_text(_git(repo, "show", f"{result.branch}:ggml/src/ggml-cpu/fx_vec.cpp"))
+    shutil.copy(repo / "ggml/src/ggml-cpu/fixture_defs.h", tmp_path / "fixture_defs.h")
+    obj = tmp_path / "fx_vec.o"
+    run(["g++", "-O2", "-std=c++11", "-c", str(patched), "-o", str(obj)])
+    counts = _prefetches_by_symbol(obj)
+    pack8 = sum(n for sym, n in counts.items() if "pack8" in sym)
+    pack4 = sum(n for sym, n in counts.items() if "pack4" in sym)
+    assert (pack8, pack4) == (3, 0), counts
+    # applying it again changes nothing (same branch, no second commit)
+    again = apply(ApplyOptions(repo=repo, sites=("fx_gemv_pack8",), build=False, compile_db=db,
+                               out=tmp_path / "out", line_size=64))
+    assert again.reused and again.commit == result.commit
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The real tree
 
@@ -158,25 +193,31 @@ def _assert_repo_as_before(repo: Path, head: str, branch_name: str) -> None:
 
 
 def _real_kernel(llama_repo: Path, native_build, model: Path, site: str, tmp_path: Path, *,
-                 tunable: bool = False) -> dict:
+                 tunable: bool = False, gate_args: tuple[str, ...] = (), sized: bool = True) -> dict:
     head = _git(llama_repo, "rev-parse", "HEAD").strip()
     branch_name = _git(llama_repo, "symbolic-ref", "--short", "HEAD").strip()
     result = None
     try:
         result = apply(ApplyOptions(repo=llama_repo, sites=(site,), out=tmp_path / "out", gate_model=model,
-                                    tunable=tunable))
+                                    tunable=tunable, gate_args=gate_args))
         _assert_repo_as_before(llama_repo, head, branch_name)
         manifest = json.loads(result.manifest_path.read_text())
         (s,) = manifest["sites"]
-        assert s["live"] is True and s["element_size"] and s["bytes_per_iteration"]
+        assert s["live"] is True and (not sized or (s["element_size"] and s["bytes_per_iteration"]))
         assert manifest["builds"]["a"] == str(native_build.dir)  # same options as the native build: reused
         gate = manifest["gate"]
         assert gate["passed"] and gate["tokens_a"] == gate["tokens_b"] and gate["ppl_a"] == gate["ppl_b"]
-        assert gate["function_hits"][site.split(":")[0]] > 0
-        # the compiled kernel really holds the prefetches: one per cache line (x4 localities when tunable)
+        assert gate["function_hits"][s["function"]] > 0  # the patched function really ran in B
+        # the compiled kernel really holds the prefetches: one per cache line (x4 localities when tunable),
+        # and no other function of the CPU backend gained or lost one
         expected = s["lines_per_iteration"] * (4 if tunable else 1)
-        assert _prefetch_instructions(manifest["builds"]["b"], s["function"]) == expected
-        assert _prefetch_instructions(manifest["builds"]["a"], s["function"]) == 0
+        lib_a = _prefetches_by_symbol(Path(manifest["builds"]["a"]) / "bin" / "libggml-cpu.so")
+        lib_b = _prefetches_by_symbol(Path(manifest["builds"]["b"]) / "bin" / "libggml-cpu.so")
+        changed = {sym: lib_b.get(sym, 0) - lib_a.get(sym, 0) for sym in set(lib_a) | set(lib_b)
+                   if lib_b.get(sym, 0) != lib_a.get(sym, 0)}
+        assert len(changed) == 1 and list(changed.values()) == [expected], changed
+        (symbol,) = changed
+        assert symbol.startswith(s["function"].split("<")[0]) or s["function"] in symbol, (symbol, s["function"])
         if tunable:
             from amppatch.build import load_build
             from amppatch.gate import GateOptions, run_gate
@@ -216,6 +257,97 @@ def test_other_kernels_end_to_end(llama_repo: Path, native_build, function: str,
         assert s["bytes_per_iteration"] == bytes_per_iteration
     else:
         assert s["bytes_per_iteration"] in (64, 128)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("site", "fixture", "function", "bytes_per_iteration"), [
+    # on x86 the wrapper only calls a template: the site lands in its block_q4_0x8 specialization
+    ("ggml_gemv_q4_0_8x8_q8_0", "tiny_model_q4_0", "gemv_q4_b32_8x8_q8_0_lut_avx<block_q4_0x8>", 144),
+    ("ggml_gemv_q4_K_8x8_q8_K", "tiny_model_q4_k", "ggml_gemv_q4_K_8x8_q8_K", 1152),
+])
+def test_repack_gemv_end_to_end(llama_repo: Path, native_build, site: str, fixture: str, function: str,
+                                bytes_per_iteration: int, request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    """Issue #4: the repack GEMVs (weights in the CPU_REPACK buffer, i.e. without --repack 0) patch, build,
+    pass the gate, run, and hold prefetches in that one function only."""
+    model = request.getfixturevalue(fixture)
+    manifest = _real_kernel(llama_repo, native_build, model, site, tmp_path)
+    (s,) = manifest["sites"]
+    assert (s["function"], s["stream"], s["bytes_per_iteration"]) == (function, "b_ptr[b]", bytes_per_iteration)
+    assert "-nr" not in manifest["gate"]["args"]  # the repack buffer stays on: that is where these run
+
+
+@pytest.mark.slow
+def test_flash_attention_kv_loop_end_to_end(llama_repo: Path, native_build, tiny_model_q8_0: Path,
+                                            tmp_path: Path) -> None:
+    """Issue #4: the KV-position loop of flash attention; the K row pointer is declared in the loop body, so
+    the prefetch goes right after its declaration. `-fa on` makes the kernel run in the gate."""
+    site = "ggml_compute_forward_flash_attn_ext_f16_one_chunk:1:k_data"
+    manifest = _real_kernel(llama_repo, native_build, tiny_model_q8_0, site, tmp_path, sized=False,
+                            gate_args=("-fa", "on"))
+    (s,) = manifest["sites"]
+    assert (s["stream"], s["stream_kind"]) == ("k_data", "row")
+
+
+_PART_TWO_SITES = ("ggml_gemv_q4_0_8x8_q8_0", "ggml_gemv_q4_K_8x8_q8_K",
+                   "ggml_compute_forward_flash_attn_ext_f16_one_chunk:1:k_data")
+
+
+@pytest.mark.slow
+def test_part_two_sites_all_at_once(llama_repo: Path, native_build, tmp_path: Path) -> None:
+    """Every kernel of issue #4 that runs here, patched in one build: it builds, and the gate (one run per
+    weight type: Q4_0 and Q4_K synthetic models, flash attention on) passes with every function hit."""
+    result = apply(ApplyOptions(repo=llama_repo, sites=_PART_TWO_SITES, out=tmp_path / "out",
+                                gate_args=("-fa", "on")))
+    try:
+        manifest = json.loads(result.manifest_path.read_text())
+        gate = manifest["gate"]
+        assert len(manifest["sites"]) == 3 and len(gate["runs"]) == 2
+        assert all(r["passed"] and r["tokens_a"] == r["tokens_b"] and r["ppl_a"] == r["ppl_b"] for r in gate["runs"])
+        assert set(gate["function_hits"]) == {s["function"] for s in manifest["sites"]}
+        assert all(n > 0 for n in gate["function_hits"].values())
+    finally:
+        _cleanup_branch(llama_repo, result.branch)
+
+
+@pytest.mark.slow
+def test_tunable_knobs_reach_their_own_site_only(llama_repo: Path, native_build, tiny_model_q4_0: Path,
+                                                  tmp_path: Path) -> None:
+    """In a tunable build with a GEMV site (repack.cpp) and a flash-attention site (ops.cpp), one site's
+    environment knobs set that site's distance and hint as its translation unit sees them, and leave the
+    other site at its defaults (read from the running process with gdb)."""
+    from amppatch.build import load_build, run_env
+
+    sites = (_PART_TWO_SITES[0], _PART_TWO_SITES[2])
+    result = apply(ApplyOptions(repo=llama_repo, sites=sites, out=tmp_path / "out", tunable=True, gate=False,
+                                distance=2048, hint=3))
+    try:
+        manifest = json.loads(result.manifest_path.read_text())
+        gemv, attn = manifest["sites"]
+        build_b = load_build(Path(manifest["builds"]["b"]))
+
+        def knob_values(env: dict[str, str]) -> dict[str, str]:
+            slugs = {"gemv": ("repack.cpp", gemv), "attn": ("ops.cpp", attn)}
+            prints = []
+            for _, (unit, site) in slugs.items():
+                slug = site["env"]["distance"].removeprefix("AMPPATCH_").removesuffix("_DISTANCE").lower()
+                prints += ["-ex", f"print '{unit}'::amppatch_distance_{slug}",
+                           "-ex", f"print '{unit}'::amppatch_hint_{slug}"]
+            argv = ["gdb", "-nx", "-batch", "-ex", "set breakpoint pending on", "-ex", "break ggml_gemv_q4_0_8x8_q8_0",
+                    "-ex", "run", *prints, "-ex", "kill", "--args", str(build_b.binary("llama-completion")),
+                    "-m", str(tiny_model_q4_0), "-p", "hi", "-n", "1", "-t", "1", "-no-cnv", "--no-warmup"]
+            out = run(argv, env={**run_env(build_b), **env}, check=False, timeout=600).stdout
+            values = [line.split("=", 1)[1].strip() for line in out.splitlines() if line.startswith("$")]
+            assert len(values) == 4, out[-3000:]
+            return dict(zip(["gemv_distance", "gemv_hint", "attn_distance", "attn_hint"], values, strict=True))
+
+        assert knob_values({}) == {"gemv_distance": "2048", "gemv_hint": "3", "attn_distance": "2048",
+                                   "attn_hint": "3"}
+        assert knob_values({gemv["env"]["distance"]: "4096", gemv["env"]["hint"]: "1"}) == {
+            "gemv_distance": "4096", "gemv_hint": "1", "attn_distance": "2048", "attn_hint": "3"}
+        assert knob_values({attn["env"]["hint"]: "0"}) == {
+            "gemv_distance": "2048", "gemv_hint": "3", "attn_distance": "2048", "attn_hint": "0"}
+    finally:
+        _cleanup_branch(llama_repo, result.branch)
 
 
 @pytest.mark.slow

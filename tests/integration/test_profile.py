@@ -111,7 +111,7 @@ def test_1b_hot_kernel_and_site(native_build: Build, llama_repo: Path, weight_ty
     distance and hint come with their inputs. Which kernel depends on the CPU (AMX or not), except that
     --repack 0 turns the extra buffers off, so Q8_0 and F16 must then take their vec_dot kernels."""
     from amppatch.model import SynthOptions, synth_model
-    from amppatch.profile import MAX_DISTANCE, MIN_DISTANCE, bare_name
+    from amppatch.profile import MAX_DISTANCE, MIN_DISTANCE, site_function_name
 
     model = synth_model(SynthOptions(shape="1b", type=weight_type, build=native_build))
     data = profile(ProfileOptions(repo=llama_repo, build=native_build.dir, model=model, threads=1, tokens=32,
@@ -121,7 +121,7 @@ def test_1b_hot_kernel_and_site(native_build: Build, llama_repo: Path, weight_ty
     if repack == 0 and weight_type in ("q8_0", "f16"):
         assert top["name"] == {"q8_0": "ggml_vec_dot_q8_0_q8_0", "f16": "ggml_vec_dot_f16"}[weight_type]
     site = data["sites"][0]
-    assert site["function"] == bare_name(top["name"])
+    assert site["function"] == site_function_name(top["name"])  # gemv_..._lut_avx<block_q4_0x8> for Q4_0
     assert MIN_DISTANCE <= site["distance_bytes"] <= MAX_DISTANCE and site["hint"] in (0, 3)
     inputs = site["inputs"]
     assert inputs["latency_ns"] > 0 and inputs["cpu_ns_per_token"] > 0 and inputs["stream_bytes_per_token"] > 0

@@ -14,6 +14,7 @@ from amppatch.profile import (
     derive_site,
     in_spans,
     parse_cg_annotate,
+    site_function_name,
     tensor_type_of_kernel,
     token_stats,
 )
@@ -71,6 +72,14 @@ def test_unknown_bytes_per_iteration_still_gives_bytes() -> None:
 def test_bare_name() -> None:
     assert bare_name("ggml_vec_dot_f16") == "ggml_vec_dot_f16"
     assert bare_name("void gemv_q4_b32_8x8_q8_0_lut_avx<block_q4_0x8>(int, float*)") == "gemv_q4_b32_8x8_q8_0_lut_avx"
+
+
+def test_site_function_name_keeps_the_specialization() -> None:
+    assert site_function_name("ggml_vec_dot_f16") == "ggml_vec_dot_f16"
+    assert (site_function_name("void gemv_q4_b32_8x8_q8_0_lut_avx<block_q4_0x8>(int, float*, unsigned long)")
+            == "gemv_q4_b32_8x8_q8_0_lut_avx<block_q4_0x8>")
+    assert site_function_name("void ns::tinygemm<block_q8_0,1,16>(int)") == "tinygemm<block_q8_0, 1, 16>"
+    assert site_function_name("gemv<x<int, 2>,4>(int)") == "gemv<x<int, 2>, 4>"
     assert bare_name("ggml::cpu::repack::gemv<block_q4_0, 8l, 8l>") == "gemv"
 
 

@@ -95,6 +95,28 @@ def test_render_single_multi_line_and_tunable(tree: Path) -> None:
         assert f"__builtin_prefetch(a + k * 64, 0, {hint}); break;" in header
 
 
+def test_strided_rows_round_the_distance_up_to_whole_rows(tree: Path) -> None:
+    """The row pointer of fx_rows moves `stride` floats per iteration: the prefetch goes a whole number of
+    rows ahead, in bytes (stride * sizeof(*row)), right after the row's declaration. The arithmetic is
+    checked by running it: 1000 B ahead over rows of 3 floats (12 B) rounds up to 84 rows = 1008 B."""
+    requests = [parse_site_spec("fx_rows:0:row", 1000, 3)]
+    (site,) = plan_sites(requests, analyze_requests(tree, requests, None), 64).sites
+    text = render_site(site, tunable=False, line_size=64)
+    assert "((1000 + (__SIZE_TYPE__)((stride) * sizeof(*(row))) - 1)" in text
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        pytest.skip("no C compiler (ci/setup.sh installs gcc)")
+    line = next(ln for ln in text.splitlines() if "__builtin_prefetch" in ln)
+    offset_expr = line.split("__builtin_prefetch(", 1)[1].rsplit(", 0, 3);", 1)[0]
+    program = tree / "stride.c"
+    program.write_text("#include <stdio.h>\nint main(void) { static float base[4096]; long stride = 3;\n"
+                       "const float * row = base;\n"
+                       f"printf(\"%ld\\n\", (long)(({offset_expr}) - (const char *) row)); return 0; }}\n")
+    exe = tree / "stride"
+    subprocess.run([cc, "-std=gnu11", str(program), "-o", str(exe)], check=True)
+    assert subprocess.run([str(exe)], capture_output=True, text=True, check=True).stdout.strip() == "1008"
+
+
 def test_templates_are_strict() -> None:
     from amppatch.patch import _environment
 
@@ -150,7 +172,7 @@ def test_every_offered_stream_compiles_once_patched(tree: Path, tunable: bool) -
     analyses = analyze_requests(tree, probe, None)
     specs = [f"{f}:{lp.ordinal}:*" for f in functions for lp in analyses[f].loops if lp.streams]
     _, _, applied = _apply_once(tree, specs, tunable=tunable)
-    assert len(applied) >= 15 and any(s.stream.kind == "row" for s in applied)
+    assert len(applied) >= 15 and any(s.stream.kind == "row" and s.stream.row_stride for s in applied)
     source = tree / "ggml/src/ggml-cpu/fx_kernels.c"
     for define in ([], ["-DFX_WIDE"], ["-DFX_MID"]):  # each #if branch of fx_dot_blocks in turn
         done = subprocess.run([cc, "-fsyntax-only", "-std=gnu11", "-Wall", "-Werror", *define, str(source)],
@@ -206,11 +228,15 @@ def test_request_id_depends_on_every_parameter(tree: Path) -> None:
     assert len(ids) == 4
 
 
-def test_gate_helpers_route_vec_dot_kernels() -> None:
+def test_gate_helpers_route_kernels_to_model_types() -> None:
     assert model_type_for("ggml_vec_dot_q8_0_q8_0") == "q8_0"
     assert model_type_for("ggml_vec_dot_q4_K_q8_K") == "q4_k"
     assert model_type_for("ggml_vec_dot_q6_K_q8_K") == "q6_k"
     assert model_type_for("ggml_vec_dot_f16") == "f16"
-    assert model_type_for("ggml_gemv_q4_0_8x8_q8_0") is None
+    assert model_type_for("ggml_gemv_q4_0_8x8_q8_0") == "q4_0"
+    assert model_type_for("ggml_gemv_q4_K_8x8_q8_K") == "q4_k"
+    assert model_type_for("gemv_q4_b32_8x8_q8_0_lut_avx<block_q4_0x8>") == "q4_0"
+    assert model_type_for("gemv_q4_b32_8x8_q8_0_lut_avx<block_iq4_nlx8>") is None  # no synthetic iq4_nl
+    assert model_type_for("ggml_compute_forward_mul_mat_one_chunk") is None
     assert gate_runtime_args(["ggml_vec_dot_q4_0_q8_0"]) == ("-nr",)
     assert gate_runtime_args(["ggml_gemv_q4_0_8x8_q8_0"]) == ()

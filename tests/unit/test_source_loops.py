@@ -49,6 +49,7 @@ def test_row_pointer_set_in_outer_loop(tree: Path) -> None:
     outer, inner = fa.loops
     row = outer.stream("row")
     assert row is not None and row.kind == "row" and "base + r * stride" in row.note
+    assert row.row_stride == "stride"  # rows one stride apart: a distance rounds up to whole rows
     assert inner.stream("row[k]").kind == "indexed"
 
 
@@ -127,3 +128,21 @@ def test_other_architectures_copy_is_ignored(tree: Path) -> None:
     fa = analyze_function(tree, "fx_only_elsewhere")
     assert fa.relpath.endswith(f"arch/{ours or 'x86'}/k.c")
     assert len(fa.candidates) == 2
+
+
+def test_template_specialization_names_and_guard(tree: Path) -> None:
+    from amppatch.source import split_specialization
+
+    assert split_specialization("g") == ("g", ())
+    assert split_specialization("g<a,  b<c, d>, 4>") == ("g", ("a", "b<c, d>", "4"))
+    fa = analyze_function(tree, "fx_gemv_tmpl<fx_pack8,8>")
+    assert fa.function == "fx_gemv_tmpl<fx_pack8, 8>"
+    assert fa.specialization == {"block_t": "fx_pack8", "ROWS": "8"}
+    assert fa.specialization_guard == "std::is_same<block_t, fx_pack8>::value && ((ROWS) == (8))"
+    with pytest.raises(UsageError, match=r"takes \(type block_t, value ROWS\); 1 argument"):
+        analyze_function(tree, "fx_gemv_tmpl<fx_pack8>")
+    with pytest.raises(UsageError, match="not a template"):
+        analyze_function(tree, "fx_rows<int>")
+    # the wrappers' calls to it are seen, with the template arguments as written
+    assert [c.callee for c in analyze_function(tree, "fx_gemv_pack8").calls] == [
+        "fx_gemv_tmpl<fx_pack4, 4>", "fx_gemv_tmpl<fx_pack8, 8>"]
