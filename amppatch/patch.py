@@ -255,7 +255,8 @@ class PlannedSite:
     def to_dict(self, *, tunable: bool = False) -> dict:
         s = self.stream
         data = {
-            "key": self.key, "function": self.function, "file": self.file, "loop": self.loop.ordinal,
+            "key": self.key, "function": self.function, "requested": self.request.function, "file": self.file,
+            "loop": self.loop.ordinal,
             "loop_line": self.loop.start_line, "loop_end_line": self.loop.end_line, "guard": self.loop.guard,
             "live": self.loop.live, "induction": self.loop.induction, "step": self.loop.step,
             "stream": s.expression, "stream_kind": s.kind, "address": s.address,
