@@ -48,6 +48,7 @@ from amppatch.source import (
     analyze_function,
     default_stream,
     find_function_files,
+    normalize_expression,
     split_specialization,
 )
 from amppatch.source.loops import MARKER_WORD
@@ -336,8 +337,13 @@ def plan_sites(requests: list[SiteRequest], analyses: dict[str, FunctionAnalysis
             chosen = [loop.stream(req.stream)]
         if not chosen or chosen[0] is None:
             names = ", ".join(s.expression for s in loop.streams) or "none"
+            why = next((u for u in loop.unplaceable if req.stream and
+                        normalize_expression(u.split(": ", 1)[0]) == normalize_expression(req.stream)), None)
+            inner = [lp.ordinal for lp in fa.loops if lp.parent == loop.ordinal and lp.streams]
+            hint = f"; a nested loop may offer it (loops {', '.join(map(str, inner))})" if inner else ""
             skipped.append(Skipped(req, f"loop #{loop.ordinal} (line {loop.start_line}) has no stream "
-                                        f"{req.stream or ''!s} (streams: {names})"))
+                                        f"{req.stream or ''!s} (streams: {names})"
+                                        + (f"; not placeable at the top of its body: {why}{hint}" if why else "")))
             continue
         for stream in chosen:
             assert stream is not None
@@ -387,14 +393,8 @@ def marker(site: PlannedSite) -> str:
 
 
 def _row_stride_bytes(stream: Stream) -> str | None:
-    """C expression of the bytes between consecutive rows of a strided row stream, else None. The stride
-    counts elements of the row pointer's type (row = base + r*stride on a float * moves 4*stride bytes);
-    byte rows (const char * k_data = (const char *) k->data + ic*nbk1) multiply by sizeof(char) = 1."""
-    if stream.kind != "row" or not stream.row_stride:
-        return None
-    if stream.element_type and re.fullmatch(r"(const\s+)?(volatile\s+)?void", stream.element_type.strip()):
-        return stream.row_stride
-    return f"({stream.row_stride}) * sizeof(*({stream.address}))"
+    """Bytes between the rows a strided row stream visits per iteration (from the analysis), else None."""
+    return stream.row_stride if stream.kind == "row" else None
 
 
 def render_site(site: PlannedSite, *, tunable: bool, line_size: int, env: jinja2.Environment | None = None) -> str:
@@ -430,13 +430,14 @@ def render_tunables_header(sites: list[PlannedSite], line_size: int, env: jinja2
 class Edit:
     offset: int
     text: str
+    delete: int = 0  # bytes replaced at offset (whitespace only: a line break is inserted instead)
 
 
 def splice(source: bytes, edits: list[Edit]) -> bytes:
     """Apply insertions in reverse byte order, so earlier offsets stay valid."""
     out = bytearray(source)
     for e in sorted(edits, key=lambda e: e.offset, reverse=True):
-        out[e.offset : e.offset] = e.text.encode()
+        out[e.offset : e.offset + e.delete] = e.text.encode()
     return bytes(out)
 
 
@@ -444,10 +445,20 @@ def site_edits(site: PlannedSite, source: bytes, rendered: str) -> list[Edit]:
     """Insert `rendered` as the first lines of the loop body (wrapping a brace-less body in braces), or
     for a row pointer right after its declaration."""
     loop = site.loop
+
+    def after(offset: int, indent: str) -> Edit:
+        # Code on the same line after the insertion point (`{ s += x[i];`) must not end up behind the
+        # inserted `#endif`, where the preprocessor would drop it: it moves to a line of its own.
+        end = source.find(b"\n", offset)
+        rest = source[offset : end if end >= 0 else len(source)]
+        if not rest.strip():
+            return Edit(offset, "\n" + rendered)
+        return Edit(offset, "\n" + rendered + "\n" + indent, delete=len(rest) - len(rest.lstrip()))
+
     if site.stream.insert_byte is not None:  # a row pointer: right after its declaration
-        return [Edit(site.stream.insert_byte, "\n" + rendered)]
+        return [after(site.stream.insert_byte, site.stream.insert_indent or loop.body_indent)]
     if loop.body_compound:
-        return [Edit(loop.body_start_byte + 1, "\n" + rendered)]
+        return [after(loop.body_start_byte + 1, loop.body_indent)]
     line_start = source.rfind(b"\n", 0, loop.body_start_byte) + 1
     indent = source[line_start : loop.body_start_byte].decode()
     indent = indent if indent.strip() == "" else loop.body_indent
@@ -461,13 +472,16 @@ def already_applied(site: PlannedSite, source: bytes) -> bool:
 
 
 def include_edit(parsed_source: bytes, grammar: str, relpath: str, marker_text: str,
-                 env: jinja2.Environment) -> Edit | None:
-    """`#include` of the tunables header after the file's last top-level include (None if present)."""
+                 env: jinja2.Environment, before: int | None = None) -> Edit | None:
+    """`#include` of the tunables header after the file's last top-level include that comes before
+    `before` (the first site's edit: a file may include more headers further down, after a template that
+    already calls the helpers), or at the top; None if already included."""
     header_rel = os.path.relpath(TUNABLES_HEADER, os.path.dirname(relpath))
     if f'#include "{header_rel}"'.encode() in parsed_source:
         return None
     parsed = parse_bytes(parsed_source, grammar)
-    includes = [c for c in parsed.root.children if c.type == "preproc_include"]
+    includes = [c for c in parsed.root.children if c.type == "preproc_include"
+                and (before is None or c.end_byte <= before)]
     text = env.get_template("tunable_include.c.j2").render(header=header_rel, marker=marker_text).rstrip("\n")
     if includes:
         end = includes[-1].end_byte
@@ -511,7 +525,8 @@ def build_changes(plan: Plan, repo: Path, *, tunable: bool,
         if not edits:
             continue
         if tunable:
-            inc = include_edit(source, fa.grammar, rel, f"{MARKER_WORD} tunables header", env)
+            inc = include_edit(source, fa.grammar, rel, f"{MARKER_WORD} tunables header", env,
+                               before=min(e.offset for e in edits))
             if inc is not None:
                 edits.append(inc)
         after = splice(source, edits)
@@ -810,6 +825,12 @@ def analyze_requests(repo: Path, requests: list[SiteRequest], compile_db: Path |
 def _follow_calls(repo: Path, fa: FunctionAnalysis, compile_db: Path | None,
                   depth: int = 2) -> FunctionAnalysis | None:
     # calls the build compiles first; without a compile database liveness is unknown (None), tried next
+    unknown = {c.callee for c in fa.calls if c.live is None}
+    if not any(c.live for c in fa.calls) and len(unknown) > 1:
+        raise UsageError(f"{fa.function} has no streaming loop of its own and calls {', '.join(sorted(unknown))}; "
+                         "which of those calls the build compiles is unknown (no compile command for "
+                         f"{fa.relpath})", next_step="pass --compile-db (a build's compile_commands.json), or "
+                                                     "name the specialization: --site 'NAME<ARGS>:LOOP:STREAM'")
     for call in sorted(fa.calls, key=lambda c: c.live is not True):
         if call.live is False:
             continue
@@ -1005,10 +1026,11 @@ def _gate(options: ApplyOptions, build_a, build_b, sites: list[PlannedSite]) -> 
         for i, (t, fs) in enumerate(sorted(by_type.items())):
             model = synth_model(SynthOptions(type=t, build=build_a))
             groups.append((Path(model), fs + (untyped if i == 0 else [])))
-    args = tuple(dict.fromkeys((*gate_runtime_args(functions), *options.gate_args)))
     runs = []
     hits: dict[str, int] = {}
     for model, fs in groups:
+        # per group: a vec_dot site needs extra buffers off (-nr), a repack GEMV needs them on
+        args = tuple(dict.fromkeys((*gate_runtime_args(fs), *options.gate_args)))
         progress(f"apply: correctness gate on {model.name} (args: {' '.join(args) or 'none'}) ...")
         gate = run_gate(build_a, build_b, GateOptions(model=model, mode="identical", extra_args=args))
         for f in fs:
@@ -1020,8 +1042,8 @@ def _gate(options: ApplyOptions, build_a, build_b, sites: list[PlannedSite]) -> 
                     "compared builds without exercising the patch, so it proves nothing",
                     next_step="pass --gate-model with weights of the kernel's type, or --gate-arg flags that "
                               "route them to it")
-        runs.append({**gate.to_json(), "model": str(model), "functions": fs})
-    return {**runs[0], "args": list(args), "function_hits": hits, "runs": runs}
+        runs.append({**gate.to_json(), "model": str(model), "functions": fs, "args": list(args)})
+    return {**runs[0], "function_hits": hits, "runs": runs}
 
 
 def format_summary(result: ApplyResult) -> str:

@@ -47,8 +47,8 @@ class Stream:
     # pointer (the row does not exist before it). Byte offset of the declaration's end, and its indentation.
     insert_byte: int | None = field(default=None, repr=False)
     insert_indent: str | None = field(default=None, repr=False)
-    # A row pointer set as base + var*stride (flash attention's k_data = k->data + ic*nbk1 + ...): the C
-    # expression of the stride, so a distance can land on a whole number of rows ahead.
+    # A row pointer set as base + var*stride (flash attention's k_data = k->data + ic*nbk1 + ...): C
+    # expression of the BYTES it moves per iteration, so a distance can land a whole number of rows ahead.
     row_stride: str | None = None
 
 
@@ -117,7 +117,7 @@ class _Decl:
 
 
 _NODE_KINDS = ("subscript_expression", "binary_expression", "call_expression", "declaration",
-               "assignment_expression", "update_expression")
+               "assignment_expression", "update_expression", "parameter_declaration")
 
 
 @lru_cache(maxsize=4)
@@ -227,6 +227,27 @@ def _collect_declarations(parsed: ParsedFile, function: Node, index_: _NodeIndex
                 continue
             decls.setdefault(name, []).append(_Decl(name, type_text, depth, arr, node.start_byte, None, init,
                                                     end=node.end_byte, scope_end=_scope_end(node)))
+    # Names bound without a `declaration` node: lambda and catch parameters (scope: the lambda or the
+    # handler) and range-for variables (scope: the loop). Unknown to the lookup they would pass for
+    # globals, and a prefetch outside their scope would name them.
+    for node in index_.within("parameter_declaration", body):
+        d = node.child_by_field_name("declarator")
+        owner = node.parent.parent if node.parent is not None else None
+        if d is None or owner is None:
+            continue
+        name, depth, arr, _ = _declarator_shape(d)
+        if name:
+            scope = owner.parent if owner.type == "abstract_function_declarator" and owner.parent else owner
+            decls.setdefault(name, []).append(_Decl(name, _type_text(parsed, node), depth, arr, node.start_byte,
+                                                    None, None, end=node.end_byte, scope_end=scope.end_byte))
+    for loop in index_.within("loop", body):
+        d = loop.child_by_field_name("declarator") if loop.type == "for_range_loop" else None
+        if d is None:
+            continue
+        name, depth, arr, _ = _declarator_shape(d)
+        if name:
+            decls.setdefault(name, []).append(_Decl(name, _type_text(parsed, loop), depth, arr, loop.start_byte,
+                                                    None, None, end=d.end_byte, scope_end=loop.end_byte))
     # Locals initialized from a parameter (x = vx; q4 = x[i].qs) inherit its index: streams that come from
     # the first pointer argument (the weight row in ggml's vec_dot) are the default site.
     idents: dict[int, list[str]] = {}
@@ -249,6 +270,8 @@ def _scope_end(declaration: Node) -> int:
     """End of the block a local declaration lives in: its compound statement, or the `for` whose
     initializer it is (`for (int i = 0; ...)`: i dies with the loop)."""
     current = declaration.parent
+    if current is not None and current.type == "condition_clause" and current.parent is not None:
+        return current.parent.end_byte  # if (int k = n) {...}: k lives in the if statement
     while current is not None:
         if current.type == "for_statement" and current == declaration.parent:
             return current.end_byte
@@ -402,20 +425,78 @@ def _prefetches(parsed: ParsedFile, body: Node, index_: _NodeIndex) -> tuple[Exi
     return tuple(found)
 
 
-def _stride_of(parsed: ParsedFile, init: Node, var: str) -> str | None:
-    """`nbk1` when `init` holds the term `var * nbk1` (or `nbk1 * var`): how far the row moves per step."""
-    for n in walk(init):
-        if n.type != "binary_expression":
-            continue
-        left, right = n.child_by_field_name("left"), n.child_by_field_name("right")
-        if left is None or right is None:
-            continue
-        if parsed.source[left.end_byte : right.start_byte].decode().strip() != "*":
-            continue
-        for a, b in ((left, right), (right, left)):
-            if a.type == "identifier" and parsed.text(a) == var and var not in _identifiers(b):
-                return parsed.text(b)
+def _unparenthesized(node: Node) -> Node:
+    while node.type == "parenthesized_expression" and node.named_child_count == 1:
+        node = node.named_children[0]
+    return node
+
+
+def _chain(parsed: ParsedFile, node: Node, op: str) -> list[Node]:
+    """The operands of a chain of one binary operator through parentheses: a + (b + c*d) -> [a, b, c*d]."""
+    node = _unparenthesized(node)
+    if node.type == "binary_expression":
+        left, right = node.child_by_field_name("left"), node.child_by_field_name("right")
+        if left is not None and right is not None and \
+                parsed.source[left.end_byte : right.start_byte].decode().strip() == op:
+            return _chain(parsed, left, op) + _chain(parsed, right, op)
+    return [node]
+
+
+_BYTE_POINTEE = re.compile(r"(const\s+)?(volatile\s+)?((un)?signed\s+)?(char|void|u?int8_t)(\s+const)?")
+
+
+def _pointer_scale(parsed: ParsedFile, pointer: Node, decls: dict[str, list[_Decl]]) -> str | None:
+    """Bytes per unit of pointer arithmetic on `pointer`: "1" for char/void pointers, `sizeof(T)` for a cast
+    to T *, `sizeof(*(p))` for a typed pointer variable; None when the type is not known here."""
+    if pointer.type == "cast_expression":
+        type_node = pointer.child_by_field_name("type")
+        text = " ".join(parsed.text(type_node).split()) if type_node is not None else ""
+        if not text.endswith("*") or text.endswith("**"):
+            return None
+        pointee = text[:-1].strip()
+        return "1" if _BYTE_POINTEE.fullmatch(pointee) else f"sizeof({pointee})"
+    if pointer.type == "identifier":
+        decl = _lookup(decls, parsed.text(pointer), pointer.start_byte)
+        if decl is None or decl.pointer_depth != 1 or decl.is_array:
+            return None
+        if _BYTE_POINTEE.fullmatch(" ".join(decl.type_text.split())):
+            return "1"
+        return f"sizeof(*({parsed.text(pointer)}))"
     return None
+
+
+def _row_stride_bytes(parsed: ParsedFile, init: Node, var: str, step_value: int | None,
+                      decls: dict[str, list[_Decl]]) -> str | None:
+    """C expression of the bytes a row pointer `base + (var*stride + ...)` moves per loop iteration, or None
+    unless that is certain: the pointer operand's type is known, `var` appears exactly once, as a plain
+    factor of one summand (ic*nbk1, r*ne1*nb1), and the loop counts up by a known step."""
+    if step_value is None or step_value <= 0:
+        return None
+    pointer, offsets = None, []
+    for term in _chain(parsed, init, "+"):
+        is_pointer = term.type == "cast_expression" or (
+            term.type == "identifier" and _is_pointer(_lookup(decls, parsed.text(term), term.start_byte)))
+        if pointer is None and is_pointer:
+            pointer = term
+        else:
+            offsets.append(term)
+    if pointer is None or var in _identifiers(pointer):
+        return None
+    stride = None
+    for term in offsets:
+        if var not in _identifiers(term):
+            continue
+        factors = _chain(parsed, term, "*")
+        own = [f for f in factors if f.type == "identifier" and parsed.text(f) == var]
+        rest = [f for f in factors if f not in own]
+        if stride is not None or len(own) != 1 or any(var in _identifiers(f) for f in rest):
+            return None  # var in two summands, or used another way (division, a call): not a plain stride
+        stride = " * ".join(parsed.text(f) for f in rest) or "1"
+    scale = _pointer_scale(parsed, pointer, decls)
+    if stride is None or scale is None:
+        return None
+    per_step = stride if scale == "1" else f"({stride}) * {scale}"
+    return per_step if step_value == 1 else f"{step_value} * ({per_step})"
 
 
 def _line_indent(parsed: ParsedFile, node: Node) -> str:
@@ -616,7 +697,7 @@ def _find_streams(parsed: ParsedFile, loop: Node, body: Node, var: str, step: st
                         param_index=row_decl.param_index,
                         note=f"row pointer set from the induction variable: {name} = {parsed.text(init)}",
                         insert_byte=node.end_byte, insert_indent=_line_indent(parsed, node),
-                        row_stride=_stride_of(parsed, init, var),
+                        row_stride=_row_stride_bytes(parsed, init, var, step_value, decls),
                     )
     for name, items in bumps.items():
         if name in streams:

@@ -102,7 +102,7 @@ def test_strided_rows_round_the_distance_up_to_whole_rows(tree: Path) -> None:
     requests = [parse_site_spec("fx_rows:0:row", 1000, 3)]
     (site,) = plan_sites(requests, analyze_requests(tree, requests, None), 64).sites
     text = render_site(site, tunable=False, line_size=64)
-    assert "((1000 + (__SIZE_TYPE__)((stride) * sizeof(*(row))) - 1)" in text
+    assert "((1000 + (__SIZE_TYPE__)((stride) * sizeof(*(base))) - 1)" in text
     cc = shutil.which("cc") or shutil.which("gcc")
     if cc is None:
         pytest.skip("no C compiler (ci/setup.sh installs gcc)")
@@ -167,17 +167,43 @@ def test_every_offered_stream_compiles_once_patched(tree: Path, tunable: bool) -
     cc = shutil.which("cc") or shutil.which("gcc")
     if cc is None:
         pytest.skip("no C compiler (ci/setup.sh installs gcc)")
-    functions = ["fx_dot_blocks", "fx_bumps", "fx_rows", "fx_prefetched", "fx_braceless", "fx_while", "fx_tiled"]
+    functions = ["fx_dot_blocks", "fx_bumps", "fx_rows", "fx_prefetched", "fx_braceless", "fx_while", "fx_tiled",
+                 "fx_byte_rows", "fx_sameline"]
     probe = [SiteRequest(f) for f in functions]
     analyses = analyze_requests(tree, probe, None)
     specs = [f"{f}:{lp.ordinal}:*" for f in functions for lp in analyses[f].loops if lp.streams]
     _, _, applied = _apply_once(tree, specs, tunable=tunable)
     assert len(applied) >= 15 and any(s.stream.kind == "row" and s.stream.row_stride for s in applied)
     source = tree / "ggml/src/ggml-cpu/fx_kernels.c"
+    text = source.read_text()  # code that shared a line with the insertion point keeps a line of its own
+    assert "\n        s += 1.0f;\n" in text and "\n        s += row[0];\n" in text
     for define in ([], ["-DFX_WIDE"], ["-DFX_MID"]):  # each #if branch of fx_dot_blocks in turn
         done = subprocess.run([cc, "-fsyntax-only", "-std=gnu11", "-Wall", "-Werror", *define, str(source)],
                               capture_output=True, text=True, check=False)
         assert done.returncode == 0, done.stderr
+    # the C++ fixtures: specializations under their guard, a wrapper resolved to its callee
+    cxx = shutil.which("c++") or shutil.which("g++")
+    cpp_specs = ["fx_vec_dot_half", "fx_gemv_pack4", "fx_gemv_tmpl<fx_pack8, 8>:1:*", "fx_lambda_rows"]
+    _, _, cpp_applied = _apply_once(tree, [s for s in cpp_specs], tunable=tunable)
+    assert {s.function for s in cpp_applied} >= {"fx_gemv_tmpl<fx_pack4, 4>", "fx_gemv_tmpl<fx_pack8, 8>"}
+    if cxx is not None:
+        done = subprocess.run([cxx, "-fsyntax-only", "-std=c++11", "-Wall", "-Werror",
+                               str(tree / "ggml/src/ggml-cpu/fx_vec.cpp")], capture_output=True, text=True,
+                              check=False)
+        assert done.returncode == 0, done.stderr
+
+
+def test_unplaceable_stream_is_explained_and_ambiguous_wrapper_refused(tree: Path) -> None:
+    requests = [parse_site_spec("fx_tiled:0:out[t0 - t0 + c]", None, None)]
+    plan = plan_sites(requests, analyze_requests(tree, requests, None), 64)
+    (skip,) = plan.skipped
+    assert "not placeable at the top of its body: out[t0 - t0 + c]: uses c, out" in skip.reason
+    assert "a nested loop may offer it (loops 1, 3)" in skip.reason
+    # without a compile database a wrapper calling two specializations cannot be resolved: refused
+    with pytest.raises(UsageError, match="which of those calls the build compiles is unknown"):
+        analyze_requests(tree, [SiteRequest("fx_gemv_pack8")], None)
+    resolved = analyze_requests(tree, [SiteRequest("fx_gemv_pack4")], None)
+    assert resolved["fx_gemv_pack4"].function == "fx_gemv_tmpl<fx_pack4, 4>"
 
 
 def test_braceless_body_is_wrapped_and_still_parses(tree: Path) -> None:

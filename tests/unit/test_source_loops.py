@@ -49,7 +49,7 @@ def test_row_pointer_set_in_outer_loop(tree: Path) -> None:
     outer, inner = fa.loops
     row = outer.stream("row")
     assert row is not None and row.kind == "row" and "base + r * stride" in row.note
-    assert row.row_stride == "stride"  # rows one stride apart: a distance rounds up to whole rows
+    assert row.row_stride == "(stride) * sizeof(*(base))"  # bytes per iteration: float * arithmetic
     assert inner.stream("row[k]").kind == "indexed"
 
 
@@ -69,6 +69,19 @@ def test_streams_whose_names_are_not_in_scope_at_the_loop_top_are_not_offered(tr
     assert row.kind == "row" and row.insert_byte is not None
     text = fa.source[: row.insert_byte].decode()
     assert text.rstrip().endswith("const float * wrow = w + r * row_stride;")
+
+
+def test_row_stride_in_bytes_only_when_certain(tree: Path) -> None:
+    (loop,) = analyze_function(tree, "fx_byte_rows").loops
+    assert loop.stream("k_row").row_stride == "nb1"  # char arithmetic: the stride is already bytes
+    assert loop.stream("half").row_stride is None  # ic * nb1 / 2: not a plain factor
+
+
+def test_lambda_parameters_and_range_for_variables_are_scoped(tree: Path) -> None:
+    outer = analyze_function(tree, "fx_lambda_rows").loops[0]
+    assert outer.streams == ()
+    reasons = dict(u.split(": ", 1) for u in outer.unplaceable)
+    assert reasons["x[i + j]"].startswith("uses j,") and reasons["x[i + k]"].startswith("uses k,")
 
 
 def test_existing_prefetch_is_reported(tree: Path) -> None:
