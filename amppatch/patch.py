@@ -592,8 +592,11 @@ def request_id(base_commit: str, sites: list[PlannedSite], *, tunable: bool, lin
         "templates": templates_digest(),
         "tunable": tunable,
         "line_size": line_size,
-        "sites": sorted([s.key, s.file, s.stream.address, s.request.distance_bytes, s.request.hint, s.lines]
-                        for s in sites),
+        # everything the rendered text depends on, so a changed analysis (a guard, a stride, another
+        # insertion point) never reuses a branch holding the old rendering
+        "sites": sorted([s.key, s.file, s.stream.address, s.request.distance_bytes, s.request.hint, s.lines,
+                         s.guard or "", s.stream.row_stride or "", s.stream.insert_byte or -1,
+                         s.loop.body_start_byte] for s in sites),
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
 

@@ -250,8 +250,10 @@ def test_request_id_depends_on_every_parameter(tree: Path) -> None:
     other = [dataclasses.replace(plan.sites[0], request=dataclasses.replace(plan.sites[0].request, hint=1))]
     ids |= {request_id("b" * 40, plan.sites, tunable=False, line_size=64),
             request_id("a" * 40, plan.sites, tunable=True, line_size=64),
-            request_id("a" * 40, other, tunable=False, line_size=64)}
-    assert len(ids) == 4
+            request_id("a" * 40, other, tunable=False, line_size=64),
+            request_id("a" * 40, [dataclasses.replace(plan.sites[0], guard="std::is_same<T, U>::value")],
+                       tunable=False, line_size=64)}
+    assert len(ids) == 5  # ... including what the analysis decided (here a specialization guard)
 
 
 def test_gate_helpers_route_kernels_to_model_types() -> None:
