@@ -46,6 +46,7 @@ from amppatch.source import (
     Loop,
     Stream,
     analyze_function,
+    closing_angle,
     default_stream,
     find_function_files,
     normalize_expression,
@@ -143,12 +144,7 @@ def parse_site_spec(spec: str, distance: int | None, hint: int | None) -> SiteRe
     # A template specialization (gemv<block_q4_0x8>) may hold '::' in its arguments: split after the '>'.
     head = ""
     if "<" in spec.split(":", 1)[0]:
-        depth, close = 0, -1
-        for i, ch in enumerate(spec):
-            depth += (ch == "<") - (ch == ">")
-            if ch == ">" and depth == 0:
-                close = i
-                break
+        close = closing_angle(spec, spec.index("<"))
         head, spec = spec[: close + 1], spec[close + 1 :]
     parts = spec.split(":", 2)
     function = (head + parts[0]).strip()
@@ -392,18 +388,13 @@ def marker(site: PlannedSite) -> str:
     return f"{MARKER_WORD} {_comment_safe(site.key)}"
 
 
-def _row_stride_bytes(stream: Stream) -> str | None:
-    """Bytes between the rows a strided row stream visits per iteration (from the analysis), else None."""
-    return stream.row_stride if stream.kind == "row" else None
-
-
 def render_site(site: PlannedSite, *, tunable: bool, line_size: int, env: jinja2.Environment | None = None) -> str:
     """The lines inserted at the top of the site's loop body (no trailing newline)."""
     env = env or _environment()
     indent = site.stream.insert_indent or site.loop.body_indent
     common = {"indent": indent, "marker": marker(site), "address": site.stream.address,
               "distance": site.request.distance_bytes, "hint": site.request.hint, "guard": site.guard}
-    stride = _row_stride_bytes(site.stream)
+    stride = site.stream.row_stride  # bytes per iteration of a strided row stream (set on row streams only)
     if tunable:
         text = env.get_template("prefetch_tunable.c.j2").render(
             **common, slug=site.slug, env_distance=site.env_distance, env_hint=site.env_hint, stride=stride)
@@ -421,7 +412,7 @@ def render_tunables_header(sites: list[PlannedSite], line_size: int, env: jinja2
     env = env or _environment()
     items = [{"key": _comment_safe(s.key), "slug": s.slug, "env_distance": s.env_distance, "env_hint": s.env_hint,
               "distance": s.request.distance_bytes, "hint": s.request.hint, "lines": s.lines,
-              "stride": _row_stride_bytes(s.stream)} for s in sites]
+              "stride": s.stream.row_stride} for s in sites]
     return env.get_template("tunables.h.j2").render(sites=items, line_size=line_size,
                                                     tool_version=__version__).rstrip("\n") + "\n"
 

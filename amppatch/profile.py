@@ -63,20 +63,16 @@ def bare_name(function: str) -> str:
 def site_function_name(function: str) -> str:
     """How a site names a symbol: the bare name, plus the template arguments of a specialization.
     'void gemv<block_q4_0x8>(int, float*)' -> 'gemv<block_q4_0x8>'; 'ggml_vec_dot_f16' unchanged."""
+    from amppatch.source import closing_angle, split_specialization
+
     name = bare_name(function)
     text = function.strip()
     start = text.find(name + "<") if name else -1
-    if start < 0:
+    close = closing_angle(text, start + len(name)) if start >= 0 else -1
+    if close < 0:
         return name
-    depth = 0
-    for i in range(start + len(name), len(text)):
-        depth += (text[i] == "<") - (text[i] == ">")
-        if depth == 0:
-            from amppatch.source import split_specialization
-
-            _, args = split_specialization(text[start : i + 1])
-            return f"{name}<{', '.join(args)}>" if any(args) else name
-    return name
+    _, args = split_specialization(text[start : close + 1])
+    return f"{name}<{', '.join(args)}>" if any(args) else name
 
 
 def tensor_type_of_kernel(function: str, types: list[str]) -> list[str]:

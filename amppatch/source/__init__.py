@@ -58,6 +58,7 @@ __all__ = [
     "Loop",
     "Stream",
     "analyze_function",
+    "closing_angle",
     "find_function_files",
     "normalize_expression",
 ]
@@ -79,6 +80,16 @@ class Call:
     callee: str  # the callee as a site names it: "gemv_q4_b32_8x8_q8_0_lut_avx<block_q4_0x8>"
     line: int
     live: bool | None
+
+
+def closing_angle(text: str, open_index: int) -> int:
+    """Index of the '>' that closes the '<' at `open_index` (nested pairs counted), or -1."""
+    depth = 0
+    for i in range(open_index, len(text)):
+        depth += (text[i] == "<") - (text[i] == ">")
+        if depth == 0:
+            return i
+    return -1
 
 
 def split_specialization(function: str) -> tuple[str, tuple[str, ...]]:

@@ -75,10 +75,10 @@ class Loop:
     streams: tuple[Stream, ...]
     prefetches: tuple[ExistingPrefetch, ...]
     parse_error: str | None  # why the loop's parse cannot be trusted (ERROR nodes), else None
-    live: bool | None = None
+    live: bool | None = None  # compiled by the real command (None: no compile command known)
     # Accesses that advance with the induction variable but cannot be prefetched at the top of the body,
     # because their address uses a name declared later (inside the body or a nested loop), with the reason.
-    unplaceable: tuple[str, ...] = ()  # compiled by the real command (None: no compile command known)
+    unplaceable: tuple[str, ...] = ()
     start_byte: int = field(default=0, repr=False)
     end_byte: int = field(default=0, repr=False)
     body_start_byte: int = field(default=0, repr=False)
@@ -291,12 +291,12 @@ def _lookup(decls: dict[str, list[_Decl]], name: str, byte: int) -> _Decl | None
     return best
 
 
-def _out_of_scope(node: Node, use_byte: int, at_byte: int, decls: dict[str, list[_Decl]]) -> list[str]:
-    """Names in `node` that do not mean the same declaration at `at_byte` (where a prefetch would go)
+def _out_of_scope(names: set[str], use_byte: int, at_byte: int, decls: dict[str, list[_Decl]]) -> list[str]:
+    """Those of `names` that do not mean the same declaration at `at_byte` (where a prefetch would go)
     as at `use_byte` (where the access is): declared later, in a nested block, or shadowed.
     Names the function never declares (globals, macros, enumerators) mean the same everywhere."""
     bad = []
-    for name in sorted(_identifiers(node)):
+    for name in sorted(names):
         if name not in decls:
             continue
         use = _lookup(decls, name, use_byte)
@@ -593,7 +593,7 @@ def _find_streams(parsed: ParsedFile, loop: Node, body: Node, var: str, step: st
     top = body.start_byte + 1 if body.type == "compound_statement" else body.start_byte
 
     def placeable(node: Node, expression: str) -> bool:
-        bad = _out_of_scope(node, node.start_byte, top, decls)
+        bad = _out_of_scope(_identifiers(node), node.start_byte, top, decls)
         if bad:
             unplaceable.setdefault(expression, f"uses {', '.join(bad)}, not declared (or another declaration) "
                                                "at the top of the loop body")
@@ -702,10 +702,10 @@ def _find_streams(parsed: ParsedFile, loop: Node, body: Node, var: str, step: st
     for name, items in bumps.items():
         if name in streams:
             continue
-        decl = _lookup(decls, name, items[0][1].start_byte)
-        if decl is not None and (decl != _lookup(decls, name, top) or decl.end > top):
+        if _out_of_scope({name}, items[0][1].start_byte, top, decls):
             unplaceable.setdefault(name, f"the bumped pointer {name} is declared inside the loop body")
             continue
+        decl = _lookup(decls, name, items[0][1].start_byte)
         amounts = [a for a, _ in items]
         total = " + ".join(f"({a})" if not re.fullmatch(r"\w+", a) else a for a in amounts)
         values = [_int_value(a) for a in amounts]
