@@ -671,6 +671,8 @@ def arm_threads(spec: ArmSpec, setting: Setting) -> int:
 
 
 def _bench_argv(arm: _Arm, options: AbTestOptions, setting: Setting, reps: int) -> list[str]:
+    from amppatch.build import runtime_args
+
     argv = [str(arm.build.binary("llama-bench")), "-m", str(options.model), "-r", str(reps), "-o", "jsonl"]
     if setting.test == "tg":
         argv += ["-p", "0", "-n", str(setting.n_tokens)]
@@ -682,6 +684,8 @@ def _bench_argv(arm: _Arm, options: AbTestOptions, setting: Setting, reps: int) 
         argv += ["-t", str(setting.threads)]
     if options.cpu_mask:
         argv += ["-C", options.cpu_mask, "--cpu-strict", "1"]
+    if not any(a.split("=", 1)[0] in ("-ub", "--ubatch-size") for a in arm.spec.bench_args):
+        argv += list(runtime_args(arm.build))  # -ub 1 where only the AMX buffer's batch-1 kernels run
     return argv + list(arm.spec.bench_args)
 
 

@@ -61,6 +61,10 @@ class BuildOptions:
     pgo_model: Path | None = None
     targets: tuple[str, ...] = DEFAULT_TARGETS
     allow_faulting_isa: bool = False
+    # Compile the AMX buffer (ggml-cpu/amx) for a CPU without AMX: its batch-1 kernels need AVX512-VNNI
+    # only; runs preload a shim that grants the AMX permission request, and prompts go one token per
+    # micro-batch (-ub 1) because the tile kernels (batch > 1) would fault.
+    amx_batch1: bool = False
 
 
 @dataclass(frozen=True)
@@ -84,10 +88,21 @@ class Build:
 
 
 def run_env(build: Build) -> dict[str, str]:
-    """Environment for running a build's binaries: its own shared libraries first."""
+    """Environment for running a build's binaries: its own shared libraries first; for an --amx-batch1
+    build, the AMX permission shim preloaded (ahead of any LD_PRELOAD already set)."""
     env = dict(os.environ)
     env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [str(build.bin_dir), env.get("LD_LIBRARY_PATH", "")]))
+    if build.manifest.get("amx_batch1"):
+        from amppatch.shims import amx_permit_library
+
+        env["LD_PRELOAD"] = ":".join(filter(None, [str(amx_permit_library()), env.get("LD_PRELOAD", "")]))
     return env
+
+
+def runtime_args(build: Build) -> tuple[str, ...]:
+    """llama.cpp arguments every run of this build needs: one token per micro-batch where only the AMX
+    buffer's batch-1 kernels can execute (its tile kernels for batch > 1 raise SIGILL)."""
+    return ("-ub", "1") if build.manifest.get("amx_batch1") else ()
 
 
 def load_build(path: Path) -> Build:
@@ -171,7 +186,13 @@ class ResolvedBuild:
     pgo: bool
     pgo_training: str | None
     isa_disabled: tuple[str, ...]
+    amx_batch1: bool = False
     amppatch_version: str = __version__
+
+    def kernel_flags(self) -> list[str]:
+        """Every extra flag of the ggml-cpu target, in order: the user's, the ISA probe's removals, and
+        last (so they win over a removal) the AMX flags of an --amx-batch1 build."""
+        return self.kernel_cflags.split() + list(self.isa_disabled) + (list(AMX_FLAGS) if self.amx_batch1 else [])
 
     @property
     def key(self) -> str:
@@ -187,6 +208,21 @@ class ResolvedBuild:
         fields = asdict(self)
         fields.pop("dirty_hash")
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+
+
+AMX_FLAGS = ("-mamx-tile", "-mamx-int8")
+
+
+def _check_amx_batch1(cmake_options: dict[str, str], isa: IsaReport) -> None:
+    """--amx-batch1 compiles amx/mmq.cpp with -march=native plus the AMX flags; its batch-1 kernels then
+    run AVX512-VNNI instructions, which this CPU must execute."""
+    if cmake_options.get("GGML_NATIVE", "ON").upper() not in ("ON", "1", "TRUE"):
+        raise UsageError("--amx-batch1 builds on the native build (GGML_NATIVE=ON)",
+                         next_step="drop --define GGML_NATIVE=OFF, or drop --amx-batch1")
+    if not isa.executes.get("avx512vnni"):
+        raise UsageError("--amx-batch1 needs a CPU that executes AVX512-VNNI (the AMX buffer's batch-1 kernels "
+                         f"use it); this one: {isa.detail.get('avx512vnni', 'not advertised')}",
+                         next_step="build without --amx-batch1 (the AMX buffer cannot run on this CPU)")
 
 
 def worktree_path(repo: Path) -> Path:
@@ -222,6 +258,8 @@ def resolve(options: BuildOptions, isa: IsaReport | None = None) -> ResolvedBuil
     if cmake_options.get("GGML_NATIVE", "ON").upper() in ("ON", "1", "TRUE") and not options.allow_faulting_isa:
         isa = isa or probe_isa()
         isa_disabled = disable_flags(isa)
+    if options.amx_batch1:
+        _check_amx_batch1(cmake_options, isa or probe_isa())
     training = None
     if options.pgo:
         if options.pgo_model is None:
@@ -244,6 +282,7 @@ def resolve(options: BuildOptions, isa: IsaReport | None = None) -> ResolvedBuil
         pgo=options.pgo,
         pgo_training=training,
         isa_disabled=isa_disabled,
+        amx_batch1=options.amx_batch1,
     )
 
 
@@ -399,7 +438,7 @@ def build(options: BuildOptions) -> Build:
         build_dir.mkdir(parents=True, exist_ok=True)
         # No manifest while building: an interrupted or failed build is never taken for a good one.
         manifest_path.unlink(missing_ok=True)
-        kernel = rb.kernel_cflags.split() + list(rb.isa_disabled)
+        kernel = rb.kernel_flags()
         with source_lock:
             if not rb.in_place:
                 _prepare_worktree(Path(rb.repo), Path(rb.source_dir), rb.commit)
@@ -454,5 +493,6 @@ def with_options(build_: Build, **changes: object) -> BuildOptions:
         defines=tuple(m.get("cmake_options", {}).items()),
         pgo=m.get("pgo", False),
         pgo_model=Path(m["pgo_training"].rsplit(":", 1)[0]) if m.get("pgo_training") else None,
+        amx_batch1=m.get("amx_batch1", False),
     )
     return replace(base, **changes)  # type: ignore[arg-type]

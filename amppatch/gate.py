@@ -166,8 +166,19 @@ _STREAM_SEPARATOR = "\n\x00amppatch-stderr\x00\n"
 def _run_side(
     build: Build, label: str, options: GateOptions, text: Path, side_args: Sequence[str], env: Mapping[str, str]
 ) -> _SideRun:
+    from amppatch.build import runtime_args
+
+    # What the build itself needs (-ub 1 for an --amx-batch1 build), unless the side already sets it.
+    flags = {a.split("=", 1)[0] for a in (*options.extra_args, *side_args)}
+    needed = runtime_args(build)
+    side_args = (*side_args, *(needed if needed and not flags & {needed[0], "--ubatch-size"} else ()))
     completion = _completion_argv(build.binary("llama-completion"), options, side_args)
-    perplexity = _perplexity_argv(build.binary("llama-perplexity"), options, text, side_args)
+    ppl_args = side_args
+    if needed and not flags & {"-b", "--batch-size"}:
+        # llama-perplexity batches several sequences when the batch holds several contexts; a micro-batch
+        # then carries one token per sequence, not one in all: one context per batch keeps it at one.
+        ppl_args = (*side_args, "-b", str(options.ctx))
+    perplexity = _perplexity_argv(build.binary("llama-perplexity"), options, text, ppl_args)
     progress(f"gate: {label}: greedy completion ({options.n_predict} tokens) ...")
     tokens = _run_complete("llama-completion", completion, env, options.timeout, label).split(_STREAM_SEPARATOR)[0]
     progress(f"gate: {label}: perplexity ({options.ppl_chunks} chunks of {options.ctx}) ...")

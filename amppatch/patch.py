@@ -50,9 +50,10 @@ from amppatch.source import (
     default_stream,
     find_function_files,
     normalize_expression,
+    split_member,
     split_specialization,
 )
-from amppatch.source.loops import MARKER_WORD
+from amppatch.source.loops import MARKER_WORD, UNROLL_INDEX
 from amppatch.source.parse import error_nodes, parse_bytes
 
 SCHEMA_VERSION = 1
@@ -146,9 +147,15 @@ def parse_site_spec(spec: str, distance: int | None, hint: int | None) -> SiteRe
     if "<" in spec.split(":", 1)[0]:
         close = closing_angle(spec, spec.index("<"))
         head, spec = spec[: close + 1], spec[close + 1 :]
+    # a method: CLASS<ARGS>::METHOD or CLASS::METHOD (the '::' is not a field separator)
+    member = re.match(r"::[A-Za-z_]\w*" if head else r"[A-Za-z_]\w*::[A-Za-z_]\w*", spec)
+    if member and (head or not spec[member.end():].startswith("::")):
+        head, spec = head + member.group(0), spec[member.end():]
+        spec = spec[1:] if spec.startswith(":") else spec
+        spec = (":" + spec) if spec else ""
     parts = spec.split(":", 2)
     function = (head + parts[0]).strip()
-    if not re.fullmatch(r"[A-Za-z_]\w*(<[^<>]*(<[^<>]*>[^<>]*)*>)?", function):
+    if not re.fullmatch(r"[A-Za-z_]\w*(<[^<>]*(<[^<>]*>[^<>]*)*>)?(::[A-Za-z_]\w*)?", function):
         raise UsageError(f"--site {head + spec!r}: {function!r} is not a function name",
                          next_step="use --site FUNCTION[:LOOP[:STREAM]], e.g. ggml_vec_dot_q8_0_q8_0:0:x[ib], "
                                    "or TEMPLATE<ARGS>:LOOP:STREAM for one specialization")
@@ -257,6 +264,7 @@ class PlannedSite:
             "loop_line": self.loop.start_line, "loop_end_line": self.loop.end_line, "guard": self.loop.guard,
             "live": self.loop.live, "induction": self.loop.induction, "step": self.loop.step,
             "stream": s.expression, "stream_kind": s.kind, "address": s.address,
+            "next_address": s.next_address, "unroll": s.unroll,
             "element_type": s.element_type, "element_size": s.element_size,
             "bytes_per_iteration": s.bytes_per_iteration, "lines_per_iteration": self.lines,
             "distance_bytes": self.request.distance_bytes, "hint": self.request.hint,
@@ -395,7 +403,12 @@ def render_site(site: PlannedSite, *, tunable: bool, line_size: int, env: jinja2
     common = {"indent": indent, "marker": marker(site), "address": site.stream.address,
               "distance": site.request.distance_bytes, "hint": site.request.hint, "guard": site.guard}
     stride = site.stream.row_stride  # bytes per iteration of a strided row stream (set on row streams only)
-    if tunable:
+    if site.stream.next_address is not None:  # a lambda's tile: its own template, constant or tunable
+        text = env.get_template("prefetch_tiles.c.j2").render(
+            **common, next_address=site.stream.next_address, unroll=site.stream.unroll, unroll_index=UNROLL_INDEX,
+            line_size=line_size, tunable=tunable, slug=site.slug, env_distance=site.env_distance,
+            env_hint=site.env_hint)
+    elif tunable:
         text = env.get_template("prefetch_tunable.c.j2").render(
             **common, slug=site.slug, env_distance=site.env_distance, env_hint=site.env_hint, stride=stride)
     elif stride:
@@ -412,7 +425,7 @@ def render_tunables_header(sites: list[PlannedSite], line_size: int, env: jinja2
     env = env or _environment()
     items = [{"key": _comment_safe(s.key), "slug": s.slug, "env_distance": s.env_distance, "env_hint": s.env_hint,
               "distance": s.request.distance_bytes, "hint": s.request.hint, "lines": s.lines,
-              "stride": s.stream.row_stride} for s in sites]
+              "stride": s.stream.row_stride, "tile": s.stream.next_address is not None} for s in sites]
     return env.get_template("tunables.h.j2").render(sites=items, line_size=line_size,
                                                     tool_version=__version__).rstrip("\n") + "\n"
 
@@ -587,6 +600,7 @@ def request_id(base_commit: str, sites: list[PlannedSite], *, tunable: bool, lin
         # insertion point) never reuses a branch holding the old rendering
         "sites": sorted([s.key, s.file, s.stream.address, s.request.distance_bytes, s.request.hint, s.lines,
                          s.guard or "", s.stream.row_stride or "", s.stream.insert_byte or -1,
+                         s.stream.next_address or "", s.stream.unroll or "",
                          s.loop.body_start_byte] for s in sites),
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
@@ -695,6 +709,14 @@ def model_type_for(function: str) -> str | None:
     """The synthetic model type whose weights run `function`: ggml_vec_dot_<type>_..., a repack
     ggml_gemv_<type>_..., or a specialization over block_<type>x<N> (gemv_..._lut_avx<block_q4_0x8>)."""
     text = function.lower()
+    owner, _ = split_member(text)
+    if owner is not None:
+        # a GEMM micro-kernel class X<activation, weight, ...>: the weight type is the last block type
+        # (tinygemm_kernel_vnni<block_q8_0, block_q4_0, ...>), F16 weights are ggml_fp16_t
+        blocks = re.findall(r"\bblock_([a-z0-9]+_[0-9a-z]+)\b", owner)
+        if blocks:
+            return _KERNEL_TYPES.get(blocks[-1])
+        return "f16" if re.search(r"\bggml_fp16_t\b", owner) else None
     m = (re.match(r"ggml_(?:vec_dot|gemv|gemm)_([a-z0-9]+(?:_[0-9a-z]+)?)", text)
          or re.search(r"<\s*(?:const\s+)?block_([a-z0-9]+_[0-9a-z]+?)x\d+\b", text))
     if not m:
@@ -711,21 +733,56 @@ def gate_runtime_args(functions: list[str]) -> tuple[str, ...]:
 
 
 def count_function_hits(build: object, function: str, model: Path, args: tuple[str, ...] = (),
-                        n_predict: int = 2) -> int:
-    """How often `function` ran in llama-completion of `build` (gdb breakpoint hit count)."""
-    from amppatch.build import Build, run_env
+                        n_predict: int = 2, lines: tuple[str, ...] = ()) -> int:
+    """How often `function` ran in llama-completion of `build` (gdb breakpoint hit count) — or, given
+    `lines` (FILE:LINE of code amppatch inserted), how often the most-run of those lines ran."""
+    from amppatch.build import Build, run_env, runtime_args
     from amppatch.proc import require_tool, run
 
     assert isinstance(build, Build)
+    if not any(a in ("-ub", "--ubatch-size") for a in args):
+        args = (*args, *runtime_args(build))
     gdb = require_tool("gdb", install_hint="install gdb (apt-get install -y gdb) to prove the patched kernel ran")
     binary = build.binary("llama-completion")
+    specs = list(lines) or [function]
+    breaks: list[str] = []
+    for n, spec in enumerate(specs, 1):
+        breaks += ["-ex", f"break {spec}", "-ex", f"ignore {n} 100000000"]
     argv = [gdb, "-nx", "-batch", "-ex", "set breakpoint pending on", "-ex", "set pagination off",
-            "-ex", "set confirm off", "-ex", f"break {function}", "-ex", "ignore 1 100000000", "-ex", "run",
+            "-ex", "set confirm off", *breaks, "-ex", "run",
             "-ex", "info breakpoints", "--args", str(binary), "-m", str(model), "-p", "hello", "-n", str(n_predict),
             "-t", "1", "-c", "64", "--temp", "0", "--seed", "1", "-no-cnv", "--no-warmup", *args]
     done = run(argv, env=run_env(build), timeout=900, check=False, what=f"gdb breakpoint count on {function}")
-    m = re.search(r"breakpoint already hit (\d+) time", done.stdout)
-    return int(m.group(1)) if m else 0
+    if not lines:
+        m = re.search(r"breakpoint already hit (\d+) time", done.stdout)
+        return int(m.group(1)) if m else 0
+    return max((hits for spec, hits in line_breakpoint_hits(done.stdout, specs).items()), default=0)
+
+
+def line_breakpoint_hits(info: str, specs: list[str]) -> dict[str, int]:
+    """Hit counts of gdb's `info breakpoints` for line breakpoints 1..N (pure). A breakpoint counts only
+    if every location it resolved to is the line asked for: on a line without code gdb moves it to the
+    next line that has some, which may be another function's."""
+    blocks: dict[int, list[str]] = {}
+    current = None
+    for line in info.splitlines():
+        m = re.match(r"^(\d+)\s+breakpoint\s", line)
+        if m:
+            current = int(m.group(1))
+            blocks[current] = [line]
+        elif current is not None and (line.startswith(("\t", " ")) or re.match(r"^\d+\.\d+\s", line)):
+            blocks[current].append(line)
+        else:
+            current = None
+    out: dict[str, int] = {}
+    for n, spec in enumerate(specs, 1):
+        text = "\n".join(blocks.get(n, []))
+        wanted = spec.rsplit(":", 1)[1]
+        at = re.findall(r" at \S+:(\d+)\s*$", text, re.MULTILINE)
+        hit = re.search(r"breakpoint already hit (\d+) time", text)
+        if at and all(a == wanted for a in at):
+            out[spec] = int(hit.group(1)) if hit else 0
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -786,7 +843,7 @@ def _configure_compile_db(repo: Path, base: str, options: ApplyOptions) -> Path:
         return db
     cmake = require_tool("cmake", install_hint="install CMake (apt-get install -y cmake)")
     defines = [f"-D{k}={v}" for k, v in resolved.cmake_options.items()]
-    flags = " ".join(filter(None, [resolved.cflags, resolved.kernel_cflags, *resolved.isa_disabled]))
+    flags = " ".join(filter(None, [resolved.cflags, *resolved.kernel_flags()]))
     if flags:
         defines += [f"-DCMAKE_C_FLAGS={flags}", f"-DCMAKE_CXX_FLAGS={flags}"]
     progress(f"apply: no build of {base[:12]} to take compile commands from; running CMake configure only ...")
@@ -875,7 +932,8 @@ def apply(options: ApplyOptions) -> ApplyResult:
             warnings.append(f"learned.json was tuned on commit {learned_base[:12]}, the tree is at {base[:12]}: "
                             "the kernels may have changed (re-tune)")
     for req in requests:  # fail fast, before any build, on a function that does not exist
-        if not find_function_files(repo, split_specialization(req.function)[0]):
+        owner, member = split_member(req.function)
+        if not find_function_files(repo, member if owner is not None else split_specialization(member)[0]):
             raise UsageError(f"{req.function} is not mentioned anywhere under {repo}/ggml/src/ggml-cpu",
                              next_step="check the name; `amppatch profile` lists the hot kernels")
     line_size = options.line_size or cache_line_size()
@@ -963,7 +1021,8 @@ def apply(options: ApplyOptions) -> ApplyResult:
             result.builds = {"a": str(build_a.dir), "b": str(build_b.dir)}
             manifest["builds"] = result.builds
             if options.gate:
-                manifest["gate"] = result.gate = _gate(options, build_a, build_b, applied)
+                manifest["gate"] = result.gate = _gate(options, build_a, build_b, applied,
+                                                       breakpoint_locations(applied, changes))
         if manifest_path.is_file() and result.reused:
             # Evidence an earlier run of the same request gathered (builds, gate) stays when this run did
             # not redo it (e.g. a later --no-build run of the same request).
@@ -992,7 +1051,30 @@ def _options_json(options: ApplyOptions) -> dict:
     return json.loads(json.dumps(asdict(options), default=str))
 
 
-def _gate(options: ApplyOptions, build_a, build_b, sites: list[PlannedSite]) -> dict:
+def breakpoint_locations(sites: list[PlannedSite], changes: list[FileChange]) -> dict[str, tuple[str, ...]]:
+    """FILE:LINE of the inserted code lines of each site whose function gdb cannot name: a method of a
+    class template's partial specialization (`X<pattern>::m`) has no symbol of that spelling, and a
+    breakpoint on the inserted lines also proves the prefetch code itself executed. (Several lines:
+    which of them carry a statement boundary in the line table is the compiler's choice.)"""
+    out: dict[str, tuple[str, ...]] = {}
+    by_file = {c.relpath: c for c in changes}
+    for site in sites:
+        if split_member(site.function)[0] is None or site.function in out or site.file not in by_file:
+            continue
+        change = by_file[site.file]
+        lines = change.after.decode(errors="replace").splitlines()
+        found = []
+        for n in change.inserted_lines:
+            code = lines[n - 1].split("/*", 1)[0].strip()
+            if f"/* {marker(site)}" in lines[n - 1] and code and not code.startswith(("#", "}", "{")):
+                found.append(f"{site.file}:{n}")
+        if found:
+            out[site.function] = tuple(found)
+    return out
+
+
+def _gate(options: ApplyOptions, build_a, build_b, sites: list[PlannedSite],
+          locations: dict[str, tuple[str, ...]] | None = None) -> dict:
     """B computes exactly what A computes, and every patched function ran in B.
 
     Sites on kernels of different weight types (a Q4_0 GEMV and a Q4_K GEMV patched at once) cannot all
@@ -1029,7 +1111,7 @@ def _gate(options: ApplyOptions, build_a, build_b, sites: list[PlannedSite]) -> 
         gate = run_gate(build_a, build_b, GateOptions(model=model, mode="identical", extra_args=args))
         for f in fs:
             progress(f"apply: checking that {f} runs in B (gdb breakpoint count) ...")
-            hits[f] = count_function_hits(build_b, f, model, args)
+            hits[f] = count_function_hits(build_b, f, model, args, lines=(locations or {}).get(f, ()))
             if hits[f] == 0:
                 raise CorrectnessError(
                     f"{f} never ran in B on {model.name} with {' '.join(args) or 'no extra args'}: the gate "
@@ -1044,8 +1126,13 @@ def format_summary(result: ApplyResult) -> str:
     """Human summary for stderr."""
     lines = []
     for s in result.sites:
+        if s.stream.next_address is not None:
+            copies = f", one per unrolled copy ({s.stream.unroll})" if s.stream.unroll else ""
+            per_iter = f"tile bytes/iter computed in place -> every line of the tile{copies}"
+        else:
+            size = s.stream.bytes_per_iteration if s.stream.bytes_per_iteration is not None else "?"
+            per_iter = f"{size} B/iter -> {s.lines} prefetch(es)/iter"
         lines.append(f"  site {s.key}: {s.file}:{s.loop.start_line} ({s.loop.guard or 'no #if'}), "
-                     f"{s.stream.kind} stream {s.stream.expression}, "
-                     f"{s.stream.bytes_per_iteration if s.stream.bytes_per_iteration is not None else '?'} B/iter"
-                     f" -> {s.lines} prefetch(es)/iter, distance {s.request.distance_bytes} B, hint {s.request.hint}")
+                     f"{s.stream.kind} stream {s.stream.expression}, {per_iter}, "
+                     f"distance {s.request.distance_bytes} B, hint {s.request.hint}")
     return "\n".join(lines)

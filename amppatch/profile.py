@@ -438,7 +438,7 @@ def _sites(
         notes.append("no --repo: hot lines were not mapped onto loops (no sites)")
         return []
     try:
-        from amppatch.source import analyze_function, default_stream
+        from amppatch.source import IN_LAMBDA, analyze_function, default_stream, member_site_at
     except ImportError as exc:  # the source analysis is a separate stage; say plainly what is missing
         notes.append(f"source analysis unavailable ({exc}); only function-level results")
         return []
@@ -467,7 +467,12 @@ def _sites(
             rel = _relpath_in(frame.file, source_dir)
             if rel is None or not rel.startswith(GGML_CPU_DIR):
                 continue
-            name = site_function_name(frame.function)  # a template's loops: per specialization
+            # A method (the AMX kernels' X<pattern>::apply) is named by the definition its line is in:
+            # DWARF gives inlined methods their bare name. Lines in lambdas count for the calling loop.
+            member = member_site_at(Path(options.repo) / rel, frame.line)
+            if member == IN_LAMBDA:
+                continue
+            name = member or site_function_name(frame.function)  # a template's loops: per specialization
             fa = analysis(name)
             if fa is None or not (rel.endswith(fa.relpath) or fa.relpath.endswith(rel)):
                 continue
@@ -686,7 +691,7 @@ def profile(options: ProfileOptions) -> ProfileResult:
     workdir = options.out.parent / (options.out.stem + ".trace")
     workdir.mkdir(parents=True, exist_ok=True)
     trace_path = workdir / "trace.bin"
-    env.update(tracer_env(trace_path, sample_hz=options.hz))
+    env.update(tracer_env(trace_path, sample_hz=options.hz, base_env=env))  # keeps the build's own preload
 
     notes: list[str] = []
     extra: dict = {}

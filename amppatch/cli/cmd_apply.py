@@ -54,7 +54,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> Path | str | None:
     from amppatch.build import load_build, with_options
 
-    if args.like is not None and (args.cflags or args.kernel_cflags or args.define or args.pgo):
+    if args.like is not None and (args.cflags or args.kernel_cflags or args.define or args.pgo or args.amx_batch1):
         raise UsageError("--like copies an existing build's options; it cannot be combined with build flags",
                          next_step="drop --like or the --cflags/--define/--pgo options")
     # Also without building: the options decide which #if branches are live (through their compile commands).

@@ -32,6 +32,10 @@ def add_build_arguments(parser: argparse.ArgumentParser) -> None:
                         help="model for the PGO training run (default: the tiny synthetic q8_0 model)")
     parser.add_argument("--allow-faulting-isa", action="store_true",
                         help="keep ISA features that the probe saw fault (default: build without them)")
+    parser.add_argument("--amx-batch1", action="store_true",
+                        help="compile the AMX buffer (amx/mmq.cpp) for a CPU without AMX: its batch-1 kernels "
+                             "need AVX512-VNNI only; runs preload a shim granting the AMX permission request "
+                             "and use -ub 1 (the tile kernels would fault)")
 
 
 def build_options_from_args(args: argparse.Namespace, **overrides: object) -> BuildOptions:
@@ -48,6 +52,7 @@ def build_options_from_args(args: argparse.Namespace, **overrides: object) -> Bu
         pgo=args.pgo,
         pgo_model=pgo_model,
         allow_faulting_isa=args.allow_faulting_isa,
+        amx_batch1=args.amx_batch1,
     )
     values.update(overrides)
     return BuildOptions(**values)  # type: ignore[arg-type]

@@ -40,7 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> Path:
     build_options = None
-    if args.cflags or args.kernel_cflags or args.define or args.pgo or args.allow_faulting_isa:
+    if args.cflags or args.kernel_cflags or args.define or args.pgo or args.allow_faulting_isa or args.amx_batch1:
         # repo is filled in by the fetch stage; a placeholder keeps BuildOptions' type
         build_options = build_options_from_args(argparse.Namespace(**{**vars(args), "repo": args.repo or Path(".")}))
     return run_pipeline(RunOptions(

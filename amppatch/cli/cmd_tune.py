@@ -76,7 +76,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> Path:
     from amppatch.build import load_build, with_options
 
-    if args.like is not None and (args.cflags or args.kernel_cflags or args.define or args.pgo):
+    if args.like is not None and (args.cflags or args.kernel_cflags or args.define or args.pgo or args.amx_batch1):
         raise UsageError("--like copies an existing build's options; it cannot be combined with build flags",
                          next_step="drop --like or the --cflags/--define/--pgo options")
     build_options = (with_options(load_build(args.like), repo=args.repo) if args.like is not None

@@ -38,6 +38,7 @@ import os
 import platform
 import re
 from dataclasses import asdict, dataclass, field, replace
+from functools import lru_cache
 from pathlib import Path
 
 from amppatch.errors import UsageError
@@ -48,19 +49,32 @@ from amppatch.source.compiledb import (
     preprocess_markers,
     probe_constants,
 )
-from amppatch.source.loops import MARKER_WORD, ExistingPrefetch, Loop, Stream, analyze_loops, normalize_expression
+from amppatch.source.loops import (
+    MARKER_WORD,
+    UNROLL_INDEX,
+    ExistingPrefetch,
+    Loop,
+    Stream,
+    analyze_loops,
+    normalize_expression,
+)
 from amppatch.source.parse import ParsedFile, error_nodes, find_function_definitions, parse_bytes
 
 __all__ = [
+    "IN_LAMBDA",
     "MARKER_WORD",
+    "UNROLL_INDEX",
     "ExistingPrefetch",
     "FunctionAnalysis",
     "Loop",
     "Stream",
     "analyze_function",
+    "canonical_name",
     "closing_angle",
     "find_function_files",
+    "member_site_name",
     "normalize_expression",
+    "split_member",
 ]
 
 SOURCE_SUFFIXES = (".c", ".cpp", ".cc", ".h", ".hpp", ".inc")
@@ -113,8 +127,107 @@ def split_specialization(function: str) -> tuple[str, tuple[str, ...]]:
     return name.strip(), tuple(" ".join(a.split()) for a in args)
 
 
+def split_member(function: str) -> tuple[str | None, str]:
+    """'tinygemm<block_q8_0, T>::apply' -> ('tinygemm<block_q8_0, T>', 'apply'); 'gemv<X>' -> (None, 'gemv<X>').
+    Only a '::' outside template arguments separates a class from its method."""
+    text = function.strip()
+    depth = 0
+    for i in range(len(text) - 1, 0, -1):
+        ch = text[i]
+        depth += (ch == ">") - (ch == "<")
+        if depth == 0 and text[i - 1 : i + 1] == "::":
+            return text[: i - 1].strip(), text[i + 1 :].strip()
+    return None, text
+
+
+def canonical_name(function: str) -> str:
+    """One spelling per site function: single spaces after commas in template arguments."""
+    owner, member = split_member(function)
+    if owner is not None:
+        name, args = split_specialization(owner)
+        return f"{name}<{', '.join(args)}>::{member}" if args else f"{name}::{member}"
+    name, args = split_specialization(member)
+    return f"{name}<{', '.join(args)}>" if args else name
+
+
+def _enclosing_class(node):
+    """The struct/class specifier a method definition sits in (None for a free function)."""
+    current = node.parent
+    while current is not None and current.type in ("field_declaration_list", "access_specifier",
+                                                     "preproc_if", "preproc_ifdef", "preproc_else",
+                                                     "preproc_elif", "declaration_list"):
+        current = current.parent
+    return current if current is not None and current.type in ("struct_specifier", "class_specifier") else None
+
+
+def class_pattern(parsed: ParsedFile, cls) -> tuple[str, tuple[str, ...] | None]:
+    """(class name, its specialization pattern) — ('tinygemm', ('block_q8_0', 'BLOCK_M')) for a partial
+    specialization, (name, None) for a primary template or a plain class."""
+    name_node = cls.child_by_field_name("name")
+    if name_node is None:
+        return "", None
+    if name_node.type == "template_type":
+        base = name_node.child_by_field_name("name")
+        targs = name_node.child_by_field_name("arguments")
+        args = tuple(" ".join(parsed.text(a).split()) for a in targs.named_children) if targs is not None else ()
+        return (parsed.text(base) if base is not None else ""), args
+    return parsed.text(name_node), None
+
+
+def member_site_name(parsed: ParsedFile, definition) -> str | None:
+    """How a site names a method defined in a class body: 'Class<pattern>::method' (a partial
+    specialization is named by its own pattern), 'Class::method'; None for a free function."""
+    from amppatch.source.parse import function_name
+
+    cls = _enclosing_class(definition)
+    method = function_name(definition)
+    if cls is None or method is None:
+        return None
+    name, pattern = class_pattern(parsed, cls)
+    if not name:
+        return None
+    return f"{name}<{', '.join(pattern)}>::{method}" if pattern else f"{name}::{method}"
+
+
+def _match_owner(parsed: ParsedFile, definition, owner: str) -> tuple[dict[str, str], str | None] | None:
+    """Does the method `definition` belong to the class `owner` names ('X', 'X<args>')? Returns the
+    template parameters the owner's arguments bind and the guard confining code to that binding, or None.
+
+    A partial specialization's pattern (X<block_q8_0, float, BLOCK_M>) matches arguments that equal its
+    concrete entries; an argument in the place of one of its own parameters either repeats the parameter
+    (every instantiation: no guard) or binds it (BLOCK_M = 1: guarded). Trailing arguments may be left out."""
+    cls = _enclosing_class(definition)
+    if cls is None:
+        return None
+    owner_name, owner_args = split_specialization(owner)
+    name, pattern = class_pattern(parsed, cls)
+    if name != owner_name:
+        return None
+    params = _template_parameters(cls) or []
+    if pattern is None:
+        if not owner_args:
+            return {}, None
+        if len(owner_args) != len(params):
+            return None  # a primary template is named with all its arguments (a partial one may match)
+        return _specialize(owner, cls, owner_args)
+    kinds = {pname: kind for kind, pname in params}
+    if len(owner_args) > len(pattern):
+        return None
+    mapping: dict[str, str] = {}
+    terms: list[str] = []
+    for pat, arg in zip(pattern, owner_args, strict=False):
+        if pat in kinds:
+            if arg != pat:
+                mapping[pat] = arg
+                terms.append(f"std::is_same<{pat}, {arg}>::value" if kinds[pat] == "type" else f"(({pat}) == ({arg}))")
+        elif pat.replace(" ", "") != arg.replace(" ", ""):
+            return None
+    return mapping, (" && ".join(terms) or None)
+
+
 def _template_parameters(node) -> list[tuple[str, str]] | None:
-    """[(kind 'type'|'value', name)] of the template a function definition belongs to; None if none."""
+    """[(kind 'type'|'value', name)] of the template a function (or class) definition belongs to; None if
+    none."""
     parent = node.parent
     if parent is None or parent.type != "template_declaration":
         return None
@@ -232,7 +345,10 @@ class FunctionAnalysis:
         # streaming loop; an outer loop over rows (a_ptr_start + y * nb) merely sets one up. GEMVs nest
         # the block loop inside row loops, vec_dots have it outermost: both get the block loop.
         walking = [lp for lp in usable if any(s.bytes_per_iteration and not _written(s) for s in lp.streams)]
-        usable = walking or usable
+        # A loop that hands its induction variable to a lambda (ggml's AMX kernels: Unroll<N>{}(compute,
+        # i)) carries the lambda's streams; the loops inside the lambda only walk within one iteration.
+        calling = [lp for lp in usable if any(s.kind == "tile" for s in lp.streams)]
+        usable = calling or walking or usable
         top = min(lp.depth for lp in usable)
         return next(lp for lp in usable if lp.depth == top)
 
@@ -263,9 +379,17 @@ def default_stream(loop: Loop) -> Stream | None:
     stays in cache), then indexed/offset streams before bumps and row pointers."""
     if not loop.streams:
         return None
-    kind_rank = {"indexed": 0, "offset": 1, "row": 2, "bump": 3}
-    return min(loop.streams, key=lambda s: (_written(s), s.param_index if s.param_index is not None else 99,
+    kind_rank = {"indexed": 0, "offset": 1, "row": 2, "bump": 3, "tile": 0}
+    return min(loop.streams, key=lambda s: (_written(s), _activation_tile(s),
+                                            s.param_index if s.param_index is not None else 99,
                                             kind_rank.get(s.kind, 9), s.line))
+
+
+def _activation_tile(stream: Stream) -> bool:
+    """A lambda's stream of activations: in ggml's GEMM micro-kernels (the AMX buffer's) the activation
+    operand comes first (A) and is f32 or the quantized vec_dot type (block_q8_0/q8_1/q8_K), the weights
+    second (packed bytes, F16): parameter order would pick the activations, element type does not."""
+    return stream.kind == "tile" and bool(re.search(r"\b(float|block_q8_[01K])\b", stream.element_type or ""))
 
 
 def find_function_files(repo: Path, function: str) -> list[Path]:
@@ -289,13 +413,19 @@ def _host_arch_dir() -> str | None:
     return _ARCH_DIRS.get(platform.machine().lower())
 
 
-def _parse_best(path: Path, source: bytes, function: str) -> tuple[ParsedFile, list] | None:
-    """Parse with the grammar that gives the function's definitions the fewest ERROR nodes."""
-    grammars = ["c", "cpp"] if path.suffix == ".c" else ["cpp"]
+def _parse_best(path: Path, source: bytes, function: str, owner: str | None = None) -> tuple[ParsedFile, list] | None:
+    """Parse with the grammar that gives the function's definitions the fewest ERROR nodes (only methods
+    of the class `owner` names, when given)."""
+    grammars = ["c", "cpp"] if path.suffix == ".c" and owner is None else ["cpp"]
     best = None
     for g in grammars:
         parsed = parse_bytes(source, g, path)
         defs = find_function_definitions(parsed, function)
+        if owner is not None:
+            defs = [d for d in defs if _match_owner(parsed, d, owner) is not None]
+            # as in C++, a matching partial specialization wins over the primary template
+            partial = [d for d in defs if class_pattern(parsed, _enclosing_class(d))[1] is not None]
+            defs = partial or defs
         if not defs:
             continue
         errors = sum(len(error_nodes(d)) for d in defs)
@@ -313,16 +443,23 @@ def analyze_function(repo: Path, function: str, compile_db: Path | list[dict] | 
 
     repo = Path(repo).resolve()
     db = load_compile_db(compile_db) if isinstance(compile_db, (str, Path)) else compile_db
-    spec_name, spec_args = split_specialization(function)
-    if spec_args:
-        function = f"{spec_name}<{', '.join(spec_args)}>"
+    owner, member = split_member(function)
+    spec_name, spec_args = split_specialization(member) if owner is None else (member, ())
+    function = canonical_name(function)
     files = find_function_files(repo, spec_name)
     warnings: list[str] = []
     candidates: list[tuple[Path, ParsedFile, list]] = []
     for path in files:
-        parsed_defs = _parse_best(path, path.read_bytes(), spec_name)
+        parsed_defs = _parse_best(path, path.read_bytes(), spec_name, owner)
         if parsed_defs is not None:
             candidates.append((path, *parsed_defs))
+    if owner is not None:
+        # Several partial specializations may match a loose name (X::apply): say which, do not guess.
+        # (The same specialization in two #if branches is one name and stays for the liveness check.)
+        names = sorted({member_site_name(pf, d) or "" for _, pf, ds in candidates for d in ds})
+        if len(names) > 1:
+            raise UsageError(f"{function} matches {len(names)} class specializations: {'; '.join(names)}",
+                             next_step="name one of them, e.g. --site '" + names[0] + ":LOOP:STREAM'")
     if not candidates:
         raise UsageError(
             f"no definition of {function} under {repo / 'ggml/src/ggml-cpu'}",
@@ -379,7 +516,10 @@ def analyze_function(repo: Path, function: str, compile_db: Path | list[dict] | 
         raise UsageError(f"every definition of {function} ({', '.join(all_rel)}) is in a preprocessor branch "
                          "this build does not compile", next_step="check the build options (e.g. GGML_NATIVE)")
     path, parsed, node, loops, live, fn_live, command, calls = chosen
-    mapping, guard = _specialize(function, node, spec_args) if spec_args else ({}, None)
+    if owner is not None:
+        mapping, guard = _match_owner(parsed, node, owner) or ({}, None)
+    else:
+        mapping, guard = _specialize(function, node, spec_args) if spec_args else ({}, None)
     if command is None:
         warnings.append("no compile command for this file: which #if branch is live is unknown, "
                         "and sizes are not probed (pass a build's compile_commands.json)")
@@ -450,3 +590,41 @@ def _constant_looking(expr: str) -> bool:
     """Macro names, literals and sizeof: worth asking the compiler about (locals are not)."""
     return bool(re.fullmatch(r"[\w\s()+\-*/<>&|~]+", expr)) and not re.search(r"\b[a-z_][a-z0-9_]*\b(?!\s*\()",
                                                                               re.sub(r"\bsizeof\b", "", expr))
+
+
+IN_LAMBDA = "<lambda>"  # member_site_at: the line is in a lambda body (its caller's frame names the site)
+
+
+@lru_cache(maxsize=16)
+def _parsed_for_lookup(path: str, mtime_ns: int) -> ParsedFile:
+    return parse_bytes(Path(path).read_bytes(), "c" if path.endswith(".c") else "cpp", Path(path))
+
+
+def member_site_at(path: Path, line: int) -> str | None:
+    """The site name of the method whose body holds `line` of `path` ('X<pattern>::m'), IN_LAMBDA when the
+    line is inside a lambda (a sampled frame there belongs to the loop that calls the lambda), or None
+    for a free function (its symbol names it) or a line outside any definition.
+
+    Why by position: DWARF names an inlined method by its bare name ('apply'), and a partial
+    specialization's instantiation by its arguments ('<block_q8_0, block_q8_0, float, 1, 128, 32>');
+    the definition the line sits in is the one source specialization it came from."""
+    from amppatch.source.parse import function_definitions
+
+    try:
+        parsed = _parsed_for_lookup(str(path), Path(path).stat().st_mtime_ns)
+    except OSError:
+        return None
+    row = line - 1
+    inside = [d for d in function_definitions(parsed.root) if d.start_point[0] <= row <= d.end_point[0]]
+    if not inside:
+        return None
+    definition = max(inside, key=lambda d: d.start_byte)
+    lines = parsed.source.split(b"\n")
+    text = lines[row] if row < len(lines) else b""
+    col = len(text) - len(text.lstrip())  # the line's first token, not the whitespace of an outer block
+    node = parsed.root.named_descendant_for_point_range((row, col), (row, col))
+    while node is not None and node != definition:
+        if node.type == "lambda_expression":
+            return IN_LAMBDA
+        node = node.parent
+    return member_site_name(parsed, definition)

@@ -6,7 +6,11 @@ A *stream* is memory a loop walks through as its induction variable advances:
 * ``offset``  — pointer arithmetic ``x + i`` (also inside macro arguments such as ``LOAD(x + i + j*EPR)``);
 * ``bump``    — a pointer advanced in the loop body, ``q4 += 32`` or ``p++``;
 * ``row``     — a pointer declared in the body from the induction variable (``row = base + r*stride``),
-  i.e. a row pointer that inner loops then walk.
+  i.e. a row pointer that inner loops then walk;
+* ``tile``    — memory a lambda reads when the loop body calls it with the induction variable, directly
+  (``f(i)``) or once per unrolled index (``Unroll<N>{}(f, i)``, ggml's AMX kernels: one packed tile per
+  column per iteration). The address is the lambda's, rewritten in the loop's names (its parameters
+  replaced by the call's arguments and the unrolled index by ``amppatch_u``, its locals inlined).
 """
 
 from __future__ import annotations
@@ -50,6 +54,14 @@ class Stream:
     # A row pointer set as base + var*stride (flash attention's k_data = k->data + ic*nbk1 + ...): C
     # expression of the BYTES it moves per iteration, so a distance can land a whole number of rows ahead.
     row_stride: str | None = None
+    # A tile stream: the address of the next iteration (the induction variable advanced by one step), so
+    # the bytes one iteration moves are computed where the prefetch runs; and how many unrolled copies of
+    # the lambda each read their own tile (C expression of Unroll's count; None for a direct call).
+    next_address: str | None = None
+    unroll: str | None = None
+
+
+UNROLL_INDEX = "amppatch_u"  # the unrolled index in a tile stream's address
 
 
 @dataclass(frozen=True)
@@ -135,8 +147,14 @@ class _NodeIndex:
         caps = QueryCursor(_index_query(parsed.grammar)).captures(function)
         self.by_kind: dict[str, list[Node]] = {}
         self.starts: dict[str, list[int]] = {}
+        marked = _marked_line_starts(parsed.source, function.start_byte, function.end_byte)
         for kind in ("loop", *_NODE_KINDS):
             nodes = sorted(caps.get(kind, []), key=lambda n: n.start_byte)
+            if marked and kind != "call_expression":  # calls: existing prefetches are reported, ours too
+                # Code amppatch inserted (every such line carries the marker) is not the kernel's: its
+                # loops get no ordinal and its addresses are no streams, so a second apply sees the
+                # loops and streams the first one saw.
+                nodes = [n for n in nodes if parsed.source.rfind(b"\n", 0, n.start_byte) + 1 not in marked]
             self.by_kind[kind] = nodes
             self.starts[kind] = [n.start_byte for n in nodes]
         self.loops = self.by_kind["loop"]
@@ -154,6 +172,17 @@ class _NodeIndex:
             if lp.end_byte >= node.end_byte and lp.start_byte < node.start_byte:
                 best = lp  # later starts are nested deeper
         return best
+
+
+def _marked_line_starts(source: bytes, start: int, end: int) -> set[int]:
+    """Byte offsets where the lines carrying amppatch's marker begin, between `start` and `end`."""
+    out: set[int] = set()
+    word = MARKER_WORD.encode()
+    at = source.find(word, start, end)
+    while at >= 0:
+        out.add(source.rfind(b"\n", 0, at) + 1)
+        at = source.find(word, at + 1, end)
+    return out
 
 
 def _text(parsed: ParsedFile, node: Node) -> str:
@@ -699,6 +728,7 @@ def _find_streams(parsed: ParsedFile, loop: Node, body: Node, var: str, step: st
                         insert_byte=node.end_byte, insert_indent=_line_indent(parsed, node),
                         row_stride=_row_stride_bytes(parsed, init, var, step_value, decls),
                     )
+    _lambda_streams(parsed, loop, body, var, step, decls, streams, unplaceable, index_, top)
     for name, items in bumps.items():
         if name in streams:
             continue
@@ -717,3 +747,192 @@ def _find_streams(parsed: ParsedFile, loop: Node, body: Node, var: str, step: st
             elements_per_iteration_value=sum(v for v in values if v is not None) if None not in values else None,
             param_index=decl.param_index if decl else None,
         )
+
+
+# ggml's compile-time unroller (amx/common.h): Unroll<N>{}(f, args...) calls f(integral_constant<0>, args...)
+# ... f(integral_constant<N-1>, args...). Its count is the template argument; the lambda comes first.
+_UNROLL_CALLEE = re.compile(r"Unroll\s*<(?P<count>.+)>\s*\{\s*\}", re.S)
+_WORD = re.compile(r"[A-Za-z_]\w*")
+
+
+def _rename(text: str, mapping: dict[str, str]) -> str:
+    """Replace whole identifiers (not members after '.' or '->') by their mapping."""
+    out, last = [], 0
+    for m in _WORD.finditer(text):
+        before = text[: m.start()].rstrip()
+        if m.group(0) in mapping and not before.endswith((".", "->")):
+            out.append(text[last : m.start()])
+            out.append(mapping[m.group(0)])
+            last = m.end()
+    out.append(text[last:])
+    return "".join(out)
+
+
+def _free_names(text: str) -> set[str]:
+    return {m.group(0) for m in _WORD.finditer(text) if not text[: m.start()].rstrip().endswith((".", "->"))}
+
+
+def _lambda_params(parsed: ParsedFile, lam: Node) -> list[str]:
+    declarator = lam.child_by_field_name("declarator")
+    params = declarator.child_by_field_name("parameters") if declarator is not None else None
+    names = []
+    for p in params.named_children if params is not None else []:
+        d = p.child_by_field_name("declarator")
+        name = _declarator_shape(d)[0] if d is not None else None
+        names.append(name or "")
+    return names
+
+
+def _lambda_streams(parsed: ParsedFile, loop: Node, body: Node, var: str, step: str | None,
+                    decls: dict[str, list[_Decl]], streams: dict[str, Stream], unplaceable: dict[str, str],
+                    index_: _NodeIndex, top: int) -> None:
+    """Tile streams: what a lambda called from this loop's body with the induction variable reads."""
+    if step is None:
+        return
+    for call in index_.within("call_expression", body):
+        if index_.innermost_loop(call) != loop:
+            continue
+        fn = call.child_by_field_name("function")
+        arg_list = call.child_by_field_name("arguments")
+        if fn is None or arg_list is None:
+            continue
+        args = [a for a in arg_list.named_children if a.type != "comment"]
+        count = None
+        m = _UNROLL_CALLEE.fullmatch(parsed.text(fn).strip()) if fn.type == "compound_literal_expression" else None
+        if m and args and args[0].type == "identifier":
+            lambda_name, passed = parsed.text(args[0]), args[1:]
+            count = m.group("count").strip()
+        elif fn.type == "identifier":
+            lambda_name, passed = parsed.text(fn), args
+        else:
+            continue
+        decl = _lookup(decls, lambda_name, call.start_byte)
+        lam = decl.init if decl is not None else None
+        if lam is None or lam.type != "lambda_expression" or lam.child_by_field_name("body") is None:
+            continue
+        params = _lambda_params(parsed, lam)
+        mapping: dict[str, str] = {}
+        if count is not None:
+            if not params:
+                continue
+            mapping[params[0]] = UNROLL_INDEX
+            params = params[1:]
+        var_param = None
+        for pname, arg in zip(params, passed, strict=False):
+            text = parsed.text(arg)
+            mapping[pname] = text if arg.type == "identifier" else f"({text})"
+            if normalize_expression(text) == var:
+                var_param = pname
+        if var_param is None:
+            continue  # the lambda does not get the induction variable: nothing in it moves with the loop
+        _streams_in_lambda(parsed, lam, lambda_name, var, var_param, step, count, mapping, decls, streams,
+                           unplaceable, top, call.start_byte)
+
+
+def _streams_in_lambda(parsed: ParsedFile, lam: Node, lambda_name: str, var: str, var_param: str, step: str,
+                       count: str | None, mapping: dict[str, str], decls: dict[str, list[_Decl]],
+                       streams: dict[str, Stream], unplaceable: dict[str, str], top: int, call_byte: int) -> None:
+    lbody = lam.child_by_field_name("body")
+    assert lbody is not None
+    # The lambda's own locals (constexpr int col = idx % COLS; const char * b_ptr = B + ...): inlined.
+    local_inits: dict[str, str] = {}
+    locals_seen: set[str] = set()
+    for name, items in decls.items():
+        for d in items:
+            if lbody.start_byte <= d.byte < lbody.end_byte:
+                locals_seen.add(name)
+                if d.init is not None and name not in local_inits:
+                    local_inits[name] = f"({parsed.text(d.init)})"
+                elif d.init is None:
+                    local_inits.pop(name, None)
+    param_re = re.compile(rf"\b{re.escape(var_param)}\b")
+
+    def rewrite(text: str, use_byte: int) -> tuple[str | None, list[str]]:
+        """(address in the loop's names, names that would not mean the same at the loop top) — or
+        (None, []) when a local of the lambda cannot be inlined."""
+        for _ in range(6):  # locals defined from locals: a few rounds reach the lambda's parameters
+            names = _free_names(text)
+            inner = names & set(local_inits)
+            if not inner:
+                break
+            text = _rename(text, {n: local_inits[n] for n in inner})
+        if _free_names(text) & (locals_seen - set(mapping)):
+            return None, []
+        # captured names are looked up from inside the lambda; the call's arguments from the call site
+        captured = _free_names(text) - set(mapping)
+        passed = set().union(*(_free_names(v) for k, v in mapping.items() if k in _free_names(text))) - {UNROLL_INDEX}
+        bad = _out_of_scope(captured, use_byte, top, decls) + _out_of_scope(passed, call_byte, top, decls)
+        return _rename(text, mapping), sorted(set(bad))
+
+    def derived_from_subscript(init: Node) -> bool:
+        return any(n.type == "subscript_expression" and param_re.search(
+            parsed.text(n.child_by_field_name("index") or n)) for n in walk(init))
+
+    found: list[tuple[str, str, str, Node]] = []  # (base, expression, address in the lambda, node)
+    for node in walk(lbody):
+        if node.type == "declaration":
+            for d in node.children_by_field_name("declarator"):
+                name, depth, _arr, init = _declarator_shape(d)
+                if name and init is not None and depth > 0 and param_re.search(parsed.text(init)) \
+                        and not derived_from_subscript(init):  # q = x[i].qs: the subscript covers it
+                    found.append((name, name, parsed.text(init), node))
+        elif node.type == "subscript_expression":
+            arg = node.child_by_field_name("argument")
+            index = node.child_by_field_name("index") or node.child_by_field_name("indices")
+            if arg is None or index is None or arg.type != "identifier" or not param_re.search(parsed.text(index)):
+                continue
+            if _is_pointer(_lookup(decls, parsed.text(arg), node.start_byte)):
+                found.append((parsed.text(arg), parsed.text(node), f"&{parsed.text(node)}", node))
+        elif node.type == "binary_expression" and not _is_sum_operand(parsed, node):
+            terms = _chain(parsed, node, "+")
+            first = terms[0]
+            if len(terms) > 1 and first.type == "identifier" and \
+                    any(param_re.search(parsed.text(t)) for t in terms[1:]) and \
+                    _is_pointer(_lookup(decls, parsed.text(first), node.start_byte)):
+                found.append((parsed.text(first), parsed.text(node), parsed.text(node), node))
+    seen: set[str] = set()
+    for base, expression, address, node in found:
+        if base in seen or base in streams:
+            continue
+        if any(other is not node and other.start_byte <= node.start_byte and node.end_byte <= other.end_byte
+               for _, _, _, other in found if other.type == "declaration"):
+            continue  # the initializer of a row pointer found above (b_ptr = B + ...): one stream
+        seen.add(base)
+        rewritten, bad = rewrite(address, node.start_byte)
+        if rewritten is None:
+            unplaceable.setdefault(expression, f"in lambda {lambda_name}: uses its locals that cannot be inlined")
+            continue
+        if bad:
+            unplaceable.setdefault(expression, f"in lambda {lambda_name}: {', '.join(bad)} not in scope at the "
+                                               "top of the loop body")
+            continue
+        nxt = _rename(rewritten, {var: f"({var} + ({step}))"})
+        origin = _lookup(decls, base, node.start_byte)
+        # a row pointer declared in the lambda: its parameter index is that of the pointer it derives from
+        if origin is not None and lbody.start_byte <= origin.byte < lbody.end_byte:
+            sources = [_lookup(decls, n, node.start_byte) for n in sorted(_free_names(address))]
+            origin = next((d for d in sources if _is_pointer(d) and d is not None and d.param_index is not None),
+                          origin)
+        via = f"Unroll<{count}>{{}}({lambda_name}, ...)" if count is not None else f"{lambda_name}(...)"
+        # every unrolled copy reads its own tile only if the address uses the index (A[i] is shared by all)
+        copies = count if count is not None and UNROLL_INDEX in _free_names(rewritten) else None
+        streams[base] = Stream(
+            expression=expression, base=base, kind="tile", address=rewritten, line=node.start_point[0] + 1,
+            accesses=(expression,), param_index=origin.param_index if origin is not None else None,
+            element_type=_element_type(origin) if origin is not None else None,
+            note=f"read by lambda {lambda_name} through {via}"
+                 + (f"; one stream per unrolled index {UNROLL_INDEX} < {count}" if copies is not None else ""),
+            next_address=nxt, unroll=copies,
+        )
+
+
+def _is_sum_operand(parsed: ParsedFile, node: Node) -> bool:
+    """`node` is an operand of an enclosing '+' (only the whole sum A + row*K + k is a candidate)."""
+    parent = node.parent
+    while parent is not None and parent.type == "parenthesized_expression":
+        parent = parent.parent
+    if parent is None or parent.type != "binary_expression":
+        return False
+    left, right = parent.child_by_field_name("left"), parent.child_by_field_name("right")
+    return left is not None and right is not None and \
+        parsed.source[left.end_byte : right.start_byte].strip() == b"+"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
 
@@ -75,14 +76,16 @@ def sanitizer_runtime() -> Path:
     return path.resolve()
 
 
-def tracer_env(out_path: Path, *, sample_hz: int = 0, sanitize: bool = False) -> dict[str, str]:
+def tracer_env(out_path: Path, *, sample_hz: int = 0, sanitize: bool = False,
+               base_env: Mapping[str, str] | None = None) -> dict[str, str]:
     """Environment variables that run a child under the tracer, writing `out_path`.
 
     sample_hz=0 records token boundaries and memory regions only (no timers, no signals); otherwise every
     thread is sampled at that many samples per second of its CPU time (the kernel delivers at most one per
     scheduler tick; the samples' weights count the ticks in between). Add the result to the child's
-    environment (it keeps any LD_PRELOAD already set). The child spawned by *this* process writes
-    `out_path`; traced grandchildren write `out_path.<pid>`. A stale file at out_path is removed.
+    environment (it keeps any LD_PRELOAD already set in `base_env`, default os.environ). The child spawned
+    by *this* process writes `out_path`; traced grandchildren write `out_path.<pid>`. A stale file at
+    out_path is removed.
     """
     out_path = Path(out_path).resolve()
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -91,7 +94,7 @@ def tracer_env(out_path: Path, *, sample_hz: int = 0, sanitize: bool = False) ->
     preload = [str(tracer_library(sanitize=sanitize))]
     if sanitize:
         preload.insert(0, str(sanitizer_runtime()))
-    existing = os.environ.get("LD_PRELOAD", "")
+    existing = (os.environ if base_env is None else base_env).get("LD_PRELOAD", "")
     if existing:
         preload.append(existing)
     env = {

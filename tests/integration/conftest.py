@@ -30,6 +30,12 @@ def native_build(llama_repo: Path) -> Build:
     return build(BuildOptions(repo=llama_repo, name="native"))
 
 
+@pytest.fixture(scope="session")
+def amx_build(llama_repo: Path) -> Build:
+    """The AMX buffer compiled for this CPU (`--amx-batch1`): its batch-1 kernels run here without AMX."""
+    return build(BuildOptions(repo=llama_repo, name="amx-batch1", amx_batch1=True))
+
+
 def _tiny(native_build: Build, weight_type: str) -> Path:
     return synth_model(SynthOptions(shape="tiny", type=weight_type, build=native_build))
 

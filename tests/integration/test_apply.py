@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
 import pytest
 
+from amppatch.build import BuildOptions
 from amppatch.errors import BuildError, UsageError
 from amppatch.patch import ApplyOptions, GitRepo, apply
 from amppatch.proc import run
@@ -367,6 +369,122 @@ def test_tunable_knobs_reach_their_own_site_only(llama_repo: Path, native_build,
             "gemv_distance": "4096", "gemv_hint": "1", "attn_distance": "2048", "attn_hint": "3"}
         assert knob_values({attn["env"]["hint"]: "0"}) == {
             "gemv_distance": "2048", "gemv_hint": "3", "attn_distance": "2048", "attn_hint": "0"}
+    finally:
+        _cleanup_branch(llama_repo, result.branch)
+
+
+# The AMX buffer's batch-1 kernels (issue #4): class-template partial specializations whose k loop hands
+# its index to a lambda through Unroll<N>; they run on this CPU in an --amx-batch1 build (gate: -ub 1).
+_AMX_SITES = [
+    ("tinygemm_kernel_vnni<block_q8_0, block_q8_0>::apply", "tiny_model_q8_0"),
+    ("tinygemm_kernel_vnni<block_q8_0, block_q4_0>::apply", "tiny_model_q4_0"),
+    ("tinygemm_kernel_vnni<block_q8_K, block_q4_K>::apply", "tiny_model_q4_k"),
+    ("tinygemm_kernel_vnni<block_q8_K, block_q6_K>::apply", "tiny_model_q6_k"),
+    ("tinygemm_kernel_avx<float, ggml_fp16_t>::apply", "tiny_model_f16"),
+]
+
+
+def _amx_symbol(site: str) -> re.Pattern[str]:
+    """Every instantiation of the site's partial specialization, as objdump -C names its symbols."""
+    owner, member = site.split(">::")
+    name, args = owner.split("<", 1)
+    fixed = [re.escape(a.strip()) for a in args.split(",")]
+    fixed += [r"[^,<>]+"] * (6 - len(fixed))  # the specialization's own parameters: any value
+    return re.compile(rf"^(\(anonymous namespace\)::)?{name}<{', '.join(fixed)}>::{member}\(")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("site", "fixture"), _AMX_SITES)
+def test_amx_kernels_end_to_end(llama_repo: Path, amx_build, site: str, fixture: str,
+                                request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    """Patched, built, gate passed (identical tokens and perplexity, -ub 1 because the tile kernels fault
+    here), the inserted prefetch lines ran in B (gdb), and objdump shows prefetch instructions only in the
+    instantiations of that one specialization, each from a line amppatch inserted."""
+    model = request.getfixturevalue(fixture)
+    head = _git(llama_repo, "rev-parse", "HEAD").strip()
+    branch_name = _git(llama_repo, "symbolic-ref", "--short", "HEAD").strip()
+    result = None
+    try:
+        result = apply(ApplyOptions(repo=llama_repo, sites=(site,), out=tmp_path / "out", gate_model=model,
+                                    build_options=BuildOptions(repo=llama_repo, amx_batch1=True)))
+        _assert_repo_as_before(llama_repo, head, branch_name)
+        manifest = json.loads(result.manifest_path.read_text())
+        (s,) = manifest["sites"]
+        assert (s["stream_kind"], s["live"]) == ("tile", True) and s["unroll"]
+        assert s["file"] == "ggml/src/ggml-cpu/amx/mmq.cpp"
+        assert manifest["builds"]["a"] == str(amx_build.dir)
+        gate = manifest["gate"]
+        assert gate["passed"] and gate["tokens_a"] == gate["tokens_b"] and gate["ppl_a"] == gate["ppl_b"]
+        # one token per micro-batch (the tile kernels would fault), one context per perplexity batch
+        assert all(c[c.index("-ub") + 1] == "1" for c in gate["commands"]), gate["commands"]
+        assert gate["function_hits"][s["function"]] > 0  # the inserted lines really ran in B
+        where: dict[str, list[str]] = {}
+        lib_b_path = Path(manifest["builds"]["b"]) / "bin" / "libggml-cpu.so"
+        lib_a = _prefetches_by_symbol(Path(manifest["builds"]["a"]) / "bin" / "libggml-cpu.so")
+        lib_b = _prefetches_by_symbol(lib_b_path, where)
+        changed = {sym for sym in set(lib_a) | set(lib_b) if lib_b.get(sym, 0) != lib_a.get(sym, 0)}
+        pattern = _amx_symbol(site)
+        assert changed and all(pattern.match(sym) for sym in changed), changed
+        for sym in changed:
+            assert lib_b[sym] > lib_a.get(sym, 0)
+            for loc in run(["addr2line", "-e", str(lib_b_path), *where[sym]]).stdout.split():
+                file, _, number = loc.rpartition(":")
+                rel = os.path.normpath(file)[os.path.normpath(file).index("ggml/src/"):]
+                text = _git(llama_repo, "show", f"{manifest['commit']}:{rel}").splitlines()
+                assert "amppatch:" in text[int(number) - 1], (sym, loc)
+    finally:
+        _cleanup_branch(llama_repo, result.branch if result else None)
+        _assert_repo_as_before(llama_repo, head, branch_name)
+
+
+@pytest.mark.slow
+def test_amx_sites_all_at_once_and_tunable_knobs(llama_repo: Path, amx_build, tiny_model_q8_0: Path,
+                                                 tmp_path: Path) -> None:
+    """All five AMX kernels and flash attention patched in one --amx-batch1 build: it builds and the gate
+    passes for every weight type with every function hit. Then the tunable build of two of them in the
+    same unit: one site's knobs reach that site's globals only (read from the running process)."""
+    from amppatch.build import load_build, run_env
+
+    sites = (*(s for s, _ in _AMX_SITES), "ggml_compute_forward_flash_attn_ext_f16_one_chunk:1:k_data")
+    opts = BuildOptions(repo=llama_repo, amx_batch1=True)
+    result = apply(ApplyOptions(repo=llama_repo, sites=sites, out=tmp_path / "out", gate_args=("-fa", "on"),
+                                build_options=opts))
+    try:
+        manifest = json.loads(result.manifest_path.read_text())
+        gate = manifest["gate"]
+        assert len(manifest["sites"]) == 6 and len(gate["runs"]) == 5
+        assert all(r["passed"] and r["tokens_a"] == r["tokens_b"] and r["ppl_a"] == r["ppl_b"] for r in gate["runs"])
+        assert set(gate["function_hits"]) == {s["function"] for s in manifest["sites"]}
+        assert all(n > 0 for n in gate["function_hits"].values()), gate["function_hits"]
+    finally:
+        _cleanup_branch(llama_repo, result.branch)
+
+    two = (_AMX_SITES[0][0], _AMX_SITES[1][0])
+    result = apply(ApplyOptions(repo=llama_repo, sites=two, out=tmp_path / "out2", tunable=True, gate=False,
+                                distance=2048, hint=3, build_options=opts))
+    try:
+        manifest = json.loads(result.manifest_path.read_text())
+        q8, q4 = manifest["sites"]
+        build_b = load_build(Path(manifest["builds"]["b"]))
+
+        def knob_values(env: dict[str, str]) -> list[str]:
+            prints = []
+            for site in (q8, q4):
+                slug = site["env"]["distance"].removeprefix("AMPPATCH_").removesuffix("_DISTANCE").lower()
+                prints += ["-ex", f"print 'mmq.cpp'::amppatch_distance_{slug}",
+                           "-ex", f"print 'mmq.cpp'::amppatch_hint_{slug}"]
+            argv = ["gdb", "-nx", "-batch", "-ex", "set breakpoint pending on", "-ex", "break ggml_backend_amx_mul_mat",
+                    "-ex", "run", *prints, "-ex", "kill", "--args", str(build_b.binary("llama-completion")),
+                    "-m", str(tiny_model_q8_0), "-p", "hi", "-n", "1", "-t", "1", "-no-cnv", "--no-warmup",
+                    "-ub", "1"]
+            out = run(argv, env={**run_env(build_b), **env}, check=False, timeout=600).stdout
+            values = [line.split("=", 1)[1].strip() for line in out.splitlines() if line.startswith("$")]
+            assert len(values) == 4, out[-3000:]
+            return values
+
+        assert knob_values({}) == ["2048", "3", "2048", "3"]
+        assert knob_values({q4["env"]["distance"]: "4096", q4["env"]["hint"]: "0"}) == ["2048", "3", "4096", "0"]
+        assert knob_values({q8["env"]["hint"]: "1"}) == ["2048", "1", "2048", "3"]
     finally:
         _cleanup_branch(llama_repo, result.branch)
 

@@ -60,3 +60,36 @@ def test_define_must_be_key_value(text: str):
 
 def test_define_parses():
     assert parse_define("GGML_AVX512=ON") == ("GGML_AVX512", "ON")
+
+
+def test_amx_batch1_flags_come_last_and_need_vnni():
+    """--amx-batch1 re-adds the AMX flags after the ISA probe's removals (a VM whose tiles fault keeps its
+    batch-1 kernels), and is refused on a CPU that cannot run them or on a non-native build."""
+    from dataclasses import replace
+
+    from amppatch.build import AMX_FLAGS, ResolvedBuild, _check_amx_batch1
+
+    rb = ResolvedBuild(repo="r", source_dir="s", in_place=False, commit="c", dirty_hash=None, compiler="cc",
+                       compiler_version="v", cflags="", kernel_cflags="-O3", cmake_options={}, pgo=False,
+                       pgo_training=None, isa_disabled=("-mno-amx-tile", "-mno-amx-int8"), amx_batch1=True)
+    assert rb.kernel_flags() == ["-O3", "-mno-amx-tile", "-mno-amx-int8", *AMX_FLAGS]
+    assert replace(rb, amx_batch1=False).kernel_flags() == ["-O3", "-mno-amx-tile", "-mno-amx-int8"]
+    assert rb.key != replace(rb, amx_batch1=False).key
+    runs = IsaReport("gcc", ("avx512vnni",), {"avx512vnni": True}, {"avx512vnni": "executes"})
+    _check_amx_batch1({"GGML_NATIVE": "ON"}, runs)
+    with pytest.raises(UsageError, match="GGML_NATIVE=ON"):
+        _check_amx_batch1({"GGML_NATIVE": "OFF"}, runs)
+    with pytest.raises(UsageError, match="AVX512-VNNI"):
+        _check_amx_batch1({}, IsaReport("gcc", (), {}, {}))
+
+
+def test_amx_batch1_runs_get_the_shim_and_one_token_per_micro_batch(tmp_path: Path, monkeypatch):
+    from amppatch.build import Build, run_env, runtime_args
+
+    monkeypatch.setenv("LD_PRELOAD", "/other.so")
+    plain = Build(tmp_path, {"amx_batch1": False}, tmp_path)
+    amx = Build(tmp_path, {"amx_batch1": True}, tmp_path)
+    assert runtime_args(plain) == () and runtime_args(amx) == ("-ub", "1")
+    assert run_env(plain)["LD_PRELOAD"] == "/other.so"
+    first, rest = run_env(amx)["LD_PRELOAD"].split(":", 1)
+    assert first.endswith("libamxpermit.so") and Path(first).is_file() and rest == "/other.so"

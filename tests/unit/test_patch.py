@@ -57,6 +57,12 @@ def test_site_spec_defaults_and_forms() -> None:
         parse_site_spec("f", 64, 7)
     with pytest.raises(UsageError, match="byte count"):
         parse_site_spec("f", 0, 3)
+    # methods: the '::' before the method is part of the name, not a field separator
+    req = parse_site_spec("X<a, b::c>::apply:3:b_ptr", None, None)
+    assert (req.function, req.loop, req.stream) == ("X<a, b::c>::apply", 3, "b_ptr")
+    req = parse_site_spec("X<float, T>::apply::B + col * K", None, None)
+    assert (req.function, req.loop, req.stream) == ("X<float, T>::apply", None, "B + col * K")
+    assert parse_site_spec("X::apply:1", None, None).function == "X::apply"
 
 
 def test_profile_sites_use_the_same_key(tmp_path: Path) -> None:
@@ -148,6 +154,49 @@ def test_apply_twice_no_change(tree: Path) -> None:
     assert any("already carries" in w for w in plan2.warnings)
     loop = plan2.analyses["fx_dot_blocks"].default_loop()
     assert loop.prefetches and all(p.by_amppatch for p in loop.prefetches)
+
+
+TILE_SPECS = ["fx_tile_kernel<float, fx_tile_block, COLS_T>::apply::*", "fx_tile_kernel<float, uint16_t>::apply::*",
+              "fx_direct_lambda::*"]
+
+
+@pytest.mark.parametrize("tunable", [False, True])
+def test_lambda_tiles_compile_compute_the_same_and_apply_twice_is_a_no_op(tree: Path, tmp_path: Path,
+                                                                            tunable: bool) -> None:
+    """Every tile stream of the AMX-shaped fixture, patched: the C++ compiles warning-free, the program
+    prints exactly what the unpatched one prints, the prefetch loops really run (one per unrolled copy),
+    and a second apply changes nothing."""
+    cxx = shutil.which("c++") or shutil.which("g++")
+    source = tree / "ggml/src/ggml-cpu/fx_tiles.cpp"
+    main = tmp_path / "main.cpp"
+    main.write_text('#include <cstdio>\n#include <vector>\n#include "fx_tiles.cpp"\n'
+                    "int main() {\n  const int KB = 64;\n  std::vector<float> A(KB * 16 + 16, 0.5f);\n"
+                    "  std::vector<char> B(6 * KB * 16 * 34);\n"
+                    "  for (size_t i = 0; i < B.size(); ++i) B[i] = (char) (i * 7 % 23);\n"
+                    "  float C[16] = {};\n  float s = fx_tiles_run(KB, A.data(), B.data(), C);\n"
+                    '  for (float c : C) std::printf("%.9g ", c);\n  std::printf("%.9g\\n", s);\n}\n')
+
+    def run() -> str:
+        exe = tmp_path / "fx"
+        subprocess.run([cxx, "-std=c++17", "-O2", "-Wall", "-Werror", f"-I{source.parent}", "-o", str(exe), str(main)],
+                       check=True, capture_output=True, text=True)
+        return subprocess.run([str(exe)], check=True, capture_output=True, text=True).stdout
+
+    if cxx is None:
+        pytest.skip("no C++ compiler (ci/setup.sh installs g++)")
+    before = run()
+    _, _, applied = _apply_once(tree, TILE_SPECS, tunable=tunable)
+    assert {(s.function, s.stream.expression) for s in applied} == {
+        ("fx_tile_kernel<float, fx_tile_block, COLS_T>::apply", "A[i]"),
+        ("fx_tile_kernel<float, fx_tile_block, COLS_T>::apply", "b_ptr"),
+        ("fx_tile_kernel<float, uint16_t>::apply", "A[k + e]"),
+        ("fx_tile_kernel<float, uint16_t>::apply", "B + col * K + k + e"),
+        ("fx_direct_lambda", "x[j]")}
+    text = source.read_text()
+    assert text.count("for (int amppatch_u = 0; amppatch_u < (int)(COLS); amppatch_u++)") == 2  # b_ptr, B + ...
+    assert run() == before
+    _, changes2, applied2 = _apply_once(tree, TILE_SPECS, tunable=tunable)
+    assert changes2 == [] and applied2 == []
 
 
 def test_tunable_apply_twice_no_change(tree: Path) -> None:
@@ -266,5 +315,29 @@ def test_gate_helpers_route_kernels_to_model_types() -> None:
     assert model_type_for("gemv_q4_b32_8x8_q8_0_lut_avx<block_q4_0x8>") == "q4_0"
     assert model_type_for("gemv_q4_b32_8x8_q8_0_lut_avx<block_iq4_nlx8>") is None  # no synthetic iq4_nl
     assert model_type_for("ggml_compute_forward_mul_mat_one_chunk") is None
+    assert model_type_for("tinygemm_kernel_vnni<block_q8_0, block_q4_0, float, BLOCK_M, BLOCK_N, BLOCK_K>::apply") \
+        == "q4_0"  # the weight type is the last block type of a micro-kernel class
+    assert model_type_for("tinygemm_kernel_vnni<block_q8_K, block_q6_K>::apply") == "q6_k"
+    assert model_type_for("tinygemm_kernel_avx<float, ggml_fp16_t, float, BLOCK_M, BLOCK_N, BLOCK_K>::apply") == "f16"
     assert gate_runtime_args(["ggml_vec_dot_q4_0_q8_0"]) == ("-nr",)
     assert gate_runtime_args(["ggml_gemv_q4_0_8x8_q8_0"]) == ()
+
+
+def test_line_breakpoints_count_only_where_they_resolved() -> None:
+    """gdb moves a breakpoint on a line without code to the next line that has some, possibly in another
+    function: such a breakpoint does not count."""
+    from amppatch.patch import line_breakpoint_hits
+
+    info = """Num     Type           Disp Enb Address            What
+1       breakpoint     keep y   <MULTIPLE>
+\tbreakpoint already hit 10016 times
+\tignore next 99989984 hits
+1.1                         y   0x00007ffff6c66930 in k<1>::apply(int) at /w/ggml/src/ggml-cpu/amx/mmq.cpp:1563
+1.2                         y   0x00007ffff6c67010 in k<2>::apply(int) at /w/ggml/src/ggml-cpu/amx/mmq.cpp:1563
+2       breakpoint     keep y   0x00007ffff6c64340 in q<1>::apply(int) at /w/ggml/src/ggml-cpu/amx/mmq.cpp:1586
+\tbreakpoint already hit 7 times
+3       breakpoint     keep y   <PENDING>          ggml/src/ggml-cpu/amx/mmq.cpp:1570
+"""
+    specs = ["ggml/src/ggml-cpu/amx/mmq.cpp:1563", "ggml/src/ggml-cpu/amx/mmq.cpp:1569",
+             "ggml/src/ggml-cpu/amx/mmq.cpp:1570"]
+    assert line_breakpoint_hits(info, specs) == {"ggml/src/ggml-cpu/amx/mmq.cpp:1563": 10016}

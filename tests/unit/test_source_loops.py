@@ -159,3 +159,48 @@ def test_template_specialization_names_and_guard(tree: Path) -> None:
     # the wrappers' calls to it are seen, with the template arguments as written
     assert [c.callee for c in analyze_function(tree, "fx_gemv_pack8").calls] == [
         "fx_gemv_tmpl<fx_pack4, 4>", "fx_gemv_tmpl<fx_pack8, 8>"]
+
+
+def test_class_specialization_methods_and_lambda_tiles(tree: Path) -> None:
+    """A method of a partial specialization is named by its pattern (or a prefix of it); the loop that
+    hands its induction variable to a lambda carries the lambda's streams, rewritten in the loop's names."""
+    from amppatch.source import UNROLL_INDEX, default_stream, split_member
+
+    assert split_member("X<a::b, c>::apply") == ("X<a::b, c>", "apply")
+    assert split_member("gemv<a::b>") == (None, "gemv<a::b>")
+    fa = analyze_function(tree, "fx_tile_kernel<float,fx_tile_block>::apply")
+    assert fa.function == "fx_tile_kernel<float, fx_tile_block>::apply" and fa.specialization_guard is None
+    loop = fa.default_loop()
+    assert loop is not None and loop.induction == "i" and loop.depth == 0  # not the k loop in the lambda
+    tile = default_stream(loop)
+    assert tile is not None and (tile.kind, tile.expression) == ("tile", "b_ptr")
+    assert tile.address == f"B + FX_TILE_INDEX({UNROLL_INDEX}, i, KB, TILE_SIZE)"
+    assert tile.next_address == f"B + FX_TILE_INDEX({UNROLL_INDEX}, (i + (1)), KB, TILE_SIZE)"
+    assert tile.unroll == "COLS"
+    shared = loop.stream("A[i]")  # read by every column: one prefetch, not one per unrolled copy
+    assert shared is not None and shared.unroll is None and shared.address == "&A[i]"
+    # binding the specialization's own parameter confines the site to that instantiation
+    bound = analyze_function(tree, "fx_tile_kernel<float, fx_tile_block, 4>::apply")
+    assert bound.specialization_guard == "((COLS_T) == (4))"
+    # F16-like: locals of the lambda (col = idx % COLS) are inlined; the weights beat the f32 activations
+    half = analyze_function(tree, "fx_tile_kernel<float, uint16_t, COLS_T>::apply")
+    weights = default_stream(half.default_loop())
+    assert weights is not None and weights.address.startswith(f"B + ({UNROLL_INDEX} % COLS) * K + k")
+    assert "(k + (16))" in (weights.next_address or "")
+    direct = analyze_function(tree, "fx_direct_lambda").default_loop()
+    assert direct is not None and [(s.expression, s.address) for s in direct.streams] == [("x[j]", "&x[i]")]
+    with pytest.raises(UsageError, match="matches 2 class specializations"):
+        analyze_function(tree, "fx_tile_kernel::apply")
+
+
+def test_member_site_at_names_the_definition_a_sampled_line_is_in(tree: Path) -> None:
+    from amppatch.source import IN_LAMBDA, member_site_at
+
+    path = tree / "ggml/src/ggml-cpu/fx_tiles.cpp"
+    lines = path.read_text().splitlines()
+    in_lambda = next(n for n, t in enumerate(lines, 1) if "acc[col] += a *" in t)
+    in_loop = next(n for n, t in enumerate(lines, 1) if "Unroll<COLS>{}(compute, i);" in t)
+    free = next(n for n, t in enumerate(lines, 1) if "s += at(i);" in t)
+    assert member_site_at(path, in_lambda) == IN_LAMBDA
+    assert member_site_at(path, in_loop) == "fx_tile_kernel<float, fx_tile_block, COLS_T>::apply"
+    assert member_site_at(path, free) is None  # a free function: its symbol names it
