@@ -410,10 +410,11 @@ def _configure_and_build(rb: ResolvedBuild, build_dir: Path, targets: tuple[str,
 
 def _pgo_train(rb: ResolvedBuild, build_dir: Path) -> None:
     model = rb.pgo_training.rsplit(":", 1)[0] if rb.pgo_training else ""
-    tmp_build = Build(build_dir, {}, Path(rb.source_dir))
+    tmp_build = Build(build_dir, {"amx_batch1": rb.amx_batch1}, Path(rb.source_dir))  # same runtime needs
     bench = tmp_build.binary("llama-bench")
     progress("pgo: training run (llama-bench token generation on the training model) ...")
-    run([bench, "-m", model, "-p", "0", "-n", "32", "-r", "2", "-t", str(os.cpu_count() or 1), "-o", "jsonl"],
+    run([bench, "-m", model, "-p", "0", "-n", "32", "-r", "2", "-t", str(os.cpu_count() or 1), "-o", "jsonl",
+         *runtime_args(tmp_build)],
         env=run_env(tmp_build), timeout=1800, what="PGO training run",
         next_step="check that the training model loads with the instrumented build")
 

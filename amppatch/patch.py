@@ -264,7 +264,7 @@ class PlannedSite:
             "loop_line": self.loop.start_line, "loop_end_line": self.loop.end_line, "guard": self.loop.guard,
             "live": self.loop.live, "induction": self.loop.induction, "step": self.loop.step,
             "stream": s.expression, "stream_kind": s.kind, "address": s.address,
-            "next_address": s.next_address, "unroll": s.unroll,
+            "tile_step": s.tile_step, "unroll": s.unroll,
             "element_type": s.element_type, "element_size": s.element_size,
             "bytes_per_iteration": s.bytes_per_iteration, "lines_per_iteration": self.lines,
             "distance_bytes": self.request.distance_bytes, "hint": self.request.hint,
@@ -403,9 +403,9 @@ def render_site(site: PlannedSite, *, tunable: bool, line_size: int, env: jinja2
     common = {"indent": indent, "marker": marker(site), "address": site.stream.address,
               "distance": site.request.distance_bytes, "hint": site.request.hint, "guard": site.guard}
     stride = site.stream.row_stride  # bytes per iteration of a strided row stream (set on row streams only)
-    if site.stream.next_address is not None:  # a lambda's tile: its own template, constant or tunable
+    if site.stream.tile_step is not None:  # a lambda's tile: its own template, constant or tunable
         text = env.get_template("prefetch_tiles.c.j2").render(
-            **common, next_address=site.stream.next_address, unroll=site.stream.unroll, unroll_index=UNROLL_INDEX,
+            **common, tile_step=site.stream.tile_step, unroll=site.stream.unroll, unroll_index=UNROLL_INDEX,
             line_size=line_size, tunable=tunable, slug=site.slug, env_distance=site.env_distance,
             env_hint=site.env_hint)
     elif tunable:
@@ -425,7 +425,7 @@ def render_tunables_header(sites: list[PlannedSite], line_size: int, env: jinja2
     env = env or _environment()
     items = [{"key": _comment_safe(s.key), "slug": s.slug, "env_distance": s.env_distance, "env_hint": s.env_hint,
               "distance": s.request.distance_bytes, "hint": s.request.hint, "lines": s.lines,
-              "stride": s.stream.row_stride, "tile": s.stream.next_address is not None} for s in sites]
+              "stride": s.stream.row_stride, "tile": s.stream.tile_step is not None} for s in sites]
     return env.get_template("tunables.h.j2").render(sites=items, line_size=line_size,
                                                     tool_version=__version__).rstrip("\n") + "\n"
 
@@ -600,7 +600,7 @@ def request_id(base_commit: str, sites: list[PlannedSite], *, tunable: bool, lin
         # insertion point) never reuses a branch holding the old rendering
         "sites": sorted([s.key, s.file, s.stream.address, s.request.distance_bytes, s.request.hint, s.lines,
                          s.guard or "", s.stream.row_stride or "", s.stream.insert_byte or -1,
-                         s.stream.next_address or "", s.stream.unroll or "",
+                         s.stream.tile_step or "", s.stream.unroll or "",
                          s.loop.body_start_byte] for s in sites),
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
@@ -1126,7 +1126,7 @@ def format_summary(result: ApplyResult) -> str:
     """Human summary for stderr."""
     lines = []
     for s in result.sites:
-        if s.stream.next_address is not None:
+        if s.stream.tile_step is not None:
             copies = f", one per unrolled copy ({s.stream.unroll})" if s.stream.unroll else ""
             per_iter = f"tile bytes/iter computed in place -> every line of the tile{copies}"
         else:

@@ -470,8 +470,8 @@ def _sites(
             # A method (the AMX kernels' X<pattern>::apply) is named by the definition its line is in:
             # DWARF gives inlined methods their bare name. Lines in lambdas count for the calling loop.
             member = member_site_at(Path(options.repo) / rel, frame.line)
-            if member == IN_LAMBDA:
-                continue
+            if member == IN_LAMBDA or (member is None and bare_name(frame.function).startswith("operator")):
+                continue  # a lambda's or functor's body: the loop that calls it names the site
             name = member or site_function_name(frame.function)  # a template's loops: per specialization
             fa = analysis(name)
             if fa is None or not (rel.endswith(fa.relpath) or fa.relpath.endswith(rel)):

@@ -54,10 +54,11 @@ class Stream:
     # A row pointer set as base + var*stride (flash attention's k_data = k->data + ic*nbk1 + ...): C
     # expression of the BYTES it moves per iteration, so a distance can land a whole number of rows ahead.
     row_stride: str | None = None
-    # A tile stream: the address of the next iteration (the induction variable advanced by one step), so
-    # the bytes one iteration moves are computed where the prefetch runs; and how many unrolled copies of
-    # the lambda each read their own tile (C expression of Unroll's count; None for a direct call).
-    next_address: str | None = None
+    # A tile stream: C expression of the bytes one iteration moves (the address at induction value `step`
+    # minus the address at 0, unrolled index 0: loop-invariant by construction, so the compiler folds it
+    # to a constant and the distance's rounding costs no division in the loop); and how many unrolled
+    # copies of the lambda each read their own tile (C expression of Unroll's count; None: a direct call).
+    tile_step: str | None = None
     unroll: str | None = None
 
 
@@ -906,7 +907,11 @@ def _streams_in_lambda(parsed: ParsedFile, lam: Node, lambda_name: str, var: str
             unplaceable.setdefault(expression, f"in lambda {lambda_name}: {', '.join(bad)} not in scope at the "
                                                "top of the loop body")
             continue
-        nxt = _rename(rewritten, {var: f"({var} + ({step}))"})
+        # Affine addressing (p + var*stride, PACKED_INDEX(col, i, ...)): the difference between the
+        # addresses at var = step and var = 0 is the bytes per iteration, whatever var's actual value.
+        at_zero = _rename(rewritten, {var: "0", UNROLL_INDEX: "0"})
+        at_step = _rename(rewritten, {var: f"({step})", UNROLL_INDEX: "0"})
+        tile_step = f"(long)((const char *)({at_step}) - (const char *)({at_zero}))"
         origin = _lookup(decls, base, node.start_byte)
         # a row pointer declared in the lambda: its parameter index is that of the pointer it derives from
         if origin is not None and lbody.start_byte <= origin.byte < lbody.end_byte:
@@ -922,7 +927,7 @@ def _streams_in_lambda(parsed: ParsedFile, lam: Node, lambda_name: str, var: str
             element_type=_element_type(origin) if origin is not None else None,
             note=f"read by lambda {lambda_name} through {via}"
                  + (f"; one stream per unrolled index {UNROLL_INDEX} < {count}" if copies is not None else ""),
-            next_address=nxt, unroll=copies,
+            tile_step=tile_step, unroll=copies,
         )
 
 

@@ -175,7 +175,9 @@ def test_class_specialization_methods_and_lambda_tiles(tree: Path) -> None:
     tile = default_stream(loop)
     assert tile is not None and (tile.kind, tile.expression) == ("tile", "b_ptr")
     assert tile.address == f"B + FX_TILE_INDEX({UNROLL_INDEX}, i, KB, TILE_SIZE)"
-    assert tile.next_address == f"B + FX_TILE_INDEX({UNROLL_INDEX}, (i + (1)), KB, TILE_SIZE)"
+    # bytes per iteration: the address at i = step minus at i = 0, column 0 (loop-invariant: folds)
+    assert tile.tile_step == ("(long)((const char *)(B + FX_TILE_INDEX(0, (1), KB, TILE_SIZE)) - "
+                              "(const char *)(B + FX_TILE_INDEX(0, 0, KB, TILE_SIZE)))")
     assert tile.unroll == "COLS"
     shared = loop.stream("A[i]")  # read by every column: one prefetch, not one per unrolled copy
     assert shared is not None and shared.unroll is None and shared.address == "&A[i]"
@@ -186,7 +188,7 @@ def test_class_specialization_methods_and_lambda_tiles(tree: Path) -> None:
     half = analyze_function(tree, "fx_tile_kernel<float, uint16_t, COLS_T>::apply")
     weights = default_stream(half.default_loop())
     assert weights is not None and weights.address.startswith(f"B + ({UNROLL_INDEX} % COLS) * K + k")
-    assert "(k + (16))" in (weights.next_address or "")
+    assert "(0 % COLS) * K + (16)" in (weights.tile_step or "")
     direct = analyze_function(tree, "fx_direct_lambda").default_loop()
     assert direct is not None and [(s.expression, s.address) for s in direct.streams] == [("x[j]", "&x[i]")]
     with pytest.raises(UsageError, match="matches 2 class specializations"):
