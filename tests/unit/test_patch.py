@@ -97,8 +97,9 @@ def test_render_single_multi_line_and_tunable(tree: Path) -> None:
     assert "amppatch_prefetch_fx_dot_blocks_l0_x((const char *)(&x[ib]));" in tun
     header = render_tunables_header([site], 64)
     assert "AMPPATCH_FX_DOT_BLOCKS_L0_X_DISTANCE" in header and "1024" in header
-    for hint in range(4):
-        assert f"__builtin_prefetch(a + k * 64, 0, {hint}); break;" in header
+    for hint in range(4):  # the hint picks one of four constant-locality loops, once per call
+        assert f"__builtin_prefetch(a + o, 0, {hint}); break;" in header
+    assert "if (h < 0) {\n        return;" in header  # off: nothing but one branch
 
 
 def test_strided_rows_round_the_distance_up_to_whole_rows(tree: Path) -> None:
@@ -337,7 +338,10 @@ def test_line_breakpoints_count_only_where_they_resolved() -> None:
 2       breakpoint     keep y   0x00007ffff6c64340 in q<1>::apply(int) at /w/ggml/src/ggml-cpu/amx/mmq.cpp:1586
 \tbreakpoint already hit 7 times
 3       breakpoint     keep y   <PENDING>          ggml/src/ggml-cpu/amx/mmq.cpp:1570
+4       breakpoint     keep y   <MULTIPLE>
+\tbreakpoint already hit 80 times
+4.1                         y   0x00007ffff6c66930 in amppatch_prefetch_k at /w/ggml/src/ggml-cpu/amppatch-tunables.h:61
 """
     specs = ["ggml/src/ggml-cpu/amx/mmq.cpp:1563", "ggml/src/ggml-cpu/amx/mmq.cpp:1569",
-             "ggml/src/ggml-cpu/amx/mmq.cpp:1570"]
-    assert line_breakpoint_hits(info, specs) == {"ggml/src/ggml-cpu/amx/mmq.cpp:1563": 10016}
+             "ggml/src/ggml-cpu/amx/mmq.cpp:1570", "amppatch_prefetch_k"]
+    assert line_breakpoint_hits(info, specs) == {"ggml/src/ggml-cpu/amx/mmq.cpp:1563": 10016, "amppatch_prefetch_k": 80}
