@@ -311,6 +311,16 @@ def test_flash_attention_kv_loop_end_to_end(llama_repo: Path, native_build, tiny
     assert (s["stream"], s["stream_kind"]) == ("k_data", "row")
 
 
+def _assert_every_site_gated_and_hit(manifest_path: Path, *, n_sites: int, n_runs: int) -> None:
+    """An all-at-once build: one gate run per weight type, each identical, every patched function hit."""
+    manifest = json.loads(manifest_path.read_text())
+    gate = manifest["gate"]
+    assert len(manifest["sites"]) == n_sites and len(gate["runs"]) == n_runs
+    assert all(r["passed"] and r["tokens_a"] == r["tokens_b"] and r["ppl_a"] == r["ppl_b"] for r in gate["runs"])
+    assert set(gate["function_hits"]) == {s["function"] for s in manifest["sites"]}
+    assert all(n > 0 for n in gate["function_hits"].values()), gate["function_hits"]
+
+
 _PART_TWO_SITES = ("ggml_gemv_q4_0_8x8_q8_0", "ggml_gemv_q4_K_8x8_q8_K",
                    "ggml_compute_forward_flash_attn_ext_f16_one_chunk:1:k_data")
 
@@ -322,12 +332,7 @@ def test_part_two_sites_all_at_once(llama_repo: Path, native_build, tmp_path: Pa
     result = apply(ApplyOptions(repo=llama_repo, sites=_PART_TWO_SITES, out=tmp_path / "out",
                                 gate_args=("-fa", "on")))
     try:
-        manifest = json.loads(result.manifest_path.read_text())
-        gate = manifest["gate"]
-        assert len(manifest["sites"]) == 3 and len(gate["runs"]) == 2
-        assert all(r["passed"] and r["tokens_a"] == r["tokens_b"] and r["ppl_a"] == r["ppl_b"] for r in gate["runs"])
-        assert set(gate["function_hits"]) == {s["function"] for s in manifest["sites"]}
-        assert all(n > 0 for n in gate["function_hits"].values())
+        _assert_every_site_gated_and_hit(result.manifest_path, n_sites=3, n_runs=2)
     finally:
         _cleanup_branch(llama_repo, result.branch)
 
@@ -452,12 +457,7 @@ def test_amx_sites_all_at_once_and_tunable_knobs(llama_repo: Path, amx_build, ti
     result = apply(ApplyOptions(repo=llama_repo, sites=sites, out=tmp_path / "out", gate_args=("-fa", "on"),
                                 build_options=opts))
     try:
-        manifest = json.loads(result.manifest_path.read_text())
-        gate = manifest["gate"]
-        assert len(manifest["sites"]) == 6 and len(gate["runs"]) == 5
-        assert all(r["passed"] and r["tokens_a"] == r["tokens_b"] and r["ppl_a"] == r["ppl_b"] for r in gate["runs"])
-        assert set(gate["function_hits"]) == {s["function"] for s in manifest["sites"]}
-        assert all(n > 0 for n in gate["function_hits"].values()), gate["function_hits"]
+        _assert_every_site_gated_and_hit(result.manifest_path, n_sites=6, n_runs=5)
     finally:
         _cleanup_branch(llama_repo, result.branch)
 
