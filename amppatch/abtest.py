@@ -684,8 +684,7 @@ def _bench_argv(arm: _Arm, options: AbTestOptions, setting: Setting, reps: int) 
         argv += ["-t", str(setting.threads)]
     if options.cpu_mask:
         argv += ["-C", options.cpu_mask, "--cpu-strict", "1"]
-    if not any(a.split("=", 1)[0] in ("-ub", "--ubatch-size") for a in arm.spec.bench_args):
-        argv += list(runtime_args(arm.build))  # -ub 1 where only the AMX buffer's batch-1 kernels run
+    argv += runtime_args(arm.build, arm.spec.bench_args)  # -ub 1 where only the AMX batch-1 kernels run
     return argv + list(arm.spec.bench_args)
 
 

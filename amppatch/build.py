@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -99,10 +100,13 @@ def run_env(build: Build) -> dict[str, str]:
     return env
 
 
-def runtime_args(build: Build) -> tuple[str, ...]:
+def runtime_args(build: Build, given: Sequence[str] = ()) -> tuple[str, ...]:
     """llama.cpp arguments every run of this build needs: one token per micro-batch where only the AMX
-    buffer's batch-1 kernels can execute (its tile kernels for batch > 1 raise SIGILL)."""
-    return ("-ub", "1") if build.manifest.get("amx_batch1") else ()
+    buffer's batch-1 kernels can execute (its tile kernels for batch > 1 raise SIGILL) — unless the
+    arguments `given` already set the micro-batch (`-ub N`, `--ubatch-size=N`)."""
+    if not build.manifest.get("amx_batch1"):
+        return ()
+    return () if {a.split("=", 1)[0] for a in given} & {"-ub", "--ubatch-size"} else ("-ub", "1")
 
 
 def load_build(path: Path) -> Build:

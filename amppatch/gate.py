@@ -169,9 +169,9 @@ def _run_side(
     from amppatch.build import runtime_args
 
     # What the build itself needs (-ub 1 for an --amx-batch1 build), unless the side already sets it.
+    needed = runtime_args(build, (*options.extra_args, *side_args))
     flags = {a.split("=", 1)[0] for a in (*options.extra_args, *side_args)}
-    needed = runtime_args(build)
-    side_args = (*side_args, *(needed if needed and not flags & {needed[0], "--ubatch-size"} else ()))
+    side_args = (*side_args, *needed)
     completion = _completion_argv(build.binary("llama-completion"), options, side_args)
     ppl_args = side_args
     if needed and not flags & {"-b", "--batch-size"}:

@@ -151,8 +151,6 @@ def parse_site_spec(spec: str, distance: int | None, hint: int | None) -> SiteRe
     member = re.match(r"::[A-Za-z_]\w*" if head else r"[A-Za-z_]\w*::[A-Za-z_]\w*", spec)
     if member and (head or not spec[member.end():].startswith("::")):
         head, spec = head + member.group(0), spec[member.end():]
-        spec = spec[1:] if spec.startswith(":") else spec
-        spec = (":" + spec) if spec else ""
     parts = spec.split(":", 2)
     function = (head + parts[0]).strip()
     if not re.fullmatch(r"[A-Za-z_]\w*(<[^<>]*(<[^<>]*>[^<>]*)*>)?(::[A-Za-z_]\w*)?", function):
@@ -740,8 +738,7 @@ def count_function_hits(build: object, function: str, model: Path, args: tuple[s
     from amppatch.proc import require_tool, run
 
     assert isinstance(build, Build)
-    if not any(a in ("-ub", "--ubatch-size") for a in args):
-        args = (*args, *runtime_args(build))
+    args = (*args, *runtime_args(build, args))
     gdb = require_tool("gdb", install_hint="install gdb (apt-get install -y gdb) to prove the patched kernel ran")
     binary = build.binary("llama-completion")
     specs = list(lines) or [function]
@@ -756,7 +753,7 @@ def count_function_hits(build: object, function: str, model: Path, args: tuple[s
     if not lines:
         m = re.search(r"breakpoint already hit (\d+) time", done.stdout)
         return int(m.group(1)) if m else 0
-    return max((hits for spec, hits in line_breakpoint_hits(done.stdout, specs).items()), default=0)
+    return max(line_breakpoint_hits(done.stdout, specs).values(), default=0)
 
 
 def line_breakpoint_hits(info: str, specs: list[str]) -> dict[str, int]:

@@ -72,6 +72,7 @@ __all__ = [
     "canonical_name",
     "closing_angle",
     "find_function_files",
+    "member_site_at",
     "member_site_name",
     "normalize_expression",
     "split_member",
@@ -219,7 +220,7 @@ def _match_owner(parsed: ParsedFile, definition, owner: str) -> tuple[dict[str, 
         if pat in kinds:
             if arg != pat:
                 mapping[pat] = arg
-                terms.append(f"std::is_same<{pat}, {arg}>::value" if kinds[pat] == "type" else f"(({pat}) == ({arg}))")
+                terms.append(_guard_term(kinds[pat], pat, arg))
         elif pat.replace(" ", "") != arg.replace(" ", ""):
             return None
     return mapping, (" && ".join(terms) or None)
@@ -245,6 +246,11 @@ def _template_parameters(node) -> list[tuple[str, str]] | None:
     return out
 
 
+def _guard_term(kind: str, param: str, arg: str) -> str:
+    """The C++ condition true only where template parameter `param` is `arg`."""
+    return f"std::is_same<{param}, {arg}>::value" if kind == "type" else f"(({param}) == ({arg}))"
+
+
 def _specialize(function: str, node, args: tuple[str, ...]) -> tuple[dict[str, str], str]:
     params = _template_parameters(node)
     if params is None:
@@ -257,8 +263,7 @@ def _specialize(function: str, node, args: tuple[str, ...]) -> tuple[dict[str, s
     mapping = {name: arg for (_, name), arg in zip(params, args, strict=True)}
     # std::is_same needs <type_traits>, which every C++ unit with such templates already pulls in; a plain
     # `if` (not `if constexpr`) keeps C++11 units valid and still folds to nothing in other specializations.
-    terms = [f"std::is_same<{name}, {arg}>::value" if kind == "type" else f"(({name}) == ({arg}))"
-             for (kind, name), arg in zip(params, args, strict=True)]
+    terms = [_guard_term(kind, name, arg) for (kind, name), arg in zip(params, args, strict=True)]
     return mapping, " && ".join(terms)
 
 
@@ -596,8 +601,12 @@ IN_LAMBDA = "<lambda>"  # member_site_at: the line is in a lambda body (its call
 
 
 @lru_cache(maxsize=16)
-def _parsed_for_lookup(path: str, mtime_ns: int) -> ParsedFile:
-    return parse_bytes(Path(path).read_bytes(), "c" if path.endswith(".c") else "cpp", Path(path))
+def _lookup_index(path: str, mtime_ns: int) -> tuple[ParsedFile, list, list[bytes]]:
+    """One parse per file version, with its function definitions and lines (profile asks line by line)."""
+    from amppatch.source.parse import function_definitions
+
+    parsed = parse_bytes(Path(path).read_bytes(), "c" if path.endswith(".c") else "cpp", Path(path))
+    return parsed, function_definitions(parsed.root), parsed.source.split(b"\n")
 
 
 def member_site_at(path: Path, line: int) -> str | None:
@@ -608,18 +617,15 @@ def member_site_at(path: Path, line: int) -> str | None:
     Why by position: DWARF names an inlined method by its bare name ('apply'), and a partial
     specialization's instantiation by its arguments ('<block_q8_0, block_q8_0, float, 1, 128, 32>');
     the definition the line sits in is the one source specialization it came from."""
-    from amppatch.source.parse import function_definitions
-
     try:
-        parsed = _parsed_for_lookup(str(path), Path(path).stat().st_mtime_ns)
+        parsed, definitions, lines = _lookup_index(str(path), Path(path).stat().st_mtime_ns)
     except OSError:
         return None
     row = line - 1
-    inside = [d for d in function_definitions(parsed.root) if d.start_point[0] <= row <= d.end_point[0]]
+    inside = [d for d in definitions if d.start_point[0] <= row <= d.end_point[0]]
     if not inside:
         return None
     definition = max(inside, key=lambda d: d.start_byte)
-    lines = parsed.source.split(b"\n")
     text = lines[row] if row < len(lines) else b""
     col = len(text) - len(text.lstrip())  # the line's first token, not the whitespace of an outer block
     node = parsed.root.named_descendant_for_point_range((row, col), (row, col))

@@ -186,6 +186,11 @@ def _marked_line_starts(source: bytes, start: int, end: int) -> set[int]:
     return out
 
 
+def _operator(parsed: ParsedFile, left: Node, right: Node) -> str:
+    """The operator between the two operands of a binary or assignment expression ('+', '+=', ...)."""
+    return parsed.source[left.end_byte : right.start_byte].decode().strip()
+
+
 def _text(parsed: ParsedFile, node: Node) -> str:
     return parsed.text(node)
 
@@ -385,7 +390,7 @@ def _step_of(parsed: ParsedFile, node: Node) -> tuple[str, str] | None:
         left, right = node.child_by_field_name("left"), node.child_by_field_name("right")
         if left is None or right is None or left.type != "identifier":
             return None
-        op = parsed.source[left.end_byte : right.start_byte].decode().strip()
+        op = _operator(parsed, left, right)
         name = parsed.text(left)
         if op == "+=":
             return name, parsed.text(right)
@@ -393,7 +398,7 @@ def _step_of(parsed: ParsedFile, node: Node) -> tuple[str, str] | None:
             return name, f"-({parsed.text(right)})"
         if op == "=" and right.type == "binary_expression":
             rl, rr = right.child_by_field_name("left"), right.child_by_field_name("right")
-            rop = parsed.source[rl.end_byte : rr.start_byte].decode().strip() if rl and rr else ""
+            rop = _operator(parsed, rl, rr) if rl and rr else ""
             if rop == "+" and rl is not None and rr is not None and parsed.text(rl) == name:
                 return name, parsed.text(rr)
     return None
@@ -467,7 +472,7 @@ def _chain(parsed: ParsedFile, node: Node, op: str) -> list[Node]:
     if node.type == "binary_expression":
         left, right = node.child_by_field_name("left"), node.child_by_field_name("right")
         if left is not None and right is not None and \
-                parsed.source[left.end_byte : right.start_byte].decode().strip() == op:
+                _operator(parsed, left, right) == op:
             return _chain(parsed, left, op) + _chain(parsed, right, op)
     return [node]
 
@@ -674,7 +679,7 @@ def _find_streams(parsed: ParsedFile, loop: Node, body: Node, var: str, step: st
             left, right = node.child_by_field_name("left"), node.child_by_field_name("right")
             if left is None or right is None:
                 continue
-            op = parsed.source[left.end_byte : right.start_byte].decode().strip()
+            op = _operator(parsed, left, right)
             if op != "+":
                 continue
             for ptr, off in ((left, right), (right, left)):
@@ -698,7 +703,7 @@ def _find_streams(parsed: ParsedFile, loop: Node, body: Node, var: str, step: st
             left, right = node.child_by_field_name("left"), node.child_by_field_name("right")
             if left is None or right is None or left.type != "identifier":
                 continue
-            op = parsed.source[left.end_byte : right.start_byte].decode().strip()
+            op = _operator(parsed, left, right)
             name = parsed.text(left)
             if op == "+=" and name != var and _is_pointer(_lookup(decls, name, node.start_byte)):
                 bumps.setdefault(name, []).append((parsed.text(right), node))
@@ -756,12 +761,16 @@ _UNROLL_CALLEE = re.compile(r"Unroll\s*<(?P<count>.+)>\s*\{\s*\}", re.S)
 _WORD = re.compile(r"[A-Za-z_]\w*")
 
 
+def _free_words(text: str):
+    """Matches of the identifiers in `text` that are names, not members (after '.' or '->')."""
+    return (m for m in _WORD.finditer(text) if not text[: m.start()].rstrip().endswith((".", "->")))
+
+
 def _rename(text: str, mapping: dict[str, str]) -> str:
-    """Replace whole identifiers (not members after '.' or '->') by their mapping."""
+    """Replace whole identifiers (not members) by their mapping."""
     out, last = [], 0
-    for m in _WORD.finditer(text):
-        before = text[: m.start()].rstrip()
-        if m.group(0) in mapping and not before.endswith((".", "->")):
+    for m in _free_words(text):
+        if m.group(0) in mapping:
             out.append(text[last : m.start()])
             out.append(mapping[m.group(0)])
             last = m.end()
@@ -770,7 +779,7 @@ def _rename(text: str, mapping: dict[str, str]) -> str:
 
 
 def _free_names(text: str) -> set[str]:
-    return {m.group(0) for m in _WORD.finditer(text) if not text[: m.start()].rstrip().endswith((".", "->"))}
+    return {m.group(0) for m in _free_words(text)}
 
 
 def _lambda_params(parsed: ParsedFile, lam: Node) -> list[str]:
@@ -916,8 +925,7 @@ def _streams_in_lambda(parsed: ParsedFile, lam: Node, lambda_name: str, var: str
         # a row pointer declared in the lambda: its parameter index is that of the pointer it derives from
         if origin is not None and lbody.start_byte <= origin.byte < lbody.end_byte:
             sources = [_lookup(decls, n, node.start_byte) for n in sorted(_free_names(address))]
-            origin = next((d for d in sources if _is_pointer(d) and d is not None and d.param_index is not None),
-                          origin)
+            origin = next((d for d in sources if _is_pointer(d) and d.param_index is not None), origin)
         via = f"Unroll<{count}>{{}}({lambda_name}, ...)" if count is not None else f"{lambda_name}(...)"
         # every unrolled copy reads its own tile only if the address uses the index (A[i] is shared by all)
         copies = count if count is not None and UNROLL_INDEX in _free_names(rewritten) else None
@@ -939,5 +947,4 @@ def _is_sum_operand(parsed: ParsedFile, node: Node) -> bool:
     if parent is None or parent.type != "binary_expression":
         return False
     left, right = parent.child_by_field_name("left"), parent.child_by_field_name("right")
-    return left is not None and right is not None and \
-        parsed.source[left.end_byte : right.start_byte].strip() == b"+"
+    return left is not None and right is not None and _operator(parsed, left, right) == "+"

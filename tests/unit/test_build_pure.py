@@ -90,6 +90,7 @@ def test_amx_batch1_runs_get_the_shim_and_one_token_per_micro_batch(tmp_path: Pa
     plain = Build(tmp_path, {"amx_batch1": False}, tmp_path)
     amx = Build(tmp_path, {"amx_batch1": True}, tmp_path)
     assert runtime_args(plain) == () and runtime_args(amx) == ("-ub", "1")
+    assert runtime_args(amx, ("-ub", "4")) == () and runtime_args(amx, ("--ubatch-size=4",)) == ()
     assert run_env(plain)["LD_PRELOAD"] == "/other.so"
     first, rest = run_env(amx)["LD_PRELOAD"].split(":", 1)
     assert first.endswith("libamxpermit.so") and Path(first).is_file() and rest == "/other.so"
