@@ -59,7 +59,8 @@ class BuildOptions:
     kernel_cflags: str = ""
     defines: tuple[tuple[str, str], ...] = ()
     pgo: bool = False
-    pgo_model: Path | None = None
+    # PGO training models: one llama-bench run each, so every kernel they use is trained on its own trip counts
+    pgo_models: tuple[Path, ...] = ()
     targets: tuple[str, ...] = DEFAULT_TARGETS
     allow_faulting_isa: bool = False
     # Compile the AMX buffer (ggml-cpu/amx) for a CPU without AMX: its batch-1 kernels need AVX512-VNNI
@@ -266,12 +267,15 @@ def resolve(options: BuildOptions, isa: IsaReport | None = None) -> ResolvedBuil
         _check_amx_batch1(cmake_options, isa or probe_isa())
     training = None
     if options.pgo:
-        if options.pgo_model is None:
+        if not options.pgo_models:
             raise UsageError("--pgo needs a training model", next_step="pass --pgo-model M (e.g. a tiny synthetic)")
-        model = Path(options.pgo_model).expanduser().resolve()
-        if not model.is_file():
-            raise UsageError(f"PGO training model {model} does not exist", next_step="pass an existing .gguf")
-        training = f"{model}:{model.stat().st_size}"
+        entries = []
+        for given in options.pgo_models:
+            model = Path(given).expanduser().resolve()
+            if not model.is_file():
+                raise UsageError(f"PGO training model {model} does not exist", next_step="pass an existing .gguf")
+            entries.append(f"{model}:{model.stat().st_size}")
+        training = ";".join(entries)  # one model reads exactly as before, so existing build keys stay
     return ResolvedBuild(
         repo=str(repo),
         source_dir=str(source_dir),
@@ -413,14 +417,20 @@ def _configure_and_build(rb: ResolvedBuild, build_dir: Path, targets: tuple[str,
 
 
 def _pgo_train(rb: ResolvedBuild, build_dir: Path) -> None:
-    model = rb.pgo_training.rsplit(":", 1)[0] if rb.pgo_training else ""
     tmp_build = Build(build_dir, {"amx_batch1": rb.amx_batch1}, Path(rb.source_dir))  # same runtime needs
     bench = tmp_build.binary("llama-bench")
-    progress("pgo: training run (llama-bench token generation on the training model) ...")
-    run([bench, "-m", model, "-p", "0", "-n", "32", "-r", "2", "-t", str(os.cpu_count() or 1), "-o", "jsonl",
-         *runtime_args(tmp_build)],
-        env=run_env(tmp_build), timeout=1800, what="PGO training run",
-        next_step="check that the training model loads with the instrumented build")
+    models = pgo_training_models(rb.pgo_training)
+    for i, model in enumerate(models, 1):
+        progress(f"pgo: training run {i}/{len(models)} (llama-bench token generation on {model.name}) ...")
+        run([bench, "-m", str(model), "-p", "0", "-n", "32", "-r", "2", "-t", str(os.cpu_count() or 1),
+             "-o", "jsonl", *runtime_args(tmp_build)],
+            env=run_env(tmp_build), timeout=1800, what="PGO training run",
+            next_step="check that the training model loads with the instrumented build")
+
+
+def pgo_training_models(training: str | None) -> tuple[Path, ...]:
+    """The models of a resolved `pgo_training` ("path:size;path:size")."""
+    return tuple(Path(entry.rsplit(":", 1)[0]) for entry in training.split(";")) if training else ()
 
 
 def build(options: BuildOptions) -> Build:
@@ -497,7 +507,7 @@ def with_options(build_: Build, **changes: object) -> BuildOptions:
         # Re-passing every resolved CMake option reproduces the same resolved set, hence the same key.
         defines=tuple(m.get("cmake_options", {}).items()),
         pgo=m.get("pgo", False),
-        pgo_model=Path(m["pgo_training"].rsplit(":", 1)[0]) if m.get("pgo_training") else None,
+        pgo_models=pgo_training_models(m.get("pgo_training")),
         amx_batch1=m.get("amx_batch1", False),
     )
     return replace(base, **changes)  # type: ignore[arg-type]

@@ -29,6 +29,7 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from importlib import resources
 from pathlib import Path
@@ -97,7 +98,8 @@ class ApplyOptions:
     repo: Path
     sites: tuple[str, ...] = ()
     profile: Path | None = None
-    learned: Path | None = None  # learned.json from `amppatch tune`: its winners, baked in as constants
+    # learned.json files from `amppatch tune`: their winners, baked in as constants
+    learned: tuple[Path, ...] = ()
     distance: int | None = None  # overrides every site's distance (manual default DEFAULT_DISTANCE)
     hint: int | None = None
     tunable: bool = False
@@ -194,28 +196,45 @@ def sites_from_profile(path: Path, distance: int | None, hint: int | None) -> tu
     return out, profile
 
 
-def sites_from_learned(path: Path) -> tuple[list[SiteRequest], dict]:
-    """The winners of a learned.json (what `amppatch tune` kept), with their tuned distance and hint."""
-    learned = _read_json(path, "pass a learned.json written by `amppatch tune`")
-    winners = learned.get("winners") if isinstance(learned, dict) else None
-    if not isinstance(winners, list):
-        raise UsageError(f"{path} has no `winners` list", next_step="pass a learned.json written by `amppatch tune`")
-    if not winners:
-        dropped = "; ".join(f"{d.get('key')}: {d.get('reason')}" for d in learned.get("dropped", []))
-        raise UsageError(f"{path} keeps no site: tune found no prefetch that beats 'off' beyond the noise"
-                         + (f" ({dropped})" if dropped else ""),
-                         next_step="keep the stock build, or tune longer (a larger --budget) or other sites")
-    out = []
-    for i, w in enumerate(winners):
-        if not isinstance(w, dict) or "function" not in w:
-            raise UsageError(f"{path}: winner {i} has no `function`", next_step="rerun `amppatch tune`")
-        d, h = w.get("distance_bytes"), w.get("hint")
-        _check_params(d, h, f"{path} winner {i}")
-        inputs = {"learned": str(path), "ratio": w.get("ratio"), "ci95": w.get("ci95"),
-                  "ratio_by_threads": w.get("ratio_by_threads")}
-        out.append(SiteRequest(str(w["function"]), parse_loop_key(w.get("loop")), w.get("stream") or None,
-                               int(d), int(h), "learned", inputs))
-    return out, learned
+def sites_from_learned(paths: Sequence[Path]) -> tuple[list[SiteRequest], list[dict]]:
+    """The winners of one or more learned.json files (what `amppatch tune` kept), with their tuned distance
+    and hint. Several files combine tune runs of different kernels into one build; a site two files both
+    tuned must agree, else there is no telling which result to bake."""
+    out: list[SiteRequest] = []
+    sources: list[dict] = []
+    seen: dict[tuple, tuple[Path, int, int]] = {}
+    for path in paths:
+        learned = _read_json(path, "pass a learned.json written by `amppatch tune`")
+        winners = learned.get("winners") if isinstance(learned, dict) else None
+        if not isinstance(winners, list):
+            raise UsageError(f"{path} has no `winners` list",
+                             next_step="pass a learned.json written by `amppatch tune`")
+        if not winners:
+            dropped = "; ".join(f"{d.get('key')}: {d.get('reason')}" for d in learned.get("dropped", []))
+            raise UsageError(f"{path} keeps no site: tune found no prefetch that beats 'off' beyond the noise"
+                             + (f" ({dropped})" if dropped else ""),
+                             next_step="keep the stock build, or tune longer (a larger --budget) or other sites"
+                             + (" (or leave this file out)" if len(paths) > 1 else ""))
+        for i, w in enumerate(winners):
+            if not isinstance(w, dict) or "function" not in w:
+                raise UsageError(f"{path}: winner {i} has no `function`", next_step="rerun `amppatch tune`")
+            d, h = w.get("distance_bytes"), w.get("hint")
+            _check_params(d, h, f"{path} winner {i}")
+            loop = parse_loop_key(w.get("loop"))
+            identity = (str(w["function"]), loop, w.get("stream") or None)
+            if identity in seen:
+                other, od, oh = seen[identity]
+                if (od, oh) != (int(d), int(h)):
+                    raise UsageError(f"{identity[0]} (loop {loop}, stream {identity[2]}) was tuned in both {other} "
+                                     f"({od} B, hint {oh}) and {path} ({d} B, hint {h})",
+                                     next_step="pass only the learned.json whose result you want baked")
+                continue
+            seen[identity] = (path, int(d), int(h))
+            inputs = {"learned": str(path), "ratio": w.get("ratio"), "ci95": w.get("ci95"),
+                      "ratio_by_threads": w.get("ratio_by_threads")}
+            out.append(SiteRequest(identity[0], loop, identity[2], int(d), int(h), "learned", inputs))
+        sources.append(learned)
+    return out, sources
 
 
 def cache_line_size() -> int:
@@ -804,10 +823,11 @@ class ApplyResult:
     reused: bool = False
 
 
-def _resolve_requests(options: ApplyOptions) -> tuple[list[SiteRequest], dict | None]:
+def _resolve_requests(options: ApplyOptions) -> tuple[list[SiteRequest], list[dict]]:
+    """The sites to patch and the files they came from (profile.json or learned.json files, for provenance)."""
     if options.profile is not None and options.sites:
         raise UsageError("pass either --profile or --site, not both", next_step="choose one source of sites")
-    if options.learned is not None:
+    if options.learned:
         if options.profile is not None or options.sites:
             raise UsageError("--learned brings its own sites; it cannot be combined with --profile or --site",
                              next_step="pass only --learned learned.json")
@@ -816,10 +836,11 @@ def _resolve_requests(options: ApplyOptions) -> tuple[list[SiteRequest], dict | 
                              "--tunable do not apply", next_step="drop them (or edit learned.json's winners)")
         return sites_from_learned(options.learned)
     if options.profile is not None:
-        return sites_from_profile(options.profile, options.distance, options.hint)
+        requests, profile = sites_from_profile(options.profile, options.distance, options.hint)
+        return requests, [profile]
     if not options.sites:
         raise UsageError("no sites given", next_step="pass --site FUNCTION[:LOOP[:STREAM]] or --profile profile.json")
-    return [parse_site_spec(s, options.distance, options.hint) for s in options.sites], None
+    return [parse_site_spec(s, options.distance, options.hint) for s in options.sites], []
 
 
 def _configure_compile_db(repo: Path, base: str, options: ApplyOptions) -> Path:
@@ -916,19 +937,20 @@ def apply(options: ApplyOptions) -> ApplyResult:
         raise UsageError(f"{repo} has uncommitted changes: {shown}",
                          next_step="commit or stash them first; apply commits on its own branch from a clean tree")
     base = git.head_commit()
-    requests, profile = _resolve_requests(options)
+    requests, sources = _resolve_requests(options)
     warnings: list[str] = []
-    if profile is not None:
-        theirs = (profile.get("machine") or {}).get("cpu_model")
+    what = "tune result" if options.learned else "profile"
+    for source in sources:
+        theirs = (source.get("machine") or {}).get("cpu_model")
         ours = cpu_model()
-        what = "tune result" if options.learned is not None else "profile"
         if theirs and ours and theirs != ours:
             warnings.append(f"the {what} was measured on {theirs!r}, this CPU is {ours!r}: its distances and "
                             f"hints may not fit here (re-{'tune' if options.learned else 'profile'} on this machine)")
-        learned_base = profile.get("base_commit") if options.learned is not None else None
+        learned_base = source.get("base_commit") if options.learned else None
         if learned_base and learned_base != base:
             warnings.append(f"learned.json was tuned on commit {learned_base[:12]}, the tree is at {base[:12]}: "
                             "the kernels may have changed (re-tune)")
+    warnings = list(dict.fromkeys(warnings))  # several learned.json files from one machine say it once
     for req in requests:  # fail fast, before any build, on a function that does not exist
         owner, member = split_member(req.function)
         if not find_function_files(repo, member if owner is not None else split_specialization(member)[0]):

@@ -279,7 +279,7 @@ class _Runner:
         if not self.outputs["tune"]["kept"]:
             return "skipped", {"reason": "tune kept no site: nothing beat 'off' beyond the noise", "paths": []}
         result = apply(ApplyOptions(repo=Path(self.outputs["fetch"]["repo"]),
-                                    learned=Path(self.outputs["tune"]["learned"]),
+                                    learned=(Path(self.outputs["tune"]["learned"]),),
                                     build_options=self.build_options(), out=self.out / "tuned",
                                     gate_model=Path(self.outputs["model"]["gate_model"])))
         if result.manifest_path is None or not result.builds:

@@ -14,7 +14,7 @@ settings of that run, every arm raced against `stock` of the same code path:
   measured grid, see `select_gcc_params`); `pgo`; `hugepages` (glibc's malloc THP tunable with non-mmap
   loading, where THP is not `never`); `amppatch` (baked prefetches, from tune's learned.json when given, else
   from the profiles' sites with a distance/hint picked by a quick measured search — the label says which);
-  `amppatch-pgo`.
+  `amppatch-pgo`; `amppatch-hugepages` (the amppatch build with the hugepages arm's runtime).
 
 Budget: the timed runs share `--budget` minutes; each run gets ab-test's `max_time` stop rule with a share of
 what is left (weighted by its expected cost), so runs that turn decisive early leave their time to later,
@@ -65,7 +65,9 @@ END_MARK = "<!-- bench:compare end -->"
 
 WEIGHT_TYPES = ("q8_0", "q4_0", "f16")
 THREADS = (1, 2)
-ARMS = ("stock", "gcc-prefetch", "pgo", "hugepages", "amppatch", "amppatch-pgo")
+# amppatch-hugepages: the amppatch build with the hugepages arm's runtime; whether the two levers stack is
+# what an engineer who has both wants to know (neither needs the other).
+ARMS = ("stock", "gcc-prefetch", "pgo", "hugepages", "amppatch", "amppatch-pgo", "amppatch-hugepages")
 MODEL_SHAPE = "1b"
 
 # Zen 4's ISA as ggml's CMake options: AVX512 F/BW/DQ/VL (GGML_AVX512), VNNI, BF16, VBMI; no AVX-VNNI
@@ -203,15 +205,24 @@ class ArmDef:
     """An arm as the bench races it: which build (by role), extra llama-bench flags and environment."""
 
     name: str
-    build_role: str  # stock | gcc-prefetch | pgo | amppatch | amppatch-pgo (hugepages runs the stock build)
+    build_role: str  # stock | gcc-prefetch | pgo | amppatch | amppatch-pgo (hugepages arms reuse one of them)
     bench_args: tuple[str, ...] = ()
     env: tuple[tuple[str, str], ...] = ()
     label: str = ""
 
 
-def hugepages_arm() -> ArmDef:
-    return ArmDef("hugepages", "stock", ("-lm", "none"), (("GLIBC_TUNABLES", "glibc.malloc.hugetlb=1"),),
-                  "stock, weights in malloc'd memory (-lm none) with glibc.malloc.hugetlb=1 (THP via madvise)")
+def hugepages_arm(name: str = "hugepages", build_role: str = "stock") -> ArmDef:
+    """`build_role`'s build with the weights in malloc'd memory that glibc backs with transparent huge pages."""
+    return ArmDef(name, build_role, ("-lm", "none"), (("GLIBC_TUNABLES", "glibc.malloc.hugetlb=1"),),
+                  f"{build_role}, weights in malloc'd memory (-lm none) with glibc.malloc.hugetlb=1 (THP via madvise)")
+
+
+def arm_def(name: str) -> ArmDef:
+    if name == "hugepages":
+        return hugepages_arm()
+    if name == "amppatch-hugepages":
+        return hugepages_arm(name, "amppatch")
+    return ArmDef(name, name)
 
 
 def arms_for(group: RunGroup, wanted: Sequence[str], available: dict[str, str | None],
@@ -229,7 +240,7 @@ def arms_for(group: RunGroup, wanted: Sequence[str], available: dict[str, str | 
         if reason is not None:
             missing[name] = reason
             continue
-        base = hugepages_arm() if name == "hugepages" else ArmDef(name, name)
+        base = arm_def(name)
         arms.append(replace(base, bench_args=path.bench_args + base.bench_args,
                             label=labels.get(name) or base.label or name))
     if not arms or arms[0].name != "stock":
@@ -350,13 +361,24 @@ def render_markdown(results: dict[str, Any]) -> str:
                              for r in results.get("runs", [])) + ".")
     lines.append("")
     labels = results.get("arm_labels") or {}
+    rows = results.get("rows", [])
     if labels:
         lines.append("Arms:")
         for name in ARMS:
-            if name in labels:
-                lines.append(f"- `{name}`: {labels[name]}")
+            if name not in labels:
+                continue
+            # `--only` reruns may have raced another variant of an arm (a new learned.json, a new PGO
+            # training set): then each label says which rows it measured.
+            by_label: dict[str, list[str]] = {}
+            for r in rows:
+                if r["arm"] == name and r.get("median_tok_s") is not None and r.get("arm_label"):
+                    by_label.setdefault(r["arm_label"], []).append(r["config"]["id"])
+            if len(by_label) <= 1:
+                lines.append(f"- `{name}`: {next(iter(by_label), labels[name])}")
+                continue
+            for label, ids in by_label.items():
+                lines.append(f"- `{name}` in " + ", ".join(f"`{i}`" for i in ids) + f": {label}")
         lines.append("")
-    rows = results.get("rows", [])
     configs: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
         configs.setdefault(r["config"]["id"], []).append(r)
@@ -427,7 +449,7 @@ class BenchOptions:
     rounds: int | None = None  # fixed rounds per run instead of the budgeted stop rule
     min_effect: float = 0.03
     seed: int = 0
-    learned: Path | None = None
+    learned: tuple[Path, ...] = ()  # tune's learned.json files, combined into one baked branch
     gcc_params: str | None = None  # skip the grid: use these --params
     search: bool = True  # quick distance/hint search for the amppatch arm when no learned.json
     results: Path = DEFAULT_RESULTS
@@ -441,7 +463,7 @@ class BenchOptions:
             if isinstance(v, Path):
                 data[k] = str(v)
             elif isinstance(v, tuple):
-                data[k] = list(v)
+                data[k] = [str(x) if isinstance(x, Path) else x for x in v]
         return data
 
 
@@ -455,12 +477,13 @@ def resolve_options(options: BenchOptions) -> BenchOptions:
         parse_only(",".join(options.only))
     if options.budget_minutes <= 0 or options.tokens < 1 or options.reps < 1:
         raise UsageError("--budget, --tokens and --reps must be positive", next_step="e.g. --budget 85")
-    if options.learned is not None and not Path(options.learned).is_file():
-        raise UsageError(f"{options.learned} does not exist", next_step="pass the learned.json `amppatch tune` wrote")
+    for learned in options.learned:
+        if not Path(learned).is_file():
+            raise UsageError(f"{learned} does not exist", next_step="pass the learned.json `amppatch tune` wrote")
     arms = tuple(a for a in ARMS if a in options.arms or a == "stock")
     work = Path(options.work or cache_root() / "bench").expanduser().resolve()
     return replace(options, arms=arms, work=work, results=Path(options.results).expanduser().resolve(),
-                   learned=Path(options.learned).resolve() if options.learned else None)
+                   learned=tuple(Path(p).resolve() for p in options.learned))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -531,12 +554,12 @@ def _read_json(path: Path) -> Any:
 
 
 def build_options_for(repo: Path, family: str, *, ref: str | None = None, kernel_cflags: str = "",
-                      pgo_model: Path | None = None, name: str = "") -> BuildOptions:
+                      pgo_models: tuple[Path, ...] = (), name: str = "") -> BuildOptions:
     from amppatch.build import BuildOptions
 
     defines = NOAMX_DEFINES if family == "noamx" else ()
     return BuildOptions(repo=repo, ref=ref, name=name or None, kernel_cflags=kernel_cflags, defines=defines,
-                        pgo=pgo_model is not None, pgo_model=pgo_model)
+                        pgo=bool(pgo_models), pgo_models=pgo_models)
 
 
 def is_cached(options: BuildOptions) -> bool:
@@ -718,18 +741,16 @@ def _apply(ctx: Context, profile_path: Path, *, tunable: bool) -> tuple[str, dic
 def amppatch_branch(ctx: Context) -> tuple[str, str, dict[str, Any]]:
     """(branch, label, evidence) of the baked amppatch arm."""
     opts = ctx.options
-    if opts.learned is not None:
+    if opts.learned:
         from amppatch.patch import ApplyOptions, apply
 
-        if "learned" not in {f.name for f in dataclasses.fields(ApplyOptions)}:
-            raise UsageError("this amppatch's apply has no --learned yet", next_step="drop --learned (the bench "
-                             "then searches quickly itself) or update amppatch")
-        res = apply(ApplyOptions(repo=ctx.repo, learned=opts.learned, build=False,  # type: ignore[call-arg]
+        res = apply(ApplyOptions(repo=ctx.repo, learned=opts.learned, build=False,
                                  compile_db=ctx.stock["native"].dir / "compile_commands.json",
                                  out=Path(opts.work) / "patches", gate=False))
         if res.branch is None:
             raise UsageError("apply --learned produced no branch", next_step="check learned.json")
-        return res.branch, f"amppatch tuned (tune's {opts.learned.name})", {"learned": str(opts.learned)}
+        names = ", ".join(f"{p.parent.name}/{p.name}" for p in opts.learned)
+        return res.branch, f"amppatch tuned (tune's {names})", {"learned": [str(p) for p in opts.learned]}
     sites, machine = merged_sites(profiles(ctx))
     if not opts.search:
         path = write_profile(Path(opts.work) / "sites-profile.json", sites, machine, "profiles' own values")
@@ -862,7 +883,9 @@ def prepare(options: BenchOptions, families: set[str]) -> Context:
         ctx.builds[(fam, "stock")] = ctx.stock[fam]
     ctx.labels["stock"] = "the build as is"
     arms = set(options.arms)
-    pgo_model = ctx.gate_models["q8_0"]
+    # PGO trains on the workload it is judged on: one run per 1.1B model, so each type's kernel sees its real
+    # trip counts (a tiny model's 8-block dot products taught GCC the wrong loop layout: 0.70-0.85x).
+    pgo_models = tuple(ctx.models[wt] for wt in WEIGHT_TYPES)
 
     def attempt(arm: str, fn: Any) -> None:
         try:
@@ -883,10 +906,10 @@ def prepare(options: BenchOptions, families: set[str]) -> Context:
     if "pgo" in arms:
         def pgo() -> None:
             for fam in sorted(families):
-                ctx.builds[(fam, "pgo")] = locked_build(build_options_for(repo, fam, pgo_model=pgo_model,
+                ctx.builds[(fam, "pgo")] = locked_build(build_options_for(repo, fam, pgo_models=pgo_models,
                                                                           name=f"bench {fam} pgo"))
-            ctx.labels["pgo"] = (f"stock + GCC PGO (-fprofile-use, partial training) trained by llama-bench tg32 on "
-                                 f"{pgo_model.name} (the build layer's one training model)")
+            ctx.labels["pgo"] = ("stock + GCC PGO (-fprofile-use, partial training) trained by llama-bench tg32 on "
+                                 + ", ".join(m.name for m in pgo_models))
         attempt("pgo", pgo)
     if "gcc-prefetch" in arms:
         def gcc() -> None:
@@ -910,12 +933,22 @@ def prepare(options: BenchOptions, families: set[str]) -> Context:
                         repo, fam, ref=branch, name=f"bench {fam} amppatch"))
                 if "amppatch-pgo" in arms:
                     ctx.builds[(fam, "amppatch-pgo")] = locked_build(build_options_for(
-                        repo, fam, ref=branch, pgo_model=pgo_model, name=f"bench {fam} amppatch pgo"))
+                        repo, fam, ref=branch, pgo_models=pgo_models, name=f"bench {fam} amppatch pgo"))
             ctx.labels["amppatch"] = f"{label}, branch {branch}"
             ctx.labels["amppatch-pgo"] = f"{label} + PGO as in `pgo`"
+            ctx.labels["amppatch-hugepages"] = "the `amppatch` build with the `hugepages` arm's runtime (-lm none, " \
+                                               "glibc.malloc.hugetlb=1)"
         attempt("amppatch", amp)
         if "amppatch" in ctx.unavailable:
             ctx.unavailable["amppatch-pgo"] = ctx.unavailable["amppatch"]
+    if "amppatch-hugepages" in arms:
+        why = hugepages_status() or ctx.unavailable.get("amppatch") or (
+            None if "amppatch" in arms else "needs the amppatch arm's build (add amppatch to --arms)")
+        if why:
+            ctx.unavailable["amppatch-hugepages"] = why
+        else:
+            for fam in sorted(families):
+                ctx.builds[(fam, "amppatch-hugepages")] = ctx.builds[(fam, "amppatch")]
     return ctx
 
 
@@ -1035,7 +1068,8 @@ def parse_args(argv: Sequence[str]) -> BenchOptions:
     p.add_argument("--rounds", type=int, help="fixed rounds per run instead of the budgeted stop rule")
     p.add_argument("--min-effect", type=float, default=0.03, help="effect size that matters (default 0.03)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--learned", type=Path, help="tune's learned.json for the amppatch arm (apply --learned)")
+    p.add_argument("--learned", type=Path, action="append", default=[],
+                   help="tune's learned.json for the amppatch arm (apply --learned); repeatable: one per kernel")
     p.add_argument("--gcc-params", help="skip the gcc grid and use these --params for -fprefetch-loop-arrays")
     p.add_argument("--no-search", action="store_true",
                    help="without --learned: bake the profiles' distances as they are (no quick search)")
@@ -1049,7 +1083,7 @@ def parse_args(argv: Sequence[str]) -> BenchOptions:
         repo=a.repo, only=tuple(x for s in a.only for x in s.split(",") if x.strip()), quick=a.quick,
         arms=tuple(x.strip() for x in a.arms.split(",") if x.strip()), budget_minutes=a.budget,
         tokens=a.tokens, reps=a.reps, rounds=a.rounds, min_effect=a.min_effect, seed=a.seed,
-        learned=a.learned, gcc_params=a.gcc_params, search=not a.no_search, results=a.results,
+        learned=tuple(a.learned), gcc_params=a.gcc_params, search=not a.no_search, results=a.results,
         results_md=None if a.no_results_md else a.results_md, work=a.work,
         command="python -m bench.compare " + " ".join(argv),
     )

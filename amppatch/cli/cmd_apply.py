@@ -23,9 +23,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="FUNCTION[:LOOP[:STREAM]], repeatable; LOOP is an ordinal (0, 1, ...) or L<line>, "
                              "STREAM an address expression (x[ib]), a base pointer (x) or '*' for all; "
                              "defaults: the first live streaming loop, the stream of the first pointer argument")
-    source.add_argument("--learned", type=Path, metavar="JSON",
+    source.add_argument("--learned", type=Path, action="append", default=[], metavar="JSON",
                         help="learned.json from `amppatch tune`: bake its kept sites' tuned distance and hint "
-                             "in as constants")
+                             "in as constants; repeatable (tune results of different kernels in one build)")
     source.add_argument("--distance", type=int, metavar="BYTES",
                         help=f"bytes ahead along the stream (default {DEFAULT_DISTANCE}; overrides the profile)")
     source.add_argument("--hint", type=int, choices=(0, 1, 2, 3),
@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> Path | str | None:
         repo=args.repo,
         sites=tuple(args.site),
         profile=args.profile,
-        learned=args.learned,
+        learned=tuple(args.learned),
         distance=args.distance,
         hint=args.hint,
         tunable=args.tunable,

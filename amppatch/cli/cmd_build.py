@@ -28,8 +28,9 @@ def add_build_arguments(parser: argparse.ArgumentParser) -> None:
                         help="extra CMake option, repeatable (e.g. GGML_NATIVE=OFF GGML_AVX512=ON)")
     parser.add_argument("--pgo", action="store_true",
                         help="profile-guided build of the CPU backend: instrument, train, rebuild")
-    parser.add_argument("--pgo-model", type=Path,
-                        help="model for the PGO training run (default: the tiny synthetic q8_0 model)")
+    parser.add_argument("--pgo-model", type=Path, action="append", default=[],
+                        help="model for the PGO training run, repeatable: one run per model (default: the tiny "
+                             "synthetic q8_0 model)")
     parser.add_argument("--allow-faulting-isa", action="store_true",
                         help="keep ISA features that the probe saw fault (default: build without them)")
     parser.add_argument("--amx-batch1", action="store_true",
@@ -39,18 +40,18 @@ def add_build_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_options_from_args(args: argparse.Namespace, **overrides: object) -> BuildOptions:
-    pgo_model = args.pgo_model
-    if args.pgo and pgo_model is None:
+    pgo_models = tuple(args.pgo_model)
+    if args.pgo and not pgo_models:
         from amppatch.model import SynthOptions, synth_model
 
-        pgo_model = synth_model(SynthOptions(shape="tiny", type="q8_0", repo=args.repo))
+        pgo_models = (synth_model(SynthOptions(shape="tiny", type="q8_0", repo=args.repo)),)
     values: dict[str, object] = dict(
         repo=args.repo,
         cflags=args.cflags,
         kernel_cflags=args.kernel_cflags,
         defines=tuple(parse_define(d) for d in args.define),
         pgo=args.pgo,
-        pgo_model=pgo_model,
+        pgo_models=pgo_models,
         allow_faulting_isa=args.allow_faulting_isa,
         amx_batch1=args.amx_batch1,
     )

@@ -145,7 +145,7 @@ def test_kernel_cflags_reach_only_the_cpu_backend(llama_repo: Path):
 
 @pytest.mark.slow
 def test_pgo_build_trains_and_uses_a_profile(llama_repo: Path, tiny_model_q8_0: Path):
-    b = build(BuildOptions(repo=llama_repo, name="pgo", pgo=True, pgo_model=tiny_model_q8_0))
+    b = build(BuildOptions(repo=llama_repo, name="pgo", pgo=True, pgo_models=(tiny_model_q8_0,)))
     assert b.manifest["pgo"] and any(p.suffix == ".gcda" for p in (b.dir / "pgo-data").rglob("*"))
     commands = json.loads((b.dir / "compile_commands.json").read_text())
     cpu = [c["command"] for c in commands if "/ggml-cpu/" in c["file"]]

@@ -78,7 +78,7 @@ def test_apply_learned_bakes_the_winner_as_constants(tuned: dict, llama_repo: Pa
     learned = tmp_path / "learned.json"
     learned.write_text(json.dumps(data))
     w = data["winners"][0]
-    result = apply(ApplyOptions(repo=llama_repo, learned=learned, dry_run=True, out=tmp_path / "out"))
+    result = apply(ApplyOptions(repo=llama_repo, learned=(learned,), dry_run=True, out=tmp_path / "out"))
     (site,) = result.sites
     assert (site.request.distance_bytes, site.request.hint, site.request.origin) == (
         w["distance_bytes"], w["hint"], "learned")
@@ -95,6 +95,6 @@ def test_apply_learned_without_winners_says_why(tuned: dict, llama_repo: Path, t
     learned = tmp_path / "learned.json"
     learned.write_text(json.dumps(data))
     with pytest.raises(UsageError, match=r"keeps no site.*no setting beats off"):
-        apply(ApplyOptions(repo=llama_repo, learned=learned, dry_run=True))
+        apply(ApplyOptions(repo=llama_repo, learned=(learned,), dry_run=True))
     with pytest.raises(UsageError, match="cannot be combined"):
-        apply(ApplyOptions(repo=llama_repo, learned=learned, sites=(SITE,), dry_run=True))
+        apply(ApplyOptions(repo=llama_repo, learned=(learned,), sites=(SITE,), dry_run=True))

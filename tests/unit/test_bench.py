@@ -55,11 +55,12 @@ def test_runs_group_thread_counts_of_one_type_and_path() -> None:
 
 def test_arms_put_stock_first_add_path_flags_and_explain_what_is_missing() -> None:
     group = compare.group_runs(compare.parse_only("q4_0:noamx-repack0:1"))[0]
-    available = {a: None for a in compare.ARMS} | {"hugepages": "transparent huge pages are disabled (mode never)"}
+    never = "transparent huge pages are disabled (mode never)"
+    available = {a: None for a in compare.ARMS} | {"hugepages": never, "amppatch-hugepages": never}
     arms, missing = compare.arms_for(group, compare.ARMS, available, {"pgo": "PGO label"})
     assert [a.name for a in arms] == ["stock", "gcc-prefetch", "pgo", "amppatch", "amppatch-pgo"]
     assert all(a.bench_args[:2] == ("--repack", "0") for a in arms)
-    assert missing == {"hugepages": "transparent huge pages are disabled (mode never)"}
+    assert missing == {"hugepages": never, "amppatch-hugepages": never}
     assert arms[2].label == "PGO label"
 
 
@@ -70,6 +71,13 @@ def test_hugepages_arm_runs_stock_without_mmap_under_the_glibc_tunable() -> None
     assert huge.build_role == "stock"
     assert huge.bench_args == ("-lm", "none")
     assert dict(huge.env) == {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
+    # the combined arm: amppatch's build under the same runtime, after --repack 0 where the path has it
+    group = compare.group_runs(compare.parse_only("q4_0:noamx-repack0:1"))[0]
+    arms, _ = compare.arms_for(group, ("stock", "amppatch-hugepages"),
+                               {"stock": None, "amppatch-hugepages": None}, {})
+    both = arms[1]
+    assert both.build_role == "amppatch"
+    assert both.bench_args == ("--repack", "0", "-lm", "none") and both.env == huge.env
 
 
 def test_arms_refuse_a_run_without_stock() -> None:
@@ -162,6 +170,18 @@ def test_markdown_section_is_replaced_in_place_and_other_sections_stay() -> None
     assert "hand-written notes" in twice and "kept text" in twice
 
 
+def test_arm_labels_say_which_rows_each_variant_measured() -> None:
+    group = compare.group_runs(compare.parse_only("q8_0:native:*"))[0]
+    arms = [compare.ArmDef("stock", "stock", label="as is"), compare.ArmDef("amppatch", "amppatch", label="old")]
+    rows = compare.rows_from_report(_report(), group, arms)
+    results = {"rows": rows, "machine": {}, "command": "cmd", "runs": [],
+               "arm_labels": {"stock": "as is", "amppatch": "new"}}
+    assert "- `amppatch`: old" in compare.render_markdown(results)  # one variant: the rows' own label
+    rows[-1]["arm_label"] = "new"  # an --only rerun of q8_0:native:2 with another learned.json
+    md = compare.render_markdown(results)
+    assert "- `amppatch` in `q8_0:native:1`: old" in md and "- `amppatch` in `q8_0:native:2`: new" in md
+
+
 def test_pick_best_never_picks_a_measured_loss() -> None:
     two = {"a": {"ratio": 1.05, "ci95": [0.99, 1.1]}, "b": {"ratio": 1.2, "ci95": [1.1, 1.3]}}
     assert compare.pick_best(two)[0] == "b"
@@ -192,3 +212,12 @@ def test_cli_parses_into_resolved_options(tmp_path: Path) -> None:
     assert resolved.to_json()["arms"] == ["stock", "pgo"]
     with pytest.raises(UsageError):
         compare.resolve_options(compare.parse_args(["--arms", "stock,magic"]))
+    q8, f16 = tmp_path / "q8" / "learned.json", tmp_path / "f16" / "learned.json"
+    for path in (q8, f16):
+        path.parent.mkdir()
+        path.write_text("{}")
+    resolved = compare.resolve_options(compare.parse_args(["--learned", str(q8), "--learned", str(f16)]))
+    assert resolved.learned == (q8.resolve(), f16.resolve())
+    assert resolved.to_json()["learned"] == [str(q8.resolve()), str(f16.resolve())]
+    with pytest.raises(UsageError, match="does not exist"):
+        compare.resolve_options(compare.parse_args(["--learned", str(q8), "--learned", str(tmp_path / "nope")]))

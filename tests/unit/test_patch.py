@@ -27,6 +27,7 @@ from amppatch.patch import (
     render_site,
     render_tunables_header,
     request_id,
+    sites_from_learned,
     sites_from_profile,
     splice,
     unified_diff,
@@ -79,6 +80,30 @@ def test_profile_sites_use_the_same_key(tmp_path: Path) -> None:
     prof.write_text(json.dumps({"sites": []}))
     with pytest.raises(UsageError, match="no sites"):
         sites_from_profile(prof, None, None)
+
+
+def test_several_learned_files_combine_and_must_agree(tmp_path: Path) -> None:
+    def learned(name: str, *winners: tuple[str, int, int]) -> Path:
+        path = tmp_path / name
+        path.write_text(json.dumps({"schema_version": 1, "base_commit": "c", "winners": [
+            {"function": f, "loop": 0, "stream": "x[ib]", "distance_bytes": d, "hint": h, "ratio": 1.1}
+            for f, d, h in winners], "dropped": []}))
+        return path
+
+    q8 = learned("q8.json", ("ggml_vec_dot_q8_0_q8_0", 8192, 3))
+    f16 = learned("f16.json", ("ggml_vec_dot_f16", 8192, 0), ("ggml_vec_dot_q8_0_q8_0", 8192, 3))
+    requests, sources = sites_from_learned([q8, f16])
+    # the site both files tuned to the same values is baked once, from the first file
+    assert [(r.function, r.distance_bytes, r.hint) for r in requests] == [
+        ("ggml_vec_dot_q8_0_q8_0", 8192, 3), ("ggml_vec_dot_f16", 8192, 0)]
+    assert requests[0].inputs["learned"] == str(q8) and len(sources) == 2
+    other = learned("other.json", ("ggml_vec_dot_q8_0_q8_0", 4096, 0))
+    with pytest.raises(UsageError, match=r"tuned in both .*q8.json \(8192 B, hint 3\) and .*other.json"):
+        sites_from_learned([q8, other])
+    empty = learned("empty.json")
+    with pytest.raises(UsageError, match="keeps no site") as info:
+        sites_from_learned([q8, empty])
+    assert "leave this file out" in info.value.next_step
 
 
 def test_render_single_multi_line_and_tunable(tree: Path) -> None:
