@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -221,3 +222,23 @@ def test_cli_parses_into_resolved_options(tmp_path: Path) -> None:
     assert resolved.to_json()["learned"] == [str(q8.resolve()), str(f16.resolve())]
     with pytest.raises(UsageError, match="does not exist"):
         compare.resolve_options(compare.parse_args(["--learned", str(q8), "--learned", str(tmp_path / "nope")]))
+
+
+def test_rows_get_the_4k_page_ceiling_and_render_only_rewrites_the_table(tmp_path: Path) -> None:
+    stream = [{"threads": 1, "thp": 0, "gbps": 30.0}, {"threads": 1, "thp": 0, "gbps": 34.0},
+              {"threads": 1, "thp": 1, "gbps": 43.0}, {"threads": 2, "thp": 0, "gbps": 44.0}]
+    assert compare.small_page_ceiling(stream) == {1: 34.0, 2: 44.0}  # huge-page passes do not count
+    group = compare.group_runs(compare.parse_only("q8_0:native:*"))[0]
+    rows = compare.rows_from_report(_report(), group, [compare.ArmDef("stock", "stock"),
+                                                       compare.ArmDef("amppatch", "amppatch")])
+    results = {"rows": rows, "machine": {"ceiling_4k_gbps": {"1": 34.0, "2": 44.0}}, "command": "cmd",
+               "runs": [], "arm_labels": {}}
+    out, md = tmp_path / "results.json", tmp_path / "RESULTS.md"
+    out.write_text(json.dumps(results))
+    opts = compare.parse_args(["--render-only", "--results", str(out), "--results-md", str(md)])
+    assert compare.main(["--render-only", "--results", str(out), "--results-md", str(md)]) == 0 and opts.render_only
+    rows = json.loads(out.read_text())["rows"]
+    for r in rows:
+        expected = 100.0 * r["gb_per_s"] / (34.0 if r["config"]["threads"] == 1 else 44.0)
+        assert r["ceiling_4k_pct"] == pytest.approx(expected)
+    assert "% of 4 KiB-page ceiling" in md.read_text() and "1 thread(s) 34.0 GB/s" in md.read_text()
