@@ -9,7 +9,8 @@ settings of that run, every arm raced against `stock` of the same code path:
 * configurations: weight type q8_0 / q4_0 / f16 × code path × 1 and 2 threads; code paths are `native`
   (the default GGML_NATIVE=ON build), `noamx` (GGML_NATIVE=OFF with explicit AVX2/AVX512-F/VNNI/BF16/VBMI,
   F16C, FMA, BMI2 and AMX off: what a Zen 4 gets) and `noamx-repack0` (the same build with `--repack 0`,
-  Q4_0 only). Ids are ``TYPE:PATH:THREADS``, e.g. ``q8_0:noamx:1``.
+  Q4_0 only) and `amx` (native + ``--amx-batch1``: the AMX buffer's batch-1 kernels, what an AMX CPU
+  generates tokens with). Ids are ``TYPE:PATH:THREADS``, e.g. ``q8_0:noamx:1``.
 * arms: `stock`; `gcc-prefetch` (stock + ``-fprefetch-loop-arrays`` with the `--param`s that won a small
   measured grid, see `select_gcc_params`); `pgo`; `hugepages` (glibc's malloc THP tunable with non-mmap
   loading, where THP is not `never`); `amppatch` (baked prefetches, from tune's learned.json when given, else
@@ -114,6 +115,11 @@ CODE_PATHS: dict[str, CodePath] = {
                       "GGML_NATIVE=OFF, AVX2 + AVX512 F/VNNI/BF16/VBMI, F16C, FMA, BMI2, no AMX (as on Zen 4)"),
     "noamx-repack0": CodePath("noamx-repack0", "noamx", ("--repack", "0"), ("q4_0",),
                               "the no-AMX build with --repack 0 (Q4_0 through ggml_vec_dot_q4_0_q8_0)"),
+    # What an AMX CPU's token generation runs: the AMX buffer's batch-1 kernels (AVX512-VNNI for the quantized
+    # types, AVX512 for F16). `amppatch build --amx-batch1` compiles them on a CPU without AMX and runs them
+    # through the permission shim with -ub 1, so this path exists wherever AVX512-VNNI executes.
+    "amx": CodePath("amx", "amx", (), WEIGHT_TYPES,
+                    "native + --amx-batch1: the AMX buffer's batch-1 kernels (what an AMX CPU generates tokens with)"),
 }
 
 
@@ -584,7 +590,7 @@ def build_options_for(repo: Path, family: str, *, ref: str | None = None, kernel
 
     defines = NOAMX_DEFINES if family == "noamx" else ()
     return BuildOptions(repo=repo, ref=ref, name=name or None, kernel_cflags=kernel_cflags, defines=defines,
-                        pgo=bool(pgo_models), pgo_models=pgo_models)
+                        pgo=bool(pgo_models), pgo_models=pgo_models, amx_batch1=family == "amx")
 
 
 def is_cached(options: BuildOptions) -> bool:
@@ -769,8 +775,11 @@ def amppatch_branch(ctx: Context) -> tuple[str, str, dict[str, Any]]:
     if opts.learned:
         from amppatch.patch import ApplyOptions, apply
 
+        # The amx build compiles everything the native one does plus amx/mmq.cpp, whose kernels a learned.json
+        # may name; its compile commands decide the live #if branches for both.
+        stock = ctx.stock.get("amx") or ctx.stock["native"]
         res = apply(ApplyOptions(repo=ctx.repo, learned=opts.learned, build=False,
-                                 compile_db=ctx.stock["native"].dir / "compile_commands.json",
+                                 compile_db=stock.dir / "compile_commands.json",
                                  out=Path(opts.work) / "patches", gate=False))
         if res.branch is None:
             raise UsageError("apply --learned produced no branch", next_step="check learned.json")
@@ -887,6 +896,7 @@ class Context:
     stock: dict[str, Build] = field(default_factory=dict)
     builds: dict[tuple[str, str], Build] = field(default_factory=dict)  # (family, arm) -> build
     unavailable: dict[str, str] = field(default_factory=dict)  # arm -> reason (all families)
+    family_unavailable: dict[tuple[str, str], str] = field(default_factory=dict)  # (family, arm) -> reason
     labels: dict[str, str] = field(default_factory=dict)
     evidence: dict[str, Any] = field(default_factory=dict)
 
@@ -901,12 +911,25 @@ def prepare(options: BenchOptions, families: set[str]) -> Context:
     ctx.stock["native"] = locked_build(build_options_for(repo, "native", name="bench native stock"))
     if "noamx" in families:
         ctx.stock["noamx"] = locked_build(build_options_for(repo, "noamx", name="bench noamx stock"))
+    if "amx" in families:
+        try:  # refused on a CPU that cannot execute the kernels (no AVX512-VNNI): the path's rows say why
+            ctx.stock["amx"] = locked_build(build_options_for(repo, "amx", name="bench amx stock"))
+        except AmppatchError as exc:
+            progress(f"bench: code path amx unavailable: {exc.message}")
+            families = families - {"amx"}
+            for arm in ARMS:
+                ctx.family_unavailable[("amx", arm)] = f"code path amx: {exc.message}"
     for wt in WEIGHT_TYPES:
         ctx.models[wt] = synth_model(SynthOptions(shape=MODEL_SHAPE, type=wt, build=ctx.stock["native"]))
         ctx.gate_models[wt] = synth_model(SynthOptions(shape="tiny", type=wt, build=ctx.stock["native"]))
     for fam in families:
         ctx.builds[(fam, "stock")] = ctx.stock[fam]
     ctx.labels["stock"] = "the build as is"
+    if "amx" in families and not options.learned:
+        # The quick search profiles and races the native build; the AMX buffer's kernels never run there.
+        for arm in ("amppatch", "amppatch-pgo", "amppatch-hugepages"):
+            ctx.family_unavailable[("amx", arm)] = ("the quick search knows only the native build's kernels: pass "
+                                                    "--learned with a tune of the AMX kernels (tune --amx-batch1)")
     arms = set(options.arms)
     # PGO trains on the workload it is judged on: one run per 1.1B model, so each type's kernel sees its real
     # trip counts (a tiny model's 8-block dot products taught GCC the wrong loop layout: 0.70-0.85x).
@@ -953,6 +976,8 @@ def prepare(options: BenchOptions, families: set[str]) -> Context:
             branch, label, evidence = amppatch_branch(ctx)
             ctx.evidence["amppatch"] = {"branch": branch, **evidence}
             for fam in sorted(families):
+                if (fam, "amppatch") in ctx.family_unavailable:
+                    continue
                 if "amppatch" in arms:
                     ctx.builds[(fam, "amppatch")] = locked_build(build_options_for(
                         repo, fam, ref=branch, name=f"bench {fam} amppatch"))
@@ -973,7 +998,8 @@ def prepare(options: BenchOptions, families: set[str]) -> Context:
             ctx.unavailable["amppatch-hugepages"] = why
         else:
             for fam in sorted(families):
-                ctx.builds[(fam, "amppatch-hugepages")] = ctx.builds[(fam, "amppatch")]
+                if (fam, "amppatch") in ctx.builds:
+                    ctx.builds[(fam, "amppatch-hugepages")] = ctx.builds[(fam, "amppatch")]
     return ctx
 
 
@@ -1015,7 +1041,8 @@ def run_bench(options: BenchOptions) -> Path:
         "evidence": {**(previous.get("evidence") or {}), **json.loads(json.dumps(ctx.evidence, default=str))},
         "notes": [
             "On this CPU there is no AMX: the native path's Q4_0 goes through CPU_REPACK (gemv) and Q8_0/F16 "
-            "through ggml_vec_dot_*; the native rows are not AMX rows." if not has_amx() else
+            "through ggml_vec_dot_*; the native rows are not AMX rows. The amx rows run the AMX buffer's batch-1 "
+            "kernels (what an AMX CPU generates tokens with), built with --amx-batch1." if not has_amx() else
             "This CPU has AMX: the native path may route weights to the AMX buffer.",
         ],
         "runs": list(previous.get("runs") or []),
@@ -1029,7 +1056,13 @@ def run_bench(options: BenchOptions) -> Path:
     t_runs = time.monotonic()
     for i, group in enumerate(groups):
         path = CODE_PATHS[group.code_path]
-        arms, missing = arms_for(group, options.arms, {a: ctx.unavailable.get(a) for a in ARMS}, ctx.labels)
+        available = {a: ctx.family_unavailable.get((path.build, a)) or ctx.unavailable.get(a) for a in ARMS}
+        if available["stock"] is not None:  # the whole code path cannot run here
+            why = {a: available[a] or "" for a in ARMS if a in options.arms or a == "stock"}
+            results["rows"] = merge_rows(results["rows"], missing_rows(group, why))
+            _write(results, options)
+            continue
+        arms, missing = arms_for(group, options.arms, available, ctx.labels)
         used = time.monotonic() - t_runs
         share = time_share(budget_s - used, weights[group.id], [weights[g.id] for g in groups[i:]], 150.0)
         fixed = options.rounds if options.rounds is not None else (2 if options.quick else None)

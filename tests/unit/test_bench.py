@@ -16,7 +16,7 @@ from bench import compare
 
 def test_all_configurations_cover_types_paths_and_threads_headline_first() -> None:
     ids = [c.id for c in compare.all_configs()]
-    assert len(ids) == 3 * 2 + 3 * 2 + 1 * 2  # native, noamx, and Q4_0 with --repack 0 on noamx
+    assert len(ids) == 3 * 2 + 3 * 2 + 1 * 2 + 3 * 2  # native, noamx, Q4_0 with --repack 0 on noamx, amx
     assert len(set(ids)) == len(ids)
     assert ids[0] == "q8_0:native:1"
     assert "q4_0:noamx-repack0:2" in ids
@@ -35,7 +35,7 @@ def test_quick_runs_one_configuration_per_code_path() -> None:
         ("q8_0:noamx:1", ["q8_0:noamx:1"]),
         ("q8_0:native:1,q8_0:native:2", ["q8_0:native:1", "q8_0:native:2"]),
         ("*:noamx-repack0:*", ["q4_0:noamx-repack0:1", "q4_0:noamx-repack0:2"]),
-        ("f16:*:2", ["f16:native:2", "f16:noamx:2"]),
+        ("f16:*:2", ["f16:native:2", "f16:noamx:2", "f16:amx:2"]),
     ],
 )
 def test_only_selects_by_pattern(text: str, expected: list[str]) -> None:
@@ -242,3 +242,11 @@ def test_rows_get_the_4k_page_ceiling_and_render_only_rewrites_the_table(tmp_pat
         expected = 100.0 * r["gb_per_s"] / (34.0 if r["config"]["threads"] == 1 else 44.0)
         assert r["ceiling_4k_pct"] == pytest.approx(expected)
     assert "% of 4 KiB-page ceiling" in md.read_text() and "1 thread(s) 34.0 GB/s" in md.read_text()
+
+
+def test_amx_path_builds_the_amx_buffer_for_batch_one() -> None:
+    amx = compare.build_options_for(Path("/r"), "amx", name="x")
+    assert amx.amx_batch1 and amx.defines == ()
+    noamx = compare.build_options_for(Path("/r"), "noamx")
+    assert not noamx.amx_batch1 and ("GGML_AMX_INT8", "OFF") in noamx.defines
+    assert [c.id for c in compare.parse_only("*:amx:1")] == ["q8_0:amx:1", "q4_0:amx:1", "f16:amx:1"]
