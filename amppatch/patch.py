@@ -115,6 +115,10 @@ class ApplyOptions:
     gate_args: tuple[str, ...] = ()
     line_size: int | None = None  # cache line size; None = this machine's (sysfs), else 64
 
+    def __post_init__(self) -> None:
+        if isinstance(self.learned, (str, Path)):  # one file given the pre-tuple way
+            object.__setattr__(self, "learned", (Path(self.learned),))
+
 
 def parse_loop_key(text: str | int | None) -> int | str | None:
     """An ordinal ("3", 3), a source line ("L1330", "@1330", "line:1330"), or None/"" for the default."""
@@ -331,7 +335,7 @@ def plan_sites(requests: list[SiteRequest], analyses: dict[str, FunctionAnalysis
     planned: list[PlannedSite] = []
     skipped: list[Skipped] = []
     warnings: list[str] = []
-    seen: set[str] = set()
+    seen: dict[str, SiteRequest] = {}
     for req in requests:
         fa = analyses[req.function]
         loop = _select_loop(fa, req.loop)
@@ -370,9 +374,17 @@ def plan_sites(requests: list[SiteRequest], analyses: dict[str, FunctionAnalysis
             assert stream is not None
             key = f"{fa.function}#{loop.ordinal} {stream.expression}"
             if key in seen:
+                first = seen[key]
+                if (first.distance_bytes, first.hint) != (req.distance_bytes, req.hint):
+                    # Two spellings of one site (loop 0 / L1330, stream x / x[ib]) with different values:
+                    # there is no telling which to bake.
+                    raise UsageError(f"site {key} was requested twice with different values: "
+                                     f"{first.distance_bytes} B hint {first.hint} ({first.describe()}) and "
+                                     f"{req.distance_bytes} B hint {req.hint} ({req.describe()})",
+                                     next_step="keep one of the two requests (or learned.json files)")
                 warnings.append(f"site {key} requested twice; applied once")
                 continue
-            seen.add(key)
+            seen[key] = req
             lines = 1
             if stream.bytes_per_iteration is not None and stream.bytes_per_iteration > line_size:
                 lines = math.ceil(stream.bytes_per_iteration / line_size)
@@ -940,15 +952,16 @@ def apply(options: ApplyOptions) -> ApplyResult:
     requests, sources = _resolve_requests(options)
     warnings: list[str] = []
     what = "tune result" if options.learned else "profile"
-    for source in sources:
+    names = [str(p) for p in options.learned] if options.learned else [str(options.profile)]
+    for name, source in zip(names, sources, strict=False):
         theirs = (source.get("machine") or {}).get("cpu_model")
         ours = cpu_model()
         if theirs and ours and theirs != ours:
-            warnings.append(f"the {what} was measured on {theirs!r}, this CPU is {ours!r}: its distances and "
+            warnings.append(f"the {what} {name} was measured on {theirs!r}, this CPU is {ours!r}: its distances and "
                             f"hints may not fit here (re-{'tune' if options.learned else 'profile'} on this machine)")
         learned_base = source.get("base_commit") if options.learned else None
         if learned_base and learned_base != base:
-            warnings.append(f"learned.json was tuned on commit {learned_base[:12]}, the tree is at {base[:12]}: "
+            warnings.append(f"{name} was tuned on commit {learned_base[:12]}, the tree is at {base[:12]}: "
                             "the kernels may have changed (re-tune)")
     warnings = list(dict.fromkeys(warnings))  # several learned.json files from one machine say it once
     for req in requests:  # fail fast, before any build, on a function that does not exist

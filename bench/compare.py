@@ -69,6 +69,7 @@ THREADS = (1, 2)
 # amppatch-hugepages: the amppatch build with the hugepages arm's runtime; whether the two levers stack is
 # what an engineer who has both wants to know (neither needs the other).
 ARMS = ("stock", "gcc-prefetch", "pgo", "hugepages", "amppatch", "amppatch-pgo", "amppatch-hugepages")
+HUGEPAGE_ARMS = ("hugepages", "amppatch-hugepages")
 MODEL_SHAPE = "1b"
 
 # Zen 4's ISA as ggml's CMake options: AVX512 F/BW/DQ/VL (GGML_AVX512), VNNI, BF16, VBMI; no AVX-VNNI
@@ -330,8 +331,9 @@ def rows_from_report(report: dict[str, Any], group: RunGroup, arms: Sequence[Arm
 
 
 def small_page_ceiling(stream: Sequence[dict[str, Any]]) -> dict[int, float]:
-    """Best stream read per thread count on 4 KiB pages (any prefetch setting): the ceiling of an mmapped
-    model, whose weights sit on 4 KiB page-cache pages. The THP figure is the ceiling of the huge-page arms."""
+    """Best stream read per thread count on 4 KiB pages (any prefetch setting): the ceiling of weights on
+    4 KiB pages — an mmapped model's page cache always, malloc'd buffers (repack, AMX) unless THP is `always`.
+    The THP figure is the ceiling of the huge-page arms."""
     best: dict[int, float] = {}
     for m in stream:
         if not m.get("thp") and m.get("gbps"):
@@ -340,9 +342,10 @@ def small_page_ceiling(stream: Sequence[dict[str, Any]]) -> dict[int, float]:
 
 
 def add_page_ceiling(rows: list[dict[str, Any]], ceiling_4k: dict[int, float]) -> list[dict[str, Any]]:
-    """Each measured row's bandwidth as % of the 4 KiB-page ceiling at its thread count."""
+    """Each measured row's bandwidth as % of the 4 KiB-page ceiling at its thread count (not for the arms
+    that read their weights from huge pages: the THP ceiling is theirs)."""
     for r in rows:
-        ceil = ceiling_4k.get(int(r["config"]["threads"]))
+        ceil = None if r["arm"] in HUGEPAGE_ARMS else ceiling_4k.get(int(r["config"]["threads"]))
         gbps = r.get("gb_per_s")
         r["ceiling_4k_gbps"] = ceil
         r["ceiling_4k_pct"] = 100.0 * gbps / ceil if ceil and gbps is not None else None
@@ -769,15 +772,30 @@ def _apply(ctx: Context, profile_path: Path, *, tunable: bool) -> tuple[str, dic
     return res.branch, json.loads(res.manifest_path.read_text())
 
 
+def learned_names_amx(paths: Sequence[Path]) -> bool:
+    """Whether a learned.json keeps a site in the AMX buffer's sources (ggml-cpu/amx/)."""
+    for path in paths:
+        data = _read_json(Path(path)) or {}
+        if any(s.get("kept") and "/amx/" in str(s.get("file") or "") for s in data.get("sites", [])):
+            return True
+    return False
+
+
 def amppatch_branch(ctx: Context) -> tuple[str, str, dict[str, Any]]:
     """(branch, label, evidence) of the baked amppatch arm."""
     opts = ctx.options
     if opts.learned:
         from amppatch.patch import ApplyOptions, apply
 
-        # The amx build compiles everything the native one does plus amx/mmq.cpp, whose kernels a learned.json
-        # may name; its compile commands decide the live #if branches for both.
-        stock = ctx.stock.get("amx") or ctx.stock["native"]
+        # A learned.json naming an AMX-buffer kernel needs the amx build's compile commands (only it compiles
+        # amx/mmq.cpp; for the other files it adds the AMX flags, which no vec_dot/repack #if tests). Chosen by
+        # what the files name, not by --only, so one set of learned files always bakes one branch.
+        stock = ctx.stock["native"]
+        if learned_names_amx(opts.learned):
+            if "amx" not in ctx.stock:
+                with contextlib.suppress(UsageError):  # a CPU without VNNI: apply then reports the AMX sites dead
+                    ctx.stock["amx"] = locked_build(build_options_for(ctx.repo, "amx", name="bench amx stock"))
+            stock = ctx.stock.get("amx", stock)
         res = apply(ApplyOptions(repo=ctx.repo, learned=opts.learned, build=False,
                                  compile_db=stock.dir / "compile_commands.json",
                                  out=Path(opts.work) / "patches", gate=False))
@@ -914,7 +932,7 @@ def prepare(options: BenchOptions, families: set[str]) -> Context:
     if "amx" in families:
         try:  # refused on a CPU that cannot execute the kernels (no AVX512-VNNI): the path's rows say why
             ctx.stock["amx"] = locked_build(build_options_for(repo, "amx", name="bench amx stock"))
-        except AmppatchError as exc:
+        except UsageError as exc:  # a compile failure is not a property of the CPU: it propagates
             progress(f"bench: code path amx unavailable: {exc.message}")
             families = families - {"amx"}
             for arm in ARMS:
@@ -925,11 +943,12 @@ def prepare(options: BenchOptions, families: set[str]) -> Context:
     for fam in families:
         ctx.builds[(fam, "stock")] = ctx.stock[fam]
     ctx.labels["stock"] = "the build as is"
-    if "amx" in families and not options.learned:
-        # The quick search profiles and races the native build; the AMX buffer's kernels never run there.
+    if "amx" in families and not learned_names_amx(options.learned):
+        # The quick search profiles and races the native build, where the AMX buffer's kernels never run; an
+        # amppatch arm without them would time the stock AMX kernels under amppatch's name.
         for arm in ("amppatch", "amppatch-pgo", "amppatch-hugepages"):
-            ctx.family_unavailable[("amx", arm)] = ("the quick search knows only the native build's kernels: pass "
-                                                    "--learned with a tune of the AMX kernels (tune --amx-batch1)")
+            ctx.family_unavailable[("amx", arm)] = ("no --learned names an AMX-buffer kernel: tune them with "
+                                                    "`amppatch tune --amx-batch1` and pass that learned.json")
     arms = set(options.arms)
     # PGO trains on the workload it is judged on: one run per 1.1B model, so each type's kernel sees its real
     # trip counts (a tiny model's 8-block dot products taught GCC the wrong loop layout: 0.70-0.85x).
@@ -971,7 +990,8 @@ def prepare(options: BenchOptions, families: set[str]) -> Context:
             ctx.labels["gcc-prefetch"] = ("stock + -fprefetch-loop-arrays (ggml-cpu only) with the grid winner per "
                                           "weight type: " + "; ".join(f"{t}: {p}" for t, p in grid["per_type"].items()))
         attempt("gcc-prefetch", gcc)
-    if "amppatch" in arms or "amppatch-pgo" in arms:
+    wants_amppatch = any((fam, "amppatch") not in ctx.family_unavailable for fam in families)
+    if ("amppatch" in arms or "amppatch-pgo" in arms) and wants_amppatch:
         def amp() -> None:
             branch, label, evidence = amppatch_branch(ctx)
             ctx.evidence["amppatch"] = {"branch": branch, **evidence}
@@ -985,9 +1005,11 @@ def prepare(options: BenchOptions, families: set[str]) -> Context:
                     ctx.builds[(fam, "amppatch-pgo")] = locked_build(build_options_for(
                         repo, fam, ref=branch, pgo_models=pgo_models, name=f"bench {fam} amppatch pgo"))
             ctx.labels["amppatch"] = f"{label}, branch {branch}"
-            ctx.labels["amppatch-pgo"] = f"{label} + PGO as in `pgo`"
-            ctx.labels["amppatch-hugepages"] = "the `amppatch` build with the `hugepages` arm's runtime (-lm none, " \
-                                               "glibc.malloc.hugetlb=1)"
+            if "amppatch-pgo" in arms:
+                ctx.labels["amppatch-pgo"] = f"{label} + PGO as in `pgo`"
+            if "amppatch-hugepages" in arms:
+                ctx.labels["amppatch-hugepages"] = ("the `amppatch` build with the `hugepages` arm's runtime "
+                                                    "(-lm none, glibc.malloc.hugetlb=1)")
         attempt("amppatch", amp)
         if "amppatch" in ctx.unavailable:
             ctx.unavailable["amppatch-pgo"] = ctx.unavailable["amppatch"]
@@ -1041,8 +1063,9 @@ def run_bench(options: BenchOptions) -> Path:
         "evidence": {**(previous.get("evidence") or {}), **json.loads(json.dumps(ctx.evidence, default=str))},
         "notes": [
             "On this CPU there is no AMX: the native path's Q4_0 goes through CPU_REPACK (gemv) and Q8_0/F16 "
-            "through ggml_vec_dot_*; the native rows are not AMX rows. The amx rows run the AMX buffer's batch-1 "
-            "kernels (what an AMX CPU generates tokens with), built with --amx-batch1." if not has_amx() else
+            "through ggml_vec_dot_*; the native rows are not AMX rows."
+            + (" The amx rows run the AMX buffer's batch-1 kernels (what an AMX CPU generates tokens with), built "
+               "with --amx-batch1." if "amx" in ctx.stock else "") if not has_amx() else
             "This CPU has AMX: the native path may route weights to the AMX buffer.",
         ],
         "runs": list(previous.get("runs") or []),
@@ -1052,6 +1075,9 @@ def run_bench(options: BenchOptions) -> Path:
     results["machine"]["ceiling_4k_gbps"] = {str(k): v for k, v in ceiling_4k.items()}
     models_bytes = {wt: p.stat().st_size for wt, p in ctx.models.items()}
     weights = run_weights(groups, models_bytes)
+    for g in groups:  # a path that cannot run here takes no share of the budget
+        if ctx.family_unavailable.get((CODE_PATHS[g.code_path].build, "stock")):
+            weights[g.id] = 0.0
     budget_s = options.budget_minutes * 60
     t_runs = time.monotonic()
     for i, group in enumerate(groups):
@@ -1059,7 +1085,9 @@ def run_bench(options: BenchOptions) -> Path:
         available = {a: ctx.family_unavailable.get((path.build, a)) or ctx.unavailable.get(a) for a in ARMS}
         if available["stock"] is not None:  # the whole code path cannot run here
             why = {a: available[a] or "" for a in ARMS if a in options.arms or a == "stock"}
-            results["rows"] = merge_rows(results["rows"], missing_rows(group, why))
+            measured = {(r["config"]["id"], r["arm"]) for r in results["rows"] if r.get("median_tok_s") is not None}
+            rows = [r for r in missing_rows(group, why) if (r["config"]["id"], r["arm"]) not in measured]
+            results["rows"] = merge_rows(results["rows"], rows)  # rows measured on an earlier run stay
             _write(results, options)
             continue
         arms, missing = arms_for(group, options.arms, available, ctx.labels)
@@ -1118,9 +1146,10 @@ def render_only(options: BenchOptions) -> Path:
     machine = results.setdefault("machine", {})
     if not machine.get("ceiling_4k_gbps"):
         with measure_lock("machine probe"):
-            ceiling_4k = small_page_ceiling(probe_machine().stream)  # cached per CPU: no timing when present
-        machine["ceiling_4k_gbps"] = {str(k): v for k, v in ceiling_4k.items()}
-    ceiling_4k = {int(k): float(v) for k, v in machine["ceiling_4k_gbps"].items()}
+            info = probe_machine()  # cached per CPU: measures only when this CPU has no probe yet
+        if info.cpu_model == machine.get("cpu_model"):  # another machine's results keep "not recorded"
+            machine["ceiling_4k_gbps"] = {str(k): v for k, v in small_page_ceiling(info.stream).items()}
+    ceiling_4k = {int(k): float(v) for k, v in (machine.get("ceiling_4k_gbps") or {}).items()}
     add_page_ceiling([r for r in results["rows"] if r.get("median_tok_s") is not None], ceiling_4k)
     _write(results, options)
     return Path(options.results)
@@ -1160,7 +1189,7 @@ def parse_args(argv: Sequence[str]) -> BenchOptions:
     p.add_argument("--work", type=Path, help="work dir for profiles, decisions, reports (default: cache/bench)")
     p.add_argument("--render-only", action="store_true",
                    help="only regenerate the Markdown section from --results (after a change to the table); "
-                        "times nothing")
+                        "times nothing (the machine probe runs once if this CPU has none cached)")
     a = p.parse_args(list(argv))
     return BenchOptions(
         repo=a.repo, only=tuple(x for s in a.only for x in s.split(",") if x.strip()), quick=a.quick,

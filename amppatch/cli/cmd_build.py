@@ -41,6 +41,9 @@ def add_build_arguments(parser: argparse.ArgumentParser) -> None:
 
 def build_options_from_args(args: argparse.Namespace, **overrides: object) -> BuildOptions:
     pgo_models = tuple(args.pgo_model)
+    if pgo_models and not args.pgo:
+        raise UsageError("--pgo-model is the training model of a PGO build",
+                         next_step="add --pgo (or drop --pgo-model)")
     if args.pgo and not pgo_models:
         from amppatch.model import SynthOptions, synth_model
 

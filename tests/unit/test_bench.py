@@ -250,3 +250,16 @@ def test_amx_path_builds_the_amx_buffer_for_batch_one() -> None:
     noamx = compare.build_options_for(Path("/r"), "noamx")
     assert not noamx.amx_batch1 and ("GGML_AMX_INT8", "OFF") in noamx.defines
     assert [c.id for c in compare.parse_only("*:amx:1")] == ["q8_0:amx:1", "q4_0:amx:1", "f16:amx:1"]
+
+
+def test_huge_page_arms_are_not_held_to_the_4k_ceiling_and_amx_tunes_are_recognised(tmp_path: Path) -> None:
+    group = compare.group_runs(compare.parse_only("q8_0:native:1"))[0]
+    rows = compare.rows_from_report(_report(), group, [compare.ArmDef("stock", "stock"), compare.hugepages_arm()])
+    for r in rows:
+        r["gb_per_s"] = 30.0
+    compare.add_page_ceiling(rows, {1: 34.0})
+    assert [r["ceiling_4k_pct"] is None for r in rows] == [False, True]
+    vec, amx = tmp_path / "vec.json", tmp_path / "amx.json"
+    vec.write_text(json.dumps({"sites": [{"kept": True, "file": "ggml/src/ggml-cpu/arch/x86/quants.c"}]}))
+    amx.write_text(json.dumps({"sites": [{"kept": True, "file": "ggml/src/ggml-cpu/amx/mmq.cpp"}]}))
+    assert not compare.learned_names_amx([vec]) and compare.learned_names_amx([vec, amx])

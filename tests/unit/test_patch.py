@@ -182,6 +182,16 @@ def test_apply_twice_no_change(tree: Path) -> None:
     assert loop.prefetches and all(p.by_amppatch for p in loop.prefetches)
 
 
+def test_one_site_spelled_twice_with_different_values_is_refused(tree: Path) -> None:
+    """Loop 0 and loop L39 are the same loop: baking one of two tuned values silently would be a guess."""
+    same = [parse_site_spec("fx_dot_blocks:0", 4096, 3), parse_site_spec("fx_dot_blocks", 4096, 3)]
+    plan = plan_sites(same, analyze_requests(tree, same, None), 64)
+    assert len(plan.sites) == 1 and any("requested twice" in w for w in plan.warnings)
+    differ = [parse_site_spec("fx_dot_blocks:0", 4096, 3), parse_site_spec("fx_dot_blocks", 8192, 0)]
+    with pytest.raises(UsageError, match=r"requested twice with different values: 4096 B hint 3 .* 8192 B hint 0"):
+        plan_sites(differ, analyze_requests(tree, differ, None), 64)
+
+
 TILE_SPECS = ["fx_tile_kernel<float, fx_tile_block, COLS_T>::apply::*", "fx_tile_kernel<float, uint16_t>::apply::*",
               "fx_direct_lambda::*"]
 
