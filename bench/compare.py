@@ -38,6 +38,7 @@ import json
 import os
 import platform
 import re
+import statistics
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -324,10 +325,36 @@ def rows_from_report(report: dict[str, Any], group: RunGroup, arms: Sequence[Arm
                                resolution=comp.get("resolution"), p_value=comp.get("p_value"))
                     if comp.get("unavailable"):
                         row["failed"] = row["failed"] or comp["unavailable"]
+            if arm.name == "amppatch" and report.get("samples"):
+                row["vs_best_other"] = amppatch_vs_best_other(report, sid, min_effect=float(
+                    (report.get("options") or {}).get("min_effect") or 0.03))
             if extra:
                 row.update(extra)
             rows.append(row)
     return rows
+
+
+def amppatch_vs_best_other(report: dict[str, Any], setting: str, *, min_effect: float,
+                           seed: int = 0) -> dict[str, Any] | None:
+    """The amppatch arm against the fastest arm that is not amppatch's (by median, stock included), paired by
+    block from the report's raw samples: issue 7's "never measurably slower than any other arm"."""
+    from amppatch.abtest import Sample, compare_arms
+
+    fields = {f.name for f in dataclasses.fields(Sample)}
+    samples = [Sample(**{k: v for k, v in s.items() if k in fields}) for s in report.get("samples", [])
+               if s.get("setting") == setting and s.get("ns")]
+    arms = {s.arm for s in samples}
+    if "amppatch" not in arms:
+        return None
+    others = sorted(a for a in arms if not a.startswith("amppatch"))
+    if not others:
+        return None
+    medians = {a: statistics.median(x.tok_s for x in samples if x.arm == a) for a in others}
+    best = max(others, key=lambda a: medians[a])
+    comp = compare_arms(samples, best, "amppatch", setting, min_effect=min_effect, seed=seed, n_boot=4000)
+    if comp is None:
+        return None
+    return {"arm": best, "ratio": comp.ratio, "ci95": [comp.ci_low, comp.ci_high], "verdict": comp.verdict}
 
 
 def small_page_ceiling(stream: Sequence[dict[str, Any]]) -> dict[int, float]:
@@ -430,6 +457,13 @@ def render_markdown(results: dict[str, Any]) -> str:
             lines.append(f"| {cid} | {r['arm']} | {_fmt(r.get('median_tok_s'), '.2f')} | {ratio} | "
                          f"{r.get('verdict') or ''} | {_fmt(r.get('gb_per_s'), '.1f')} | "
                          f"{_fmt(r.get('ceiling_pct'), '.0f')} | {_fmt(r.get('ceiling_4k_pct'), '.0f')} |")
+    versus = [(cid, r["vs_best_other"]) for cid, crows in configs.items() for r in crows
+              if r["arm"] == "amppatch" and r.get("vs_best_other")]
+    if versus:
+        lines.append("")
+        lines.append("amppatch against the fastest arm that is not amppatch's (paired by block, same run): "
+                     + "; ".join(f"`{cid}` vs {v['arm']} {v['ratio']:.3f} [{v['ci95'][0]:.3f}, {v['ci95'][1]:.3f}] "
+                                 f"{v['verdict']}" for cid, v in versus) + ".")
     not_run = [c.id for c in all_configs() if c.id not in configs]
     if not_run:
         lines.append("")
@@ -1151,6 +1185,12 @@ def render_only(options: BenchOptions) -> Path:
             machine["ceiling_4k_gbps"] = {str(k): v for k, v in small_page_ceiling(info.stream).items()}
     ceiling_4k = {int(k): float(v) for k, v in (machine.get("ceiling_4k_gbps") or {}).items()}
     add_page_ceiling([r for r in results["rows"] if r.get("median_tok_s") is not None], ceiling_4k)
+    for r in results["rows"]:  # rows of runs made before the comparison existed: from their raw samples
+        report = Path(r.get("report") or "", "report.json")
+        if r["arm"] == "amppatch" and "vs_best_other" not in r and r.get("setting") and report.is_file():
+            data = json.loads(report.read_text())
+            r["vs_best_other"] = amppatch_vs_best_other(data, r["setting"], min_effect=float(
+                (data.get("options") or {}).get("min_effect") or 0.03))
     _write(results, options)
     return Path(options.results)
 

@@ -263,3 +263,17 @@ def test_huge_page_arms_are_not_held_to_the_4k_ceiling_and_amx_tunes_are_recogni
     vec.write_text(json.dumps({"sites": [{"kept": True, "file": "ggml/src/ggml-cpu/arch/x86/quants.c"}]}))
     amx.write_text(json.dumps({"sites": [{"kept": True, "file": "ggml/src/ggml-cpu/amx/mmq.cpp"}]}))
     assert not compare.learned_names_amx([vec]) and compare.learned_names_amx([vec, amx])
+
+
+def test_amppatch_is_compared_with_the_fastest_other_arm_by_block() -> None:
+    samples = []
+    for block in range(4):
+        for arm, ns in (("stock", 1000), ("hugepages", 800), ("amppatch", 900), ("amppatch-pgo", 500)):
+            for rep in range(2):
+                samples.append({"round": block, "block": block, "slot": 0, "arm": arm, "setting": "tg32-t1",
+                                "rep": rep, "ns": ns + 10 * rep + block, "n_tokens": 32})
+    v = compare.amppatch_vs_best_other({"samples": samples}, "tg32-t1", min_effect=0.03)
+    # amppatch's own variants do not count; hugepages is the fastest other arm and amppatch is 8/9 of it
+    assert v is not None and v["arm"] == "hugepages"
+    assert v["ratio"] == pytest.approx(800 / 900, rel=0.02) and v["ci95"][1] < 1 and v["verdict"] == "slower"
+    assert compare.amppatch_vs_best_other({"samples": samples}, "tg32-t2", min_effect=0.03) is None
