@@ -408,7 +408,8 @@ def render_markdown(results: dict[str, Any]) -> str:
                  f"Stream-read ceiling (machine probe, best of plain/THP/prefetch): "
                  + ", ".join(f"{k} thread(s) {v:.1f} GB/s" for k, v in sorted(
                      (int(k), float(v)) for k, v in (meta.get("ceiling_gbps") or {}).items())) + "; on 4 KiB "
-                 "pages (where mmapped weights live; the huge-page arms are held to the first): "
+                 "pages (where mmapped weights live, and malloc'd weight buffers unless THP is `always`; the huge-page "
+                 "arms are held to the first): "
                  + (", ".join(f"{k} thread(s) {v:.1f} GB/s" for k, v in sorted(
                      (int(k), float(v)) for k, v in (meta.get("ceiling_4k_gbps") or {}).items())) or "not recorded")
                  + ".")
