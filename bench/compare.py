@@ -71,6 +71,9 @@ THREADS = (1, 2)
 # what an engineer who has both wants to know (neither needs the other).
 ARMS = ("stock", "gcc-prefetch", "pgo", "hugepages", "amppatch", "amppatch-pgo", "amppatch-hugepages")
 HUGEPAGE_ARMS = ("hugepages", "amppatch-hugepages")
+AMPPATCH_ARMS = ("amppatch", "amppatch-pgo", "amppatch-hugepages")
+NO_AMX_TUNE = ("no --learned names this weight type's AMX-buffer kernel: tune it with `amppatch tune --amx-batch1` "
+               "and pass that learned.json")
 MODEL_SHAPE = "1b"
 
 # Zen 4's ISA as ggml's CMake options: AVX512 F/BW/DQ/VL (GGML_AVX512), VNNI, BF16, VBMI; no AVX-VNNI
@@ -807,13 +810,17 @@ def _apply(ctx: Context, profile_path: Path, *, tunable: bool) -> tuple[str, dic
     return res.branch, json.loads(res.manifest_path.read_text())
 
 
-def learned_names_amx(paths: Sequence[Path]) -> bool:
-    """Whether a learned.json keeps a site in the AMX buffer's sources (ggml-cpu/amx/)."""
+def learned_amx_types(paths: Sequence[Path]) -> set[str]:
+    """The weight types whose AMX-buffer kernel (ggml-cpu/amx/) a learned.json keeps a tuned site in."""
+    from amppatch.patch import model_type_for
+
+    types: set[str] = set()
     for path in paths:
         data = _read_json(Path(path)) or {}
-        if any(s.get("kept") and "/amx/" in str(s.get("file") or "") for s in data.get("sites", [])):
-            return True
-    return False
+        for site in data.get("sites", []):
+            if site.get("kept") and "/amx/" in str(site.get("file") or ""):
+                types.add(model_type_for(str(site.get("function") or "")) or "?")
+    return types
 
 
 def amppatch_branch(ctx: Context) -> tuple[str, str, dict[str, Any]]:
@@ -826,7 +833,7 @@ def amppatch_branch(ctx: Context) -> tuple[str, str, dict[str, Any]]:
         # amx/mmq.cpp; for the other files it adds the AMX flags, which no vec_dot/repack #if tests). Chosen by
         # what the files name, not by --only, so one set of learned files always bakes one branch.
         stock = ctx.stock["native"]
-        if learned_names_amx(opts.learned):
+        if learned_amx_types(opts.learned):
             if "amx" not in ctx.stock:
                 with contextlib.suppress(UsageError):  # a CPU without VNNI: apply then reports the AMX sites dead
                     ctx.stock["amx"] = locked_build(build_options_for(ctx.repo, "amx", name="bench amx stock"))
@@ -950,6 +957,7 @@ class Context:
     builds: dict[tuple[str, str], Build] = field(default_factory=dict)  # (family, arm) -> build
     unavailable: dict[str, str] = field(default_factory=dict)  # arm -> reason (all families)
     family_unavailable: dict[tuple[str, str], str] = field(default_factory=dict)  # (family, arm) -> reason
+    amx_types: set[str] = field(default_factory=set)  # weight types whose AMX kernel a learned.json tuned
     labels: dict[str, str] = field(default_factory=dict)
     evidence: dict[str, Any] = field(default_factory=dict)
 
@@ -978,12 +986,12 @@ def prepare(options: BenchOptions, families: set[str]) -> Context:
     for fam in families:
         ctx.builds[(fam, "stock")] = ctx.stock[fam]
     ctx.labels["stock"] = "the build as is"
-    if "amx" in families and not learned_names_amx(options.learned):
+    ctx.amx_types = learned_amx_types(options.learned)
+    if "amx" in families and not ctx.amx_types:
         # The quick search profiles and races the native build, where the AMX buffer's kernels never run; an
         # amppatch arm without them would time the stock AMX kernels under amppatch's name.
-        for arm in ("amppatch", "amppatch-pgo", "amppatch-hugepages"):
-            ctx.family_unavailable[("amx", arm)] = ("no --learned names an AMX-buffer kernel: tune them with "
-                                                    "`amppatch tune --amx-batch1` and pass that learned.json")
+        for arm in AMPPATCH_ARMS:
+            ctx.family_unavailable[("amx", arm)] = NO_AMX_TUNE
     arms = set(options.arms)
     # PGO trains on the workload it is judged on: one run per 1.1B model, so each type's kernel sees its real
     # trip counts (the tiny model's 8-block dot products were the first suspect for PGO's Q8_0 slowdown; the
@@ -1119,6 +1127,8 @@ def run_bench(options: BenchOptions) -> Path:
     for i, group in enumerate(groups):
         path = CODE_PATHS[group.code_path]
         available = {a: ctx.family_unavailable.get((path.build, a)) or ctx.unavailable.get(a) for a in ARMS}
+        if path.build == "amx" and group.weight_type not in ctx.amx_types:
+            available.update(dict.fromkeys(AMPPATCH_ARMS, NO_AMX_TUNE))  # its AMX kernel would run unpatched
         if available["stock"] is not None:  # the whole code path cannot run here
             why = {a: available[a] or "" for a in ARMS if a in options.arms or a == "stock"}
             measured = {(r["config"]["id"], r["arm"]) for r in results["rows"] if r.get("median_tok_s") is not None}
