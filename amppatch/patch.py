@@ -953,9 +953,9 @@ def apply(options: ApplyOptions) -> ApplyResult:
     warnings: list[str] = []
     what = "tune result" if options.learned else "profile"
     names = [str(p) for p in options.learned] if options.learned else [str(options.profile)]
+    ours = cpu_model()
     for name, source in zip(names, sources, strict=False):
         theirs = (source.get("machine") or {}).get("cpu_model")
-        ours = cpu_model()
         if theirs and ours and theirs != ours:
             warnings.append(f"the {what} {name} was measured on {theirs!r}, this CPU is {ours!r}: its distances and "
                             f"hints may not fit here (re-{'tune' if options.learned else 'profile'} on this machine)")
@@ -963,7 +963,7 @@ def apply(options: ApplyOptions) -> ApplyResult:
         if learned_base and learned_base != base:
             warnings.append(f"{name} was tuned on commit {learned_base[:12]}, the tree is at {base[:12]}: "
                             "the kernels may have changed (re-tune)")
-    warnings = list(dict.fromkeys(warnings))  # several learned.json files from one machine say it once
+    warnings = list(dict.fromkeys(warnings))  # the same learned.json passed twice warns once
     for req in requests:  # fail fast, before any build, on a function that does not exist
         owner, member = split_member(req.function)
         if not find_function_files(repo, member if owner is not None else split_specialization(member)[0]):
