@@ -6,8 +6,8 @@
   earliest pointer parameter (the weight row of a ggml vec_dot). ``--profile profile.json`` takes the
   profile's ``sites`` (``function``, ``loop``, ``stream``, ``distance_bytes``, ``hint``, ``inputs``).
 * **Defaults** for manual sites: 2048 bytes ahead, locality 3 (``DEFAULT_DISTANCE``, ``DEFAULT_HINT``). The
-  hand experiment that motivated amppatch prefetched the Q8_0 weight stream "a few KiB" ahead with
-  locality 3 at 1 thread (~1.5x); 2 KiB is ~60 Q8_0 blocks, several memory latencies of consumption at
+  Q8_0 weight stream gains most from a prefetch several KiB ahead with locality 3 at 1 thread
+  (docs/RESULTS.md, "tune"); 2 KiB is ~60 Q8_0 blocks, several memory latencies of consumption at
   one thread's streaming rate, and still well inside the L1/L2 reach of the hardware prefetchers' pages.
 * **Rendering** uses the Jinja templates in ``amppatch/templates`` with StrictUndefined; each inserted line
   carries ``/* amppatch: <site key> ... */``. Edits are spliced in reverse byte order; the file is

@@ -20,7 +20,7 @@ settings of that run, every arm raced against `stock` of the same code path:
 Budget: the timed runs share `--budget` minutes; each run gets ab-test's `max_time` stop rule with a share of
 what is left (weighted by its expected cost), so runs that turn decisive early leave their time to later,
 noisier ones. Every timing run and every uncached build holds an exclusive flock on
-/tmp/amppatch-measure.lock (other agents measure on the same cores). Results: `bench/results.json` (rows with
+/tmp/amppatch-measure.lock (other measurements may share the same cores). Results: `bench/results.json` (rows with
 `config`, `arm`, `median_tok_s`, `ratio`, `ci95`, `ceiling_pct`, ...; `--only` replaces just its rows) and
 the section "bench: side by side" of docs/RESULTS.md (regenerated between markers). Progress on stderr; the
 last stdout line is the results.json path.
@@ -339,7 +339,7 @@ def rows_from_report(report: dict[str, Any], group: RunGroup, arms: Sequence[Arm
 def amppatch_vs_best_other(report: dict[str, Any], setting: str, *, min_effect: float | None = None,
                            seed: int = 0) -> dict[str, Any] | None:
     """The amppatch arm against the fastest arm that is not amppatch's (by median, stock included), paired by
-    block from the report's raw samples: issue 7's "never measurably slower than any other arm". The effect
+    block from the report's raw samples: is amppatch "never measurably slower than any other arm"? The effect
     size is the run's own unless given."""
     from amppatch.abtest import Sample, compare_arms
 
@@ -567,7 +567,7 @@ def resolve_options(options: BenchOptions) -> BenchOptions:
 
 @contextlib.contextmanager
 def measure_lock(what: str) -> Iterator[None]:
-    """Exclusive flock on the shared measurement lock: no timing run overlaps another agent's heavy work."""
+    """Exclusive flock on the shared measurement lock: no timing run overlaps another process's heavy work."""
     fd = os.open(MEASURE_LOCK, os.O_RDWR | os.O_CREAT, 0o666)
     try:
         try:

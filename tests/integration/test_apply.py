@@ -290,7 +290,7 @@ def test_other_kernels_end_to_end(llama_repo: Path, native_build, function: str,
 ])
 def test_repack_gemv_end_to_end(llama_repo: Path, native_build, site: str, fixture: str, function: str,
                                 bytes_per_iteration: int, request: pytest.FixtureRequest, tmp_path: Path) -> None:
-    """Issue #4: the repack GEMVs (weights in the CPU_REPACK buffer, i.e. without --repack 0) patch, build,
+    """The repack GEMVs (weights in the CPU_REPACK buffer, i.e. without --repack 0) patch, build,
     pass the gate, run, and hold prefetches in that one function only."""
     model = request.getfixturevalue(fixture)
     manifest = _real_kernel(llama_repo, native_build, model, site, tmp_path)
@@ -302,7 +302,7 @@ def test_repack_gemv_end_to_end(llama_repo: Path, native_build, site: str, fixtu
 @pytest.mark.slow
 def test_flash_attention_kv_loop_end_to_end(llama_repo: Path, native_build, tiny_model_q8_0: Path,
                                             tmp_path: Path) -> None:
-    """Issue #4: the KV-position loop of flash attention; the K row pointer is declared in the loop body, so
+    """The KV-position loop of flash attention; the K row pointer is declared in the loop body, so
     the prefetch goes right after its declaration. `-fa on` makes the kernel run in the gate."""
     site = "ggml_compute_forward_flash_attn_ext_f16_one_chunk:1:k_data"
     manifest = _real_kernel(llama_repo, native_build, tiny_model_q8_0, site, tmp_path, sized=False,
@@ -327,8 +327,9 @@ _PART_TWO_SITES = ("ggml_gemv_q4_0_8x8_q8_0", "ggml_gemv_q4_K_8x8_q8_K",
 
 @pytest.mark.slow
 def test_part_two_sites_all_at_once(llama_repo: Path, native_build, tmp_path: Path) -> None:
-    """Every kernel of issue #4 that runs here, patched in one build: it builds, and the gate (one run per
-    weight type: Q4_0 and Q4_K synthetic models, flash attention on) passes with every function hit."""
+    """Every repack-GEMV and flash-attention kernel that runs here, patched in one build: it builds, and the
+    gate (one run per weight type: Q4_0 and Q4_K synthetic models, flash attention on) passes with every
+    function hit."""
     result = apply(ApplyOptions(repo=llama_repo, sites=_PART_TWO_SITES, out=tmp_path / "out",
                                 gate_args=("-fa", "on")))
     try:
@@ -378,7 +379,7 @@ def test_tunable_knobs_reach_their_own_site_only(llama_repo: Path, native_build,
         _cleanup_branch(llama_repo, result.branch)
 
 
-# The AMX buffer's batch-1 kernels (issue #4): class-template partial specializations whose k loop hands
+# The AMX buffer's batch-1 kernels: class-template partial specializations whose k loop hands
 # its index to a lambda through Unroll<N>; they run on this CPU in an --amx-batch1 build (gate: -ub 1).
 _AMX_SITES = [
     ("tinygemm_kernel_vnni<block_q8_0, block_q8_0>::apply", "tiny_model_q8_0"),

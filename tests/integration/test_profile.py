@@ -107,7 +107,7 @@ def test_cachegrind_backend_on_a_small_program(stress: dict[str, Path], tmp_path
 @pytest.mark.parametrize("repack", [1, 0])
 def test_1b_hot_kernel_and_site(native_build: Build, llama_repo: Path, weight_type: str, repack: int,
                                 tmp_path: Path) -> None:
-    """The issue's criterion on the 1.1B shape at 1 thread: a real kernel is hottest and gets a site whose
+    """The acceptance criterion on the 1.1B shape at 1 thread: a real kernel is hottest and gets a site whose
     distance and hint come with their inputs. Which kernel depends on the CPU (AMX or not), except that
     --repack 0 turns the extra buffers off, so Q8_0 and F16 must then take their vec_dot kernels."""
     from amppatch.model import SynthOptions, synth_model

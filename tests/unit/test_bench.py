@@ -119,7 +119,7 @@ def _report() -> dict:
     }
 
 
-def test_rows_carry_the_issue_fields_per_configuration_and_arm() -> None:
+def test_rows_carry_the_documented_fields_per_configuration_and_arm() -> None:
     group = compare.group_runs(compare.parse_only("q8_0:native:*"))[0]
     arms = [compare.ArmDef("stock", "stock", label="as is"), compare.ArmDef("amppatch", "amppatch", label="amp")]
     rows = compare.rows_from_report(_report(), group, arms, {"report": "/r"})

@@ -173,7 +173,7 @@ def test_budget_estimates_from_measured_batches() -> None:
 
 
 def test_search_finds_hint_3_a_few_kib_ahead_against_a_hint_0_start() -> None:
-    """The hand experiment's shape: hint 3 at 4 KiB ~1.5x, hint 0 gains far less, twice the distance is
+    """A peaked response: hint 3 at 4 KiB ~1.5x, hint 0 gains far less, twice the distance is
     worse. The profile says hint 0; the search must overturn it."""
     clock = FakeClock()
     probe = FakeProbe(peaked(4096, 3), clock)
