@@ -20,6 +20,9 @@ ROOT = Path(__file__).resolve().parents[2]
 # Never scanned: version control, build outputs, caches, environments (plus the patterns of .gitignore).
 SKIP_DIRS = {".git", "build", "dist", ".venv", "venv", "node_modules", "__pycache__", ".pytest_cache",
              ".ruff_cache", ".mypy_cache", ".tox"}
+# What amppatch's commands write into the current directory by default (ab-test, apply, run, tune, profile):
+# run outputs of whoever ran them in the checkout, never committed. Skipped at the top level only.
+DEFAULT_OUTPUTS = ("abtest-*", "amppatch-out", "amppatch-run", "amppatch-tune", "profile.json", "overhead.json")
 # This file spells out the words it looks for.
 SELF = Path(__file__).resolve()
 
@@ -76,6 +79,8 @@ def repository_text_files() -> list[Path]:
         directory = stack.pop()
         for entry in sorted(directory.iterdir()):
             rel = entry.relative_to(ROOT).as_posix()
+            if directory == ROOT and any(fnmatch.fnmatch(entry.name, p) for p in DEFAULT_OUTPUTS):
+                continue
             if entry.name in SKIP_DIRS or any(fnmatch.fnmatch(entry.name, p) or fnmatch.fnmatch(rel, p)
                                               for p in ignore):
                 continue
