@@ -594,10 +594,7 @@ def _check_backend(backend: str) -> str:
         if shutil.which("perf") is None:
             return "`perf` is not installed"
         done = proc.run(["perf", "stat", "-x,", "-e", "cache-misses", "true"], check=False, what="perf stat")
-        text = done.stderr + done.stdout
-        if done.returncode != 0 or "<not supported>" in text or "not supported" in text.lower():
-            return "this machine exposes no hardware performance counters (`perf stat -e cache-misses` says: " + (
-                text.strip().splitlines()[0] if text.strip() else f"exit {done.returncode}") + ")"
+        return perf_counters_missing(done.stdout + done.stderr, done.returncode)
     if backend == "cachegrind":
         import shutil
 
@@ -612,12 +609,26 @@ def _run_perf(argv: list[str], env: dict[str, str], workdir: Path, timeout: floa
              what="perf record")
     rep = proc.run(["perf", "report", "-i", str(data), "--stdio", "--sort", "symbol", "--percent-limit", "0.5"],
                    timeout=600, what="perf report")
+    return {"event": "cache-misses", "functions": parse_perf_report(rep.stdout)}
+
+
+def perf_counters_missing(perf_stat_output: str, returncode: int) -> str:
+    """Why `perf stat -x, -e cache-misses true` shows no hardware counters, or '' when it counted (pure)."""
+    text = perf_stat_output.strip()
+    if returncode != 0 or "not supported" in text.lower() or "not counted" in text.lower():
+        return "this machine exposes no hardware performance counters (`perf stat -e cache-misses` says: " + (
+            text.splitlines()[0] if text else f"exit {returncode}") + ")"
+    return ""
+
+
+def parse_perf_report(text: str) -> list[dict]:
+    """Per-symbol cache-miss shares from `perf report --stdio --sort symbol` (pure)."""
     rows = []
-    for line in rep.stdout.splitlines():
+    for line in text.splitlines():
         m = re.match(r"\s*([\d.]+)%\s+\[\.\]\s+(.+)$", line)
         if m:
             rows.append({"function": m.group(2).strip(), "cache_miss_share": float(m.group(1)) / 100})
-    return {"event": "cache-misses", "functions": rows}
+    return rows
 
 
 def parse_cg_annotate(text: str) -> list[dict]:

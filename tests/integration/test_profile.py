@@ -84,12 +84,16 @@ def test_crash_is_reported_not_hidden(stress: dict[str, Path], tmp_path: Path) -
 
 
 def test_perf_backend_is_used_or_clearly_unavailable(stress: dict[str, Path], tmp_path: Path) -> None:
-    why = _check_backend("perf")
-    if not why:
-        pytest.skip("this machine has perf with hardware counters; covered by the slow tier")
-    with pytest.raises(ToolMissingError, match="backend perf is unavailable"):
-        profile(ProfileOptions(command=(str(stress["dynamic"]), "threads", "2"), backend="perf",
-                               out=tmp_path / "p.json"))
+    """Where perf has hardware counters the backend runs and names the hot function; where it has none (most
+    VMs, this one included) the request is refused with the reason, not silently sampled another way."""
+    options = ProfileOptions(command=(str(stress["dynamic"]), "threads", "2"), backend="perf",
+                             out=tmp_path / "p.json")
+    if _check_backend("perf"):
+        with pytest.raises(ToolMissingError, match="backend perf is unavailable"):
+            profile(options)
+        return
+    rows = profile(options).data["perf"]["functions"]
+    assert rows and any(r["function"] in ("work", "worker") for r in rows)
 
 
 def test_cachegrind_backend_on_a_small_program(stress: dict[str, Path], tmp_path: Path) -> None:

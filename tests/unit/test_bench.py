@@ -200,8 +200,9 @@ def test_search_targets_split_the_q4_0_kernels() -> None:
 
 def test_gcc_grid_params_survive_cmake_option_deduplication() -> None:
     # CMake de-duplicates repeated target options, so a bare `--param` twice would lose one of them.
+    assert compare.GCC_GRID
     for params in compare.GCC_GRID:
-        assert all(tok.startswith("--param=") for tok in params.split())
+        assert params.split() and all(tok.startswith("--param=") for tok in params.split())
 
 
 def test_cli_parses_into_resolved_options(tmp_path: Path) -> None:

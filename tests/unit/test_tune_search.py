@@ -207,7 +207,7 @@ def test_site_that_never_helps_is_rolled_back_without_confirmation() -> None:
     probe = FakeProbe(lambda c, t: 0.97, clock)
     out = tune_site(probe, Candidate(2048, 3), SearchConfig(grid=GRID), Budget(10_000, clock), verify_threads=(2,))
     assert not out.kept and "no setting beats off" in out.reason
-    assert all(p not in ("confirm", "verify") for _, _, _, p in probe.calls)
+    assert probe.calls and all(p not in ("confirm", "verify") for _, _, _, p in probe.calls)
 
 
 def test_winner_curse_is_caught_by_the_confirmation() -> None:
