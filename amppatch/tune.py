@@ -55,6 +55,7 @@ from amppatch import __version__
 from amppatch.errors import AmppatchError, UsageError
 from amppatch.paths import FileLock, options_json, write_text_atomic
 from amppatch.proc import progress
+from amppatch.tune_plot import render_landscape
 
 SCHEMA_VERSION = 1
 OFF = -1
@@ -762,6 +763,9 @@ def tune(options: TuneOptions) -> TuneResult:
     if any(r["phases_skipped"] for r in site_records):
         stopped = "budget spent" if stopped == "done" else stopped
     data = document(stopped)
+    plot = render_landscape(data, options.out / "tune.png")
+    if plot is not None:
+        progress(f"tune: landscape per site in {plot}")
     kept = [w["key"] + f" d={w['distance_bytes']} h={w['hint']}" for w in data["winners"]]
     progress(f"tune: {len(kept)} of {len(sites)} site(s) kept ({'; '.join(kept) or 'none'}); "
              f"{data['budget']['spent_minutes']:.1f} of {options.budget_minutes:g} min used ({stopped})")
