@@ -1071,8 +1071,12 @@ def _configure_compile_db(repo: Path, base: str, options: ApplyOptions) -> Path:
     with tempfile.TemporaryDirectory(prefix="configure-", dir=cache_dir("builds")) as tmp:
         run([cmake, "-S", str(repo), "-B", tmp, *defines], timeout=600, what="cmake configure (compile commands)",
             next_step="pass --compile-db from a build of this tree instead")
+        written = Path(tmp) / "compile_commands.json"
+        if not written.is_file():  # a CMakeLists that declares no targets: checked before the cache dir exists
+            raise UsageError(f"CMake configured {repo} but wrote no compile_commands.json (no C/C++ targets?)",
+                             next_step="pass --compile-db from a build of this tree, or check that it is llama.cpp")
         out.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(Path(tmp) / "compile_commands.json", db)
+        shutil.copyfile(written, db)
     return db
 
 

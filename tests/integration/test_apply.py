@@ -264,6 +264,18 @@ def test_an_export_that_disagrees_with_its_manifest_is_not_written(fixture_repo:
     assert _git(repo, "branch", "--list", "amppatch/*") == "" and not (tmp_path / "out").exists()
 
 
+def test_a_tree_cmake_writes_no_compile_commands_for_is_one_clear_error(fixture_repo: tuple[Path, Path],
+                                                                        tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    repo, _ = fixture_repo  # its CMakeLists.txt declares nothing: configure succeeds and writes no database
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("AMPPATCH_CACHE_DIR", str(cache))
+    with pytest.raises(UsageError, match=r"wrote no compile_commands\.json"):
+        apply(ApplyOptions(repo=repo, sites=("fx_dot_blocks",), build=False, out=tmp_path / "out", line_size=64))
+    # no empty cache entry that a later run would take for a finished one
+    assert not any(p.name.startswith("configure-") for p in (cache / "builds").iterdir())
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The real tree
 
