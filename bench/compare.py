@@ -49,6 +49,7 @@ from typing import TYPE_CHECKING, Any
 if __package__ in (None, ""):  # `python bench/compare.py`: import the repository's amppatch
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from amppatch.cli import FlagParser, add_flag_argument
 from amppatch.errors import AmppatchError, CorrectnessError, UsageError
 from amppatch.paths import write_text_atomic
 from amppatch.proc import progress
@@ -1220,8 +1221,8 @@ def _write(results: dict[str, Any], options: BenchOptions) -> None:
 
 
 def parse_args(argv: Sequence[str]) -> BenchOptions:
-    p = argparse.ArgumentParser(prog="python -m bench.compare", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = FlagParser(prog="python -m bench.compare", description=__doc__.split("\n\n")[0],
+                   formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--repo", type=Path, help="llama.cpp git tree (default: the pinned tree, fetched)")
     p.add_argument("--only", action="append", default=[],
                    help="configurations TYPE:PATH:THREADS (globs allowed, comma-separated; repeatable)")
@@ -1236,7 +1237,7 @@ def parse_args(argv: Sequence[str]) -> BenchOptions:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--learned", type=Path, action="append", default=[],
                    help="tune's learned.json for the amppatch arm (apply --learned); repeatable: one per kernel")
-    p.add_argument("--gcc-params", help="skip the gcc grid and use these --params for -fprefetch-loop-arrays")
+    add_flag_argument(p, "--gcc-params", help="skip the gcc grid and use these --params for -fprefetch-loop-arrays")
     p.add_argument("--no-search", action="store_true",
                    help="without --learned: bake the profiles' distances as they are (no quick search)")
     p.add_argument("--results", type=Path, default=DEFAULT_RESULTS, help="results.json to write/merge")

@@ -6,6 +6,7 @@ import argparse
 import shlex
 from pathlib import Path
 
+from amppatch.cli import add_flag_argument
 from amppatch.errors import UsageError
 
 NAME = "ab-test"
@@ -51,7 +52,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gate", choices=("auto", "identical", "tolerance"), default="auto",
                         help="gate mode (auto: identical unless the arms run different kernels by design)")
     parser.add_argument("--gate-model", type=Path, help="model for the gate (default: --model)")
-    parser.add_argument("--gate-args", default="", help="extra gate flags for both sides, e.g. '-ub 1'")
+    add_flag_argument(parser, "--gate-args", default="", help="extra gate flags for both sides, e.g. '-ub 1'")
     parser.add_argument("--ppl-tolerance", type=float, default=0.01,
                         help="relative perplexity tolerance of the tolerance gate (default 0.01)")
     parser.add_argument("--latency", choices=("auto", "on", "off"), default="auto",

@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from amppatch.cli import add_flag_argument
 from amppatch.cli.cmd_build import add_build_arguments, build_options_from_args
 from amppatch.errors import UsageError
 from amppatch.patch import DEFAULT_DISTANCE, DEFAULT_HINT, ApplyOptions, apply, format_summary
@@ -43,9 +44,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-gate", action="store_true", help="skip the correctness gate (not recommended)")
     parser.add_argument("--gate-model", type=Path, metavar="GGUF",
                         help="model for the gate (default: a tiny synthetic model of the kernel's weight type)")
-    parser.add_argument("--gate-arg", action="append", default=[], metavar="ARG",
-                        help="extra llama-completion/llama-perplexity argument for the gate, repeatable "
-                             "(e.g. --gate-arg=-ub --gate-arg=1 where AMX tiles fault)")
+    add_flag_argument(parser, "--gate-arg", action="append", default=[], metavar="ARG",
+                      help="extra llama-completion/llama-perplexity argument for the gate, repeatable "
+                           "(e.g. --gate-arg -ub --gate-arg 1 where AMX tiles fault)")
     parser.add_argument("-o", "--out", type=Path, metavar="DIR",
                         help="where <id>.patch and <id>.json go (default ./amppatch-out)")
     add_build_arguments(parser)

@@ -232,6 +232,10 @@ def test_request_id_depends_on_every_parameter(tree: Path) -> None:
             request_id("a" * 40, [dataclasses.replace(plan.sites[0], guard="std::is_same<T, U>::value")],
                        tunable=False, line_size=64)}
     assert len(ids) == 5  # ... including what the analysis decided (here a specialization guard)
+    # ... and where the values came from, which the commit message records: the id fixes the whole commit
+    learned = [dataclasses.replace(plan.sites[0], request=dataclasses.replace(plan.sites[0].request,
+                                                                                origin="learned"))]
+    assert request_id("a" * 40, learned, tunable=False, line_size=64) not in ids
 
 
 def test_gate_helpers_route_kernels_to_model_types() -> None:
