@@ -59,7 +59,7 @@ want="pyproject=$(sha256sum pyproject.toml | cut -d' ' -f1) checkout=$PWD python
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || [ ! -x "$venv/bin/amppatch" ]; then
     echo "setup: installing amppatch and its dependencies into $venv (pip)"
     rm -f "$stamp"
-    "$venv/bin/python" -m pip install -q --disable-pip-version-check -e '.[test]'
+    "$venv/bin/python" -m pip install -q --no-compile --disable-pip-version-check -e '.[test]'
     printf '%s\n' "$want" >"$stamp"
 fi
 echo "$venv" >&3
