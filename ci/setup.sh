@@ -11,6 +11,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 exec 3>&1 1>&2
+# One set-up at a time per checkout (the test and the main job may start together): lock this script's file.
+exec 9<ci/setup.sh
+command -v flock >/dev/null 2>&1 && flock 9
 
 venv="${AMPPATCH_VENV:-.venv}"
 case "$venv" in /*) ;; *) venv="$PWD/$venv" ;; esac
