@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -79,6 +80,26 @@ def test_hugepages_arm_runs_stock_without_mmap_under_the_glibc_tunable() -> None
     both = arms[1]
     assert both.build_role == "amppatch"
     assert both.bench_args == ("--repack", "0", "-lm", "none") and both.env == huge.env
+
+
+def test_every_arm_is_registered_once_and_prepared_by_one_step() -> None:
+    assert tuple(compare.ARM_REGISTRY) == compare.ARMS and compare.ARMS[0] == "stock"
+    assert compare.HUGEPAGE_ARMS == ("hugepages", "amppatch-hugepages")
+    assert compare.AMPPATCH_ARMS == ("amppatch", "amppatch-pgo", "amppatch-hugepages")
+    covered = [a for prep in compare.PREPARATIONS for a in prep.arms]
+    assert sorted(covered) == sorted(a for a in compare.ARMS if a != "stock")  # stock is always built
+
+
+def test_gcc_prefetch_runs_the_build_of_its_weight_types_grid_winner() -> None:
+    ctx = compare.Context(compare.BenchOptions(), Path("/r"))
+    ctx.builds[("native", "gcc-prefetch|P1")] = SimpleNamespace(dir=Path("/g1"))  # type: ignore[assignment]
+    ctx.builds[("native", "gcc-prefetch|P2")] = SimpleNamespace(dir=Path("/g2"))  # type: ignore[assignment]
+    ctx.builds[("native", "hugepages")] = SimpleNamespace(dir=Path("/s"))  # type: ignore[assignment]
+    ctx.type_variants["gcc-prefetch"] = {"q8_0": "P1", "q4_0": "P2"}
+    gcc = compare.arm_def("gcc-prefetch")
+    assert compare.arm_build(ctx, "native", gcc, "q4_0") == Path("/g2")
+    assert compare.arm_build(ctx, "native", gcc, "q8_0") == Path("/g1")
+    assert compare.arm_build(ctx, "native", compare.arm_def("hugepages"), "f16") == Path("/s")
 
 
 def test_arms_refuse_a_run_without_stock() -> None:
