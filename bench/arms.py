@@ -28,8 +28,8 @@ class ArmDef:
     label: str = ""
     # Its weights sit on transparent huge pages: the THP ceiling is its limit, not the 4 KiB-page one.
     huge_pages: bool = False
-    # It runs amppatch's branch: on the amx path that is only amppatch's when a learned.json tuned the
-    # weight type's AMX kernel (the quick search never sees those kernels).
+    # It runs amppatch's branch, so on the amx path it is raced only where a learned.json tuned the weight
+    # type's AMX kernel (the quick search never sees those kernels: the branch would leave them unpatched).
     amppatch: bool = False
 
 
@@ -58,6 +58,7 @@ AMPPATCH_ARMS = tuple(a.name for a in ARM_REGISTRY.values() if a.amppatch)
 
 
 def arm_def(name: str) -> ArmDef:
+    """The registry's entry; a name it does not know is an arm that runs its own build as is."""
     return ARM_REGISTRY.get(name) or ArmDef(name, name)
 
 
