@@ -53,3 +53,27 @@ def test_a_failed_build_leaves_no_directory(llama_repo: Path, native_build: Buil
     builds = cache_dir("builds")
     assert not (builds / dir_key).exists()
     assert not [p for p in builds.iterdir() if p.is_dir() and p.name.startswith(dir_key)]
+
+
+def test_an_interrupted_child_takes_its_own_children_down(tmp_path: Path) -> None:
+    """What an interrupted build relies on before it deletes its directory: the build tool and every
+    compiler it started are gone when stream() returns (they would otherwise keep writing into it)."""
+    import os
+
+    from amppatch.proc import stream
+
+    started: list[str] = []
+
+    def interrupt(line: str) -> None:
+        started.append(line)
+        raise KeyboardInterrupt
+
+    pid_file = tmp_path / "pids"
+    script = f"sleep 60 & echo $! > {pid_file}; echo $$ >> {pid_file}; echo go; wait"
+    start = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        stream(["sh", "-c", script], on_line=interrupt)
+    assert started == ["go"] and time.monotonic() - start < 15
+    for pid in map(int, pid_file.read_text().split()):
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
