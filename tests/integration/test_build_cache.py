@@ -17,6 +17,8 @@ from amppatch.workspace import FetchOptions, fetch_llama
 
 def test_clones_of_the_pinned_commit_reuse_one_build_and_its_compile_db(
         llama_repo: Path, native_build: Build, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "one").mkdir()
+    (tmp_path / "two").mkdir()
     first = fetch_llama(FetchOptions(dest=tmp_path / "one" / "llama.cpp"))
     second = fetch_llama(FetchOptions(dest=tmp_path / "two" / "elsewhere"))
     configure_dirs = sorted(cache_dir("builds").glob("configure-*"))
