@@ -130,3 +130,55 @@ def test_sites_it_does_not_cover_record_not_applicable_with_reasons(monkeypatch:
     assert "repack" in record["sites"][functions[0]]["reason"]
     assert "AMX" in record["sites"][functions[1]]["reason"]
     assert "flash attention" in record["sites"][functions[2]]["reason"]
+
+
+def _fake_runs(monkeypatch: pytest.MonkeyPatch, tmp_path, outputs: dict[str, tuple[str, int]]):
+    """kernel_test with the tree's texts and test-quantize-fns' runs on A and B replaced (pure)."""
+    import amppatch.build as build_mod
+    import amppatch.gate as gate_mod
+    from amppatch.build import Build
+
+    texts = {"tests/test-quantize-fns.cpp": "int main() {}", "ggml/src/ggml-cpu/ggml-cpu.c": TRAITS}
+    monkeypatch.setattr(build_mod, "source_text", lambda _b, rel: texts.get(rel))
+    a, b = Build(tmp_path / "A", {}, tmp_path), Build(tmp_path / "B", {}, tmp_path)
+
+    def fake(parent, _timeout):
+        text, code = outputs[parent.dir.name]
+        return parse_quantize_fns(text, code), ["test-quantize-fns", "-v"], str(parent.dir) + "-tests"
+
+    monkeypatch.setattr(gate_mod, "_run_quantize_fns", fake)
+    return a, b
+
+
+PASSING = OUTPUT.replace("FAILED (0.250000)", "ok (0.000100)")
+
+
+def test_a_type_failing_in_b_only_is_a_correctness_error_naming_it(monkeypatch: pytest.MonkeyPatch, tmp_path):
+    from amppatch.errors import CorrectnessError
+    from amppatch.gate import kernel_test
+
+    a, b = _fake_runs(monkeypatch, tmp_path, {"A": (PASSING, 0), "B": (OUTPUT, 1)})
+    with pytest.raises(CorrectnessError, match=r"fails in B for type q8_0 \(passes in A\).*dot product error"):
+        kernel_test(a, b, ["ggml_vec_dot_q8_0_q8_0"])
+
+
+def test_a_type_failing_in_a_too_is_recorded_not_blamed(monkeypatch: pytest.MonkeyPatch, tmp_path):
+    from amppatch.gate import kernel_test
+
+    a, b = _fake_runs(monkeypatch, tmp_path, {"A": (OUTPUT, 1), "B": (OUTPUT, 1)})
+    record = kernel_test(a, b, ["ggml_vec_dot_q8_0_q8_0", "ggml_vec_dot_f16"])
+    assert record["failing_in_a_too"] == ["q8_0"]
+    assert record["sites"]["ggml_vec_dot_q8_0_q8_0"]["status"].startswith("fails in A too")
+    assert record["sites"]["ggml_vec_dot_f16"]["status"] == "passed" and record["status"] == "passed"
+
+
+def test_passing_run_records_each_covered_sites_checks(monkeypatch: pytest.MonkeyPatch, tmp_path):
+    from amppatch.gate import kernel_test
+
+    a, b = _fake_runs(monkeypatch, tmp_path, {"B": (PASSING, 0)})  # A is not run when B passes
+    record = kernel_test(a, b, ["ggml_vec_dot_q8_0_q8_0", "ggml_gemv_q4_0_8x8_q8_0"])
+    assert record["status"] == "passed" and "failing_in_a_too" not in record
+    q8 = record["sites"]["ggml_vec_dot_q8_0_q8_0"]
+    assert q8["status"] == "passed" and "dot product error (nrc=2): ok" in q8["checks"]
+    assert record["sites"]["ggml_gemv_q4_0_8x8_q8_0"]["covered"] is False
+    assert "q8_0" in record["summary"]
