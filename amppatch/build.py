@@ -223,11 +223,11 @@ class ResolvedBuild:
         compiles amppatch's one shared checkout, so its key is pure content (commit, compiler, flags,
         options) and every clone of the commit shares it; a dirty tree is built in place, so its path
         (source_dir) stays in its key."""
-        fields = asdict(self)
-        fields.pop("repo")
+        values = asdict(self)
+        values.pop("repo")
         if not self.in_place:
-            fields.pop("source_dir")
-        return fields
+            values.pop("source_dir")
+        return values
 
     @property
     def key(self) -> str:
@@ -240,9 +240,9 @@ class ResolvedBuild:
         while the manifest's full key still keeps a stale build from being reused."""
         if self.dirty_hash is None:
             return self.key
-        fields = self.key_fields()
-        fields.pop("dirty_hash")
-        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+        values = self.key_fields()
+        values.pop("dirty_hash")
+        return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
 
 
 AMX_FLAGS = ("-mamx-tile", "-mamx-int8")
