@@ -1326,7 +1326,7 @@ def _gate(options: ApplyOptions, build_a, build_b, sites: list[PlannedSite],
     attention) are counted on the first. The first run's fields stay at the top level (scripts read
     `passed`, `tokens_a`, ...); every run is in `runs`."""
     from amppatch.errors import CorrectnessError
-    from amppatch.gate import GateOptions, run_gate
+    from amppatch.gate import GateOptions, kernel_test, run_gate
 
     functions = sorted({s.function for s in sites})
     if options.gate_model is not None:
@@ -1363,7 +1363,8 @@ def _gate(options: ApplyOptions, build_a, build_b, sites: list[PlannedSite],
                     next_step="pass --gate-model with weights of the kernel's type, or --gate-arg flags that "
                               "route them to it")
         runs.append({**gate.to_json(), "model": str(model), "functions": fs, "args": list(args)})
-    return {**runs[0], "function_hits": hits, "runs": runs}
+    # llama.cpp's own check of every vec_dot against its reference, for the patched kernels it covers
+    return {**runs[0], "function_hits": hits, "runs": runs, "kernel_test": kernel_test(build_a, build_b, functions)}
 
 
 def format_summary(result: ApplyResult) -> str:

@@ -355,6 +355,14 @@ def test_q8_0_end_to_end(llama_repo: Path, native_build, tiny_model_q8_0: Path, 
     manifest = _real_kernel(llama_repo, native_build, tiny_model_q8_0, "ggml_vec_dot_q8_0_q8_0", tmp_path)
     (s,) = manifest["sites"]
     assert (s["stream"], s["element_size"], s["guard"]) == ("x[ib]", 34, "#if defined(__AVX2__)")
+    # llama.cpp's own kernel test ran on B (built beside it, not in it) and checked q8_0's vec_dot
+    kt = manifest["gate"]["kernel_test"]
+    assert (kt["test"], kt["status"]) == ("test-quantize-fns", "passed"), kt
+    site = kt["sites"]["ggml_vec_dot_q8_0_q8_0"]
+    assert site["type"] == "q8_0" and site["status"] == "passed"
+    assert "dot product error: ok" in site["checks"]
+    assert Path(kt["side_build"]).name == Path(manifest["builds"]["b"]).name + "-tests"
+    assert not (Path(manifest["builds"]["b"]) / "bin" / "test-quantize-fns").exists()
 
 
 @pytest.mark.slow
