@@ -41,6 +41,7 @@ class LoopContext:
 
     @property
     def step_value(self) -> int | None:
+        """The step when it is an integer literal (else None: a macro or an expression)."""
         return int_value(self.step)
 
     def lookup(self, name: str, byte: int) -> Decl | None:

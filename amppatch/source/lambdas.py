@@ -260,4 +260,5 @@ def _rename(text: str, mapping: dict[str, str]) -> str:
 
 
 def _free_names(text: str) -> set[str]:
+    """The names (not members) `text` uses."""
     return {m.group(0) for m in _free_words(text)}

@@ -87,6 +87,7 @@ def _indexed_and_offset(ctx: LoopContext) -> None:
 
 
 def _indexed(ctx: LoopContext, node: Node) -> None:
+    """`x[... var ...]` of a pointer (or array parameter) `x`: an indexed stream of `x`."""
     parsed, var = ctx.parsed, ctx.var
     arg = node.child_by_field_name("argument")
     index = node.child_by_field_name("index") or node.child_by_field_name("indices")
@@ -107,6 +108,7 @@ def _indexed(ctx: LoopContext, node: Node) -> None:
 
 
 def _offset(ctx: LoopContext, node: Node) -> None:
+    """`x + ... var ...` (either operand order) of a pointer `x`: an offset stream of `x`."""
     parsed, var = ctx.parsed, ctx.var
     left, right = node.child_by_field_name("left"), node.child_by_field_name("right")
     if left is None or right is None:

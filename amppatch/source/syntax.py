@@ -22,6 +22,7 @@ NODE_KINDS = ("subscript_expression", "binary_expression", "call_expression", "d
 
 @lru_cache(maxsize=4)
 def _index_query(grammar: str) -> Query:
+    """One query capturing every loop and every node kind of NODE_KINDS (compiled once per grammar)."""
     loops = " ".join(f"({t}) @loop" for t in LOOP_TYPES if t != "for_range_loop" or grammar == "cpp")
     kinds = " ".join(f"({t}) @{t}" for t in NODE_KINDS)
     return Query(language(grammar), f"{loops} {kinds}")
@@ -48,12 +49,14 @@ class NodeIndex:
         self.loops = self.by_kind["loop"]
 
     def within(self, kind: str, node: Node) -> list[Node]:
+        """The nodes of `kind` inside `node` (itself included), in source order."""
         starts = self.starts[kind]
         lo = bisect_left(starts, node.start_byte)
         hi = bisect_left(starts, node.end_byte)
         return [n for n in self.by_kind[kind][lo:hi] if n.end_byte <= node.end_byte]
 
     def innermost_loop(self, node: Node) -> Node | None:
+        """The innermost loop strictly enclosing `node` (None: not inside a loop of the function)."""
         best = None
         hi = bisect_right(self.starts["loop"], node.start_byte)
         for lp in self.loops[:hi]:
