@@ -14,7 +14,7 @@ from amppatch.build import ResolvedBuild, _removed_unless_finished, remove_aband
 
 
 def _resolved(**changes: object) -> ResolvedBuild:
-    base = ResolvedBuild(repo="/home/a/llama.cpp", source_dir="/cache/worktrees/source", in_place=False,
+    base = ResolvedBuild(repo="/src/a/llama.cpp", source_dir="/cache/worktrees/source", in_place=False,
                          commit="9fefe40" + "0" * 33, dirty_hash=None, compiler="/usr/bin/cc",
                          compiler_version="cc (Debian 12.2.0-14) 12.2.0", cflags="", kernel_cflags="",
                          cmake_options={"GGML_NATIVE": "ON", "CMAKE_BUILD_TYPE": "Release"}, pgo=False,
@@ -23,7 +23,7 @@ def _resolved(**changes: object) -> ResolvedBuild:
 
 
 def test_two_clones_of_one_commit_share_the_key():
-    a = _resolved(repo="/home/a/llama.cpp")
+    a = _resolved(repo="/src/a/llama.cpp")
     b = _resolved(repo="/tmp/elsewhere/clone")
     assert a.key == b.key and a.dir_key == b.dir_key
     assert "repo" not in a.key_fields() and "source_dir" not in a.key_fields()
@@ -45,8 +45,8 @@ def test_what_changes_the_binaries_changes_the_key(change: dict):
 
 
 def test_a_dirty_in_place_build_keeps_its_path_in_the_key():
-    a = _resolved(repo="/home/a/llama.cpp", source_dir="/home/a/llama.cpp", in_place=True, dirty_hash="d1")
-    b = replace(a, repo="/home/b/llama.cpp", source_dir="/home/b/llama.cpp")
+    a = _resolved(repo="/src/a/llama.cpp", source_dir="/src/a/llama.cpp", in_place=True, dirty_hash="d1")
+    b = replace(a, repo="/src/b/llama.cpp", source_dir="/src/b/llama.cpp")
     assert a.key != b.key and a.dir_key != b.dir_key  # built in place: other paths, other objects
     edited = replace(a, dirty_hash="d2")
     assert edited.key != a.key and edited.dir_key == a.dir_key  # successive edits rebuild in one directory
