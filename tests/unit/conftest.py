@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from gguf_files import write_small_gguf
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 
@@ -18,3 +19,10 @@ def tree(tmp_path: Path) -> Path:
     for f in FIXTURES.iterdir():
         shutil.copy(f, cpu / f.name)
     return tmp_path
+
+
+
+@pytest.fixture()
+def small_gguf(tmp_path: Path) -> Path:
+    """A small but whole GGUF model file."""
+    return write_small_gguf(tmp_path / "small.gguf")
