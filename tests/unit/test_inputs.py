@@ -431,3 +431,15 @@ def test_write_error_names_the_cause() -> None:
         err = inputs.write_error(Path("/x/y.json"), OSError(code, os.strerror(code)))
         assert isinstance(err, WriteError) and "/x/y.json" in str(err) and words in str(err)
 
+
+
+def test_good_files_of_the_kinds_not_shipped_in_the_repository_pass(tmp_path: Path) -> None:
+    state = tmp_path / "run-state.json"
+    state.write_text(json.dumps({"schema_version": 1, "stages": {"fetch": {"status": "done"}}}))
+    assert _read_run_state(state).data["stages"]["fetch"]["status"] == "done"  # type: ignore[attr-defined]
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text(json.dumps({"schema_version": 1, "source_dir": str(tmp_path)}))
+    assert _read_build_manifest(manifest).source_dir == tmp_path  # type: ignore[attr-defined]
+    db = tmp_path / "compile_commands.json"
+    db.write_text(json.dumps([{"directory": "/b", "file": "/s/x.c", "arguments": ["cc", "-c", "/s/x.c"]}]))
+    assert _read_compile_db(tmp_path) == json.loads(db.read_text())  # a build dir works too
