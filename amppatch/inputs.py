@@ -364,10 +364,10 @@ def _nearest_existing(path: Path) -> Path:
     return p
 
 
-def _check_writable(target: Path, flag: str) -> None:
-    """The directory `target` is (or will be created in) accepts new files: not under a file, not on a
-    read-only or full filesystem, writable by this user."""
-    anchor = _nearest_existing(target)
+def _check_writable(directory: Path, flag: str, target: Path) -> None:
+    """`directory` (where `target` goes; it may not exist yet) accepts new files: not under a file, not on a
+    read-only, virtual or full filesystem, writable by this user."""
+    anchor = _nearest_existing(directory)
     if not anchor.is_dir():
         raise UsageError(f"{flag} {target}: {anchor} is a file, so nothing can be created under it",
                          next_step=f"pass another {flag}")
@@ -376,6 +376,9 @@ def _check_writable(target: Path, flag: str) -> None:
     except OSError as exc:
         raise UsageError(f"{flag} {target}: cannot inspect {anchor}: {exc.strerror}",
                          next_step=f"pass another {flag}") from None
+    if st.f_blocks == 0:  # procfs, sysfs: kernel views that hold no files of ours
+        raise UsageError(f"{flag} {target} is on a virtual filesystem ({anchor}) that cannot hold files",
+                         next_step=f"pass an {flag} on a real filesystem")
     if st.f_flag & os.ST_RDONLY:
         raise UsageError(f"{flag} {target} is on a read-only filesystem ({anchor})",
                          next_step=f"pass a writable {flag}")
@@ -399,20 +402,20 @@ def check_out_dir(path: Path, *, flag: str = "-o", result_file: str | None = Non
     if result_file is not None and (path / result_file).exists() and not force:
         raise UsageError(f"{flag} {path} already holds a result ({result_file}) of an earlier {command or 'run'}",
                          next_step=f"pass another {flag}, or add --force to overwrite it")
-    _check_writable(path, flag)
+    _check_writable(path, flag, path)
     return path
 
 
-def check_out_file(path: Path, *, flag: str = "-o") -> Path:
+def check_out_file(path: Path, *, flag: str = "-o", example: str = "NAME.json") -> Path:
     """An output file path, resolved and checked before any work: not a directory, its directory creatable
     and writable."""
     path = Path(path).expanduser().resolve()
     if path.is_dir():
         raise UsageError(f"{flag} {path} is a directory; {flag} names the file to write",
-                         next_step=f"pass a file path, e.g. {flag} {path / 'NAME.json'}")
+                         next_step=f"pass a file path, e.g. {flag} {path / example}")
     if path.exists() and not os.access(path, os.W_OK):
         raise UsageError(f"{flag} {path} exists and is not writable", next_step=f"pass another {flag}")
-    _check_writable(path.parent, flag)
+    _check_writable(path.parent, flag, path)
     return path
 
 

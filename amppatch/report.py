@@ -293,6 +293,9 @@ def write_report(out: Path, report: dict[str, Any]) -> None:
 def load_report(directory: Path) -> dict[str, Any]:
     directory = Path(directory).expanduser()
     path = directory if directory.name == REPORT_JSON else directory / REPORT_JSON
+    if directory.is_file() and directory.name != REPORT_JSON:
+        raise UsageError(f"{directory} is a file, not an ab-test directory",
+                         next_step="pass the directory ab-test printed (or its report.json)")
     if not path.is_file():
         raise UsageError(f"{path} does not exist", next_step="pass the directory ab-test printed")
     return read_json(path, REPORT)

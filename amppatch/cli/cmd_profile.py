@@ -42,7 +42,7 @@ def _calibrate(args: argparse.Namespace) -> Path:
     from amppatch.paths import write_text_atomic
     from amppatch.tracer.overhead import measure_overhead
 
-    out = check_out_file(args.out or Path("overhead.json"))
+    out = check_out_file(args.out or Path("overhead.json"), example="overhead.json")
     if args.from_profile is not None:  # read before the minute of measuring, not after
         read_json(args.from_profile, PROFILE, require=("trace", "tokens.p50_ms"))
     result = measure_overhead(hz=args.hz, profile_json=args.from_profile, workdir=out.parent / (out.stem + ".calib"))
@@ -64,7 +64,7 @@ def run(args: argparse.Namespace) -> Path:
         return _calibrate(args)
     from amppatch.inputs import check_out_file
 
-    args.out = check_out_file(args.out or Path("profile.json"))
+    args.out = check_out_file(args.out or Path("profile.json"), example="profile.json")
     command = list(args.command)
     if command and command[0] == "--":
         command = command[1:]

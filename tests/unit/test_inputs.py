@@ -443,3 +443,17 @@ def test_good_files_of_the_kinds_not_shipped_in_the_repository_pass(tmp_path: Pa
     db = tmp_path / "compile_commands.json"
     db.write_text(json.dumps([{"directory": "/b", "file": "/s/x.c", "arguments": ["cc", "-c", "/s/x.c"]}]))
     assert _read_compile_db(tmp_path) == json.loads(db.read_text())  # a build dir works too
+
+
+def test_an_out_on_a_virtual_filesystem_is_refused() -> None:
+    if not Path("/proc/self").is_dir():
+        pytest.skip("no /proc on this system")
+    with pytest.raises(UsageError, match="virtual filesystem"):
+        check_out_file(Path("/proc/profile.json"))
+
+
+def test_report_given_a_file_that_is_not_report_json(tmp_path: Path) -> None:
+    other = tmp_path / "bin.json"
+    other.write_text("{}")
+    with pytest.raises(UsageError, match="is a file, not an ab-test directory"):
+        _read_report(other)
