@@ -180,6 +180,7 @@ GGUF_MAGIC = b"GGUF"
 GGUF_VERSIONS = (2, 3)  # llama.cpp refuses v1
 _SCALAR = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 _STRING, _ARRAY = 8, 9
+_U64 = struct.Struct("<Q")
 _MAX_DIMS = 4
 _DEFAULT_ALIGNMENT = 32
 
@@ -246,11 +247,16 @@ class _Cursor:
             if etype == _STRING:
                 if count * 8 > self.size - self.pos:
                     raise _Truncated(f"{what}: an array of {count} strings runs past the end of the file")
+                # A vocabulary holds 10^5 strings: one tight loop over lengths (positions only grow, so a
+                # length past the end is caught by the next bound check or the final one).
+                unpack, buf, pos, size = _U64.unpack_from, self.buf, self.pos, self.size
                 for _ in range(count):
-                    n = self.take("<Q")
-                    if self.pos + n > self.size:
-                        raise _Truncated(f"{what}: a string runs past the end of the file")
-                    self.pos += n
+                    if pos + 8 > size:
+                        raise _Truncated(f"{what}: an array of {count} strings runs past the end of the file")
+                    pos += 8 + unpack(buf, pos)[0]
+                if pos > size:
+                    raise _Truncated(f"{what}: a string runs past the end of the file")
+                self.pos = pos
                 return None
             if etype == _ARRAY:
                 if count * 12 > self.size - self.pos:
