@@ -147,3 +147,14 @@ def test_run_with_an_unmeasured_final_arm_exits_non_zero(tmp_path: Path) -> None
     with pytest.raises(UnmeasuredError, match=r"the final ab-test could not measure arm tuned at tg64-t2: cannot"):
         require_measured(report, tmp_path, "the final ab-test")
     require_measured({"diagnostics": {"failures": []}}, tmp_path)  # all measured: no error
+
+
+def test_tune_refused_after_creating_its_out_leaves_no_directory(tmp_path: Path, small_gguf: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    manifest = tmp_path / "plain.json"
+    manifest.write_text(json.dumps({"schema_version": 1, "tunable": False, "sites": []}))
+    out = tmp_path / "tune-out" / "deeper"
+    assert main(["tune", "--repo", str(_fake_tree(tmp_path / "tree")), "--model", str(small_gguf),
+                 "--tunable-manifest", str(manifest), "-o", str(out)]) == 2
+    assert "is not a tunable apply manifest" in capsys.readouterr().err
+    assert not (tmp_path / "tune-out").exists()
