@@ -314,7 +314,7 @@ def _walk_gguf(buf: mmap.mmap, path: Path, size: int) -> GgufHeader:
             n_bytes = n_elements // block * block_bytes
         tensors.append((name, offset, n_bytes))
     data_offset = -(-cur.pos // alignment) * alignment
-    data_end = data_offset
+    data_end = cur.pos  # a vocabulary-only file ends with its header (no padding)
     for name, offset, n_bytes in tensors:
         end = data_offset + offset + (n_bytes or 1)
         if end > size:
