@@ -316,22 +316,13 @@ def _walk_gguf(buf: mmap.mmap, path: Path, size: int) -> GgufHeader:
     data_offset = -(-cur.pos // alignment) * alignment
     data_end = cur.pos  # a vocabulary-only file ends with its header (no padding)
     for name, offset, n_bytes in tensors:
-        end = data_offset + offset + (n_bytes or 1)
+        end = data_offset + offset + (1 if n_bytes is None else n_bytes)  # unknown type: must start inside
         if end > size:
             missing = end - size
             raise _Truncated(f"tensor {name!r} needs bytes up to {end} but the file ends at {size} "
                              f"({missing} bytes missing)")
         data_end = max(data_end, end)
     return GgufHeader(path, version, n_tensors, n_kv, alignment, data_offset, data_end, size)
-
-
-def gguf_problem(path: Path) -> str | None:
-    """Why `path` is not a whole GGUF file, or None when it is (the check behind ``check_gguf``)."""
-    try:
-        check_gguf(path)
-    except UsageError as exc:
-        return exc.message
-    return None
 
 
 def check_gguf(path: Path, *, what: str = "model") -> GgufHeader:
