@@ -28,6 +28,7 @@ from pathlib import Path
 from amppatch import __version__
 from amppatch.errors import BuildError, UsageError
 from amppatch.features import IsaReport, disable_flags, probe_isa
+from amppatch.inputs import BUILD_MANIFEST, check_gguf, read_json
 from amppatch.paths import FileLock, cache_dir, write_text_atomic
 from amppatch.proc import describe_returncode, progress, require_tool, run, stream
 from amppatch.workspace import check_llama_tree
@@ -126,7 +127,7 @@ def load_build(path: Path) -> Build:
             next_step="pass a directory printed by `amppatch build` (or its manifest.json); a build that failed "
             "has no manifest and is not usable",
         )
-    manifest = json.loads(manifest_path.read_text())
+    manifest = read_json(manifest_path, BUILD_MANIFEST)
     return Build(manifest_path.parent.resolve(), manifest, Path(manifest["source_dir"]))
 
 
@@ -302,8 +303,7 @@ def resolve(options: BuildOptions, isa: IsaReport | None = None) -> ResolvedBuil
         entries = []
         for given in options.pgo_models:
             model = Path(given).expanduser().resolve()
-            if not model.is_file():
-                raise UsageError(f"PGO training model {model} does not exist", next_step="pass an existing .gguf")
+            check_gguf(model, what="PGO training model")
             entries.append(f"{model}:{model.stat().st_size}")
         training = ";".join(entries)  # one model reads exactly as before, so existing build keys stay
     return ResolvedBuild(

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from amppatch.errors import CorrectnessError, SubprocessError, UsageError
+from amppatch.inputs import check_gguf
 from amppatch.proc import describe_returncode, progress, run
 
 if TYPE_CHECKING:
@@ -217,8 +218,7 @@ def run_gate(
 
     if options.mode not in MODES:
         raise UsageError(f"unknown gate mode {options.mode!r}", next_step=f"use one of {', '.join(MODES)}")
-    if not Path(options.model).is_file():
-        raise UsageError(f"gate model {options.model} does not exist", next_step="pass an existing .gguf")
+    check_gguf(options.model, what="gate model")
     if options.ppl_rel_tolerance < 0:
         raise UsageError("the perplexity tolerance must not be negative", next_step="e.g. 0.01 for 1 %")
     chunks = max(2, options.ppl_chunks)  # llama-perplexity wants at least 2 * ctx tokens

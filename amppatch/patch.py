@@ -42,6 +42,7 @@ import jinja2
 from amppatch import __version__
 from amppatch.build import BuildOptions
 from amppatch.errors import AmppatchError, BuildError, SubprocessError, UsageError
+from amppatch.inputs import LEARNED, PROFILE, read_json
 from amppatch.machine import cpu_model
 from amppatch.paths import cache_dir, write_text_atomic
 from amppatch.proc import progress
@@ -174,17 +175,9 @@ def parse_site_spec(spec: str, distance: int | None, hint: int | None) -> SiteRe
     return SiteRequest(function, loop, stream, d, h, "manual")
 
 
-def _read_json(path: Path, next_step: str) -> object:
-    """A JSON input file, or a UsageError that says which file and what to pass instead."""
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise UsageError(f"cannot read {path}: {exc}", next_step=next_step) from exc
-
-
 def sites_from_profile(path: Path, distance: int | None, hint: int | None) -> tuple[list[SiteRequest], dict]:
     """The profile's `sites` as requests (--distance/--hint override theirs), and the profile itself."""
-    profile = _read_json(path, "pass a profile.json written by `amppatch profile`")
+    profile = read_json(path, PROFILE)
     sites = profile.get("sites") if isinstance(profile, dict) else None
     if not isinstance(sites, list):
         raise UsageError(f"{path} has no `sites` list", next_step="pass a profile.json written by `amppatch profile`")
@@ -211,7 +204,7 @@ def sites_from_learned(paths: Sequence[Path]) -> tuple[list[SiteRequest], list[d
     sources: list[dict] = []
     seen: dict[tuple, tuple[Path, int, int]] = {}
     for path in paths:
-        learned = _read_json(path, "pass a learned.json written by `amppatch tune`")
+        learned = read_json(path, LEARNED)
         winners = learned.get("winners") if isinstance(learned, dict) else None
         if not isinstance(winners, list):
             raise UsageError(f"{path} has no `winners` list",
@@ -1270,15 +1263,15 @@ def apply(options: ApplyOptions) -> ApplyResult:
             # not redo it (e.g. a later --no-build run of the same request).
             try:
                 previous = json.loads(manifest_path.read_text())
-            except (OSError, json.JSONDecodeError):
+            except (OSError, ValueError):  # unreadable or not UTF-8/JSON: nothing to carry over
                 previous = {}
-            if previous.get("commit") == commit:
+            if isinstance(previous, dict) and previous.get("commit") == commit:
                 for key in ("builds", "gate"):
                     if key not in manifest and key in previous:
                         manifest[key] = previous[key]
         write_text_atomic(patch_path, patch_text)
         write_text_atomic(manifest_path, json.dumps(manifest, indent=2, default=str) + "\n")
-    except AmppatchError:
+    except (AmppatchError, KeyboardInterrupt):  # Ctrl-C during the builds leaves no branch either
         if created:
             git.delete_branch(branch)
             progress(f"apply: removed branch {branch}")

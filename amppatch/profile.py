@@ -22,6 +22,7 @@ import numpy as np
 
 from amppatch import proc
 from amppatch.errors import AmppatchError, SubprocessError, ToolMissingError, UsageError
+from amppatch.inputs import check_gguf
 from amppatch.paths import write_text_atomic
 
 SCHEMA_VERSION = 1
@@ -262,8 +263,7 @@ def resolve_options(options: ProfileOptions) -> ProfileOptions:
     if not options.command:
         if model is None:
             raise UsageError("profile needs --model (or a command after --)", next_step="e.g. amppatch model synth")
-        if not model.is_file():
-            raise UsageError(f"model {model} does not exist", next_step="check the path or run `amppatch model synth`")
+        check_gguf(model)  # before the build and the workload: a cut file fails here in milliseconds
         if options.repo is None and options.build is None:
             raise UsageError("profile needs --repo or --build to find llama-bench", next_step="pass --repo DIR")
     repo = Path(options.repo).expanduser().resolve() if options.repo else None

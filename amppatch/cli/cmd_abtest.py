@@ -48,6 +48,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the block order and the bootstrap")
     parser.add_argument("--cpu-mask", help="pin every arm with llama-bench -C MASK --cpu-strict 1 (hex)")
     parser.add_argument("-o", "--out", type=Path, help="report directory (default ./abtest-<time>)")
+    parser.add_argument("--force", action="store_true",
+                        help="overwrite the earlier ab-test result that -o holds (default: refuse)")
     parser.add_argument("--skip-correctness", action="store_true", help="do not run the correctness gate")
     parser.add_argument("--gate", choices=("auto", "identical", "tolerance"), default="auto",
                         help="gate mode (auto: identical unless the arms run different kernels by design)")
@@ -102,8 +104,15 @@ def options_from_args(args: argparse.Namespace):  # -> AbTestOptions
 
 def run(args: argparse.Namespace) -> Path:
     from amppatch.abtest import run_abtest
-    from amppatch.report import REPORT_MD
+    from amppatch.inputs import check_out_dir
+    from amppatch.report import REPORT_JSON, REPORT_MD, load_report, require_measured
 
+    if args.out is not None:
+        # An earlier result is evidence: overwriting it takes --force.
+        args.out = check_out_dir(args.out, result_file=REPORT_JSON, force=args.force, command="ab-test")
+    else:
+        check_out_dir(Path.cwd())  # where ./abtest-<time> goes
     out = run_abtest(options_from_args(args))
-    print((out / REPORT_MD).read_text(), end="")
+    print((out / REPORT_MD).read_text(encoding="utf-8"), end="")
+    require_measured(load_report(out), out)  # the report stands; the exit status says an arm is missing
     return out

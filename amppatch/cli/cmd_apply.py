@@ -54,6 +54,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> Path | str | None:
     from amppatch.build import load_build, with_options
+    from amppatch.inputs import check_gguf, check_out_dir
+    from amppatch.source.compiledb import load_compile_db
+
+    # Checked before anything is committed or built: a bad -o or input file would otherwise surface only
+    # after the branch exists and A and B were built. The default ./amppatch-out is shared by every apply.
+    if not args.dry_run:
+        args.out = check_out_dir(args.out or Path.cwd() / "amppatch-out")
+    if args.gate_model is not None:
+        check_gguf(args.gate_model, what="gate model")
+    if args.compile_db is not None:
+        load_compile_db(args.compile_db)
 
     if args.like is not None and (args.cflags or args.kernel_cflags or args.define or args.pgo or args.amx_batch1):
         raise UsageError("--like copies an existing build's options; it cannot be combined with build flags",

@@ -18,6 +18,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> Path:
+    from amppatch.inputs import check_out_file
+
+    if args.output is not None:
+        args.output = check_out_file(args.output, example="doctor.json")
     report = diagnose()
     width = max(len(c.name) for c in report.checks)
     for check in report.checks:

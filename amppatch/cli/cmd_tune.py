@@ -76,6 +76,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> Path:
     from amppatch.build import load_build, with_options
+    from amppatch.inputs import check_out_dir
+
+    args.out = check_out_dir(args.out or Path.cwd() / "amppatch-tune")
 
     if args.like is not None and (args.cflags or args.kernel_cflags or args.define or args.pgo or args.amx_batch1):
         raise UsageError("--like copies an existing build's options; it cannot be combined with build flags",

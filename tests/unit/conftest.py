@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
+from gguf_files import write_small_gguf
 
 
 class _SpawnBlocked(RuntimeError):
@@ -25,3 +28,9 @@ def _no_processes(monkeypatch: pytest.MonkeyPatch) -> None:
                  "execvpe", "spawnv", "spawnve", "spawnvp", "spawnvpe"):
         if hasattr(os, name):
             monkeypatch.setattr(os, name, blocked)
+
+
+@pytest.fixture()
+def small_gguf(tmp_path: Path) -> Path:
+    """A small but whole GGUF model file."""
+    return write_small_gguf(tmp_path / "small.gguf")

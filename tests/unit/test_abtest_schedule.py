@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from gguf_files import write_small_gguf
 
 from amppatch import abtest
 from amppatch.abtest import AbTestOptions, ArmSpec, Sample, Setting
@@ -51,8 +52,7 @@ def test_parse_arm_rejects(text: str) -> None:
 
 
 def _options(tmp_path: Path, **kw: object) -> AbTestOptions:
-    model = tmp_path / "m.gguf"
-    model.write_bytes(b"GGUF")
+    model = write_small_gguf(tmp_path / "m.gguf")  # validate() checks the model's structure
     base = {"arms": (ArmSpec("A", tmp_path), ArmSpec("B", tmp_path)), "model": model}
     base.update(kw)
     return AbTestOptions(**base)  # type: ignore[arg-type]

@@ -68,7 +68,7 @@ def test_profile_sites_use_the_same_key(tmp_path: Path) -> None:
     assert req.inputs == {"latency_ns": 90} and profile["machine"]["cpu_model"] == "X"
     (req,), _ = sites_from_profile(prof, 512, None)  # --distance overrides the profile
     assert req.distance_bytes == 512
-    prof.write_text(json.dumps({"sites": []}))
+    prof.write_text(json.dumps({"schema_version": 1, "sites": []}))
     with pytest.raises(UsageError, match="no sites"):
         sites_from_profile(prof, None, None)
 
