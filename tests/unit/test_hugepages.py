@@ -178,3 +178,14 @@ def test_from_json_refuses_another_schema_version():
     data = _report(PROBE_OUT).to_json()
     with pytest.raises(UsageError, match="schema_version 2"):
         HugePagesReport.from_json({**data, "schema_version": 2})
+
+
+def test_doctor_lines_for_huge_pages():
+    from amppatch.doctor import huge_page_checks
+
+    checks = {c.name: c for c in huge_page_checks(_report(PROBE_OUT))}
+    assert set(checks) == {"file-backed THP", "MADV_COLLAPSE", "hugetlb pool"}
+    assert checks["file-backed THP"].ok and checks["file-backed THP"].detail.startswith("works — 16.0 MiB")
+    assert checks["MADV_COLLAPSE"].ok and "file: refused (EINVAL)" in checks["MADV_COLLAPSE"].detail
+    assert not checks["hugetlb pool"].ok and checks["hugetlb pool"].detail == "0 of 0 pages free, 2048 KiB each"
+    assert not any(c.required for c in checks.values())
