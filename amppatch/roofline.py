@@ -307,6 +307,21 @@ def format_table(results: list[RooflineResult]) -> str:
     return "\n".join(lines)
 
 
+def contention_warnings(results: list[RooflineResult], min_share: float = 0.9) -> list[str]:
+    """One line per result whose measurements got less than `min_share` of `threads` cores (median CPU
+    share): other processes took the CPU, so its GB/s are depressed — and at several threads a small
+    matrix's rate collapses, since every compute waits at ggml's barriers for a thread that is not running."""
+    out = []
+    for r in results:
+        shares = {"in cache": r.in_cache.median_cpu_share, "streaming": r.streaming.median_cpu_share}
+        low = {k: v for k, v in shares.items() if v < min_share}
+        if low:
+            what = ", ".join(f"{k} {v:.2f}" for k, v in low.items())
+            out.append(f"{r.kernel_type} at {r.threads} thread(s) ran under contention (CPU share {what}): "
+                       "its GB/s are depressed; measure on a quiet machine for absolute numbers")
+    return out
+
+
 # ---- running it (not pure) ----------------------------------------------------------------------------------
 
 def _shared_libs(bin_dir: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -54,6 +55,7 @@ def run(args: argparse.Namespace) -> Path:
     from amppatch.roofline import (
         RooflineOptions,
         RooflineResult,
+        contention_warnings,
         format_table,
         measure_roofline,
         results_to_json,
@@ -80,6 +82,8 @@ def run(args: argparse.Namespace) -> Path:
     for plan in plans:
         results.append(measure_roofline(replace(plan, stream_ceiling_gbps=ceilings[plan.threads])))
     print(format_table(results))
+    for line in contention_warnings(results):
+        print(f"warning: {line}", file=sys.stderr)
     out = args.output or Path(f"roofline-{time.strftime('%Y%m%d-%H%M%S')}.json")
     write_text_atomic(out, json.dumps(results_to_json(results), indent=1) + "\n")
     return out.resolve()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from amppatch.roofline import (
     RooflineOptions,
     RooflineResult,
     binds,
+    contention_warnings,
     default_sizes,
     format_table,
     load_results,
@@ -154,3 +156,11 @@ def test_cli_parses_lists():
     assert args.type == ["q8_0", "f16", "q4_0"] and args.threads == [1, 2] and args.width == 2048
     with pytest.raises(SystemExit):
         build_parser().parse_args(["roofline", "--build", "/b", "--threads", "one"])
+
+
+def test_contention_warnings_name_the_starved_measurements():
+    (line,) = contention_warnings([_result()])
+    assert line.startswith("q4_0 at 2 thread(s) ran under contention (CPU share in cache 0.12, streaming 0.12)")
+    quiet = Rate(bytes=10, rows=1, gbps=(1.0, 1.0, 1.0), cpu_share=(0.99, 1.0, 0.97))
+    r = _result()
+    assert contention_warnings([replace(r, in_cache=quiet, streaming=quiet)]) == []
