@@ -74,12 +74,13 @@ def _command_modules() -> list[ModuleType]:
         cmd_model,
         cmd_profile,
         cmd_report,
+        cmd_roofline,
         cmd_run,
         cmd_tune,
     )
 
     return [cmd_run, cmd_llama, cmd_build, cmd_model, cmd_profile, cmd_apply, cmd_tune, cmd_abtest, cmd_report,
-            cmd_doctor, cmd_clean]
+            cmd_roofline, cmd_doctor, cmd_clean]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -10,7 +10,8 @@ from amppatch.doctor import diagnose, report_dict
 from amppatch.paths import cache_root, write_text_atomic
 
 NAME = "doctor"
-HELP = "preflight: compilers, build tools, ISA features that really execute, counters, THP, disk"
+HELP = ("preflight: compilers, build tools, ISA features that really execute, counters, huge pages "
+        "(THP modes, file-backed THP, MADV_COLLAPSE, hugetlb pool), disk")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
