@@ -115,10 +115,10 @@ def test_huge_bytes_of_no_range_is_zero():
 
 
 def test_filesystem_of_takes_the_longest_mount_point():
-    mounts = "/dev/vda / ext4 rw 0 0\ntmpfs /tmp tmpfs rw 0 0\n/dev/vdb /home/u\\040x xfs rw 0 0\n"
-    assert filesystem_of("/root/.cache/amppatch/models", mounts) == "ext4"
+    mounts = "/dev/vda / ext4 rw 0 0\ntmpfs /tmp tmpfs rw 0 0\n/dev/vdb /data/u\\040x xfs rw 0 0\n"
+    assert filesystem_of("/srv/cache/amppatch/models", mounts) == "ext4"
     assert filesystem_of("/tmp/a", mounts) == "tmpfs" and filesystem_of("/tmpx", mounts) == "ext4"
-    assert filesystem_of("/home/u x/m", mounts) == "xfs"
+    assert filesystem_of("/data/u x/m", mounts) == "xfs"
     assert filesystem_of("/x", "") == "unknown"
 
 
