@@ -41,9 +41,10 @@ from amppatch.errors import (
     AmppatchError,
     CorrectnessError,
     RegressionError,
-    SubprocessError,
+    UnmeasuredError,
     UsageError,
 )
+from amppatch.inputs import check_gguf, creating_dir
 from amppatch.machine import cpu_model
 from amppatch.proc import describe_returncode, progress, run
 
@@ -193,8 +194,9 @@ def validate(options: AbTestOptions) -> None:
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise UsageError(f"arm names must be unique: {', '.join(dupes)}", next_step="name each --arm differently")
-    if not Path(options.model).is_file():
-        raise UsageError(f"model {options.model} does not exist", next_step="pass a .gguf (amppatch model synth)")
+    check_gguf(options.model)  # a truncated or foreign file fails here, in milliseconds, not in llama-bench
+    if options.gate_model is not None:
+        check_gguf(options.gate_model, what="gate model")
     bad_tests = [t for t in options.tests if t not in TESTS]
     if bad_tests or not options.tests:
         raise UsageError(f"unknown --test {','.join(bad_tests)}", next_step="use tg, pp or tg,pp")
@@ -772,15 +774,20 @@ def _gate_pairs(arms: list[_Arm], options: AbTestOptions) -> list[dict[str, Any]
 
 
 def run_abtest(options: AbTestOptions) -> Path:
-    """Run the whole ab-test and write report.md/.json/.png; returns the report directory."""
+    """Run the whole ab-test and write report.md/.json/.png; returns the report directory. Ctrl-C during
+    the rounds writes the report of the rounds done, then re-raises KeyboardInterrupt."""
+    validate(options)
+    out = Path(options.out or _default_out()).expanduser().resolve()
+    with creating_dir(out):  # a run that fails before its report leaves no empty directory
+        return _run_abtest(options, out)
+
+
+def _run_abtest(options: AbTestOptions, out: Path) -> Path:
     from amppatch.build import load_build, run_env
     from amppatch.gguf_info import bytes_per_token, generation_context, read_gguf
     from amppatch.report import write_report
 
-    validate(options)
     t0 = time.monotonic()
-    out = Path(options.out or _default_out()).expanduser().resolve()
-    out.mkdir(parents=True, exist_ok=True)
     arms = []
     for spec in options.arms:
         build = load_build(spec.build)
@@ -834,6 +841,7 @@ def run_abtest(options: AbTestOptions) -> Path:
     if n_rounds_target is None and options.max_time is None:
         n_rounds_target = DEFAULT_ROUNDS
     stopped_because = ""
+    interrupted = False
     round_index = 0
     comps: list[dict[str, Any]] = []
     try:
@@ -904,6 +912,7 @@ def run_abtest(options: AbTestOptions) -> Path:
                 break
     except KeyboardInterrupt:
         stopped_because = f"interrupted after {round_index} rounds"
+        interrupted = True
         progress("ab-test: interrupted; writing the report of the rounds done so far")
     finally:
         shutil.rmtree(trace_dir, ignore_errors=True)
@@ -912,9 +921,11 @@ def run_abtest(options: AbTestOptions) -> Path:
     usage = cpu_usage(cpu_before, read_cpu_times(), own_cpu_ticks() - own_before)
     loadavg_end = read_loadavg()
 
+    if not samples and interrupted:
+        raise KeyboardInterrupt
     if not samples:
         reasons = "; ".join(f"{a} {s}: {r}" for (a, s), r in failures.items())
-        raise SubprocessError(
+        raise UnmeasuredError(
             f"ab-test collected no samples: {reasons or 'nothing ran'}",
             next_step="run the arms' llama-bench by hand to see why (command in the error above)",
         )
@@ -1086,6 +1097,9 @@ def run_abtest(options: AbTestOptions) -> Path:
         "duration_s": time.monotonic() - t0,
     }
     write_report(out, report)
+    if interrupted:
+        progress(f"ab-test: partial report of {round_index} rounds in {out}")
+        raise KeyboardInterrupt  # the exit status says the run did not finish (130), the report is kept
     if options.fail_on_regression:
         slower = [c for c in comps if c["verdict"] == "slower"]
         if slower:

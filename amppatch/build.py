@@ -1,14 +1,20 @@
 """Out-of-tree CMake builds of llama.cpp, keyed by what determines the binaries, reused when identical.
 
-A clean tree (or an explicit `ref`) is built from one amppatch-owned git worktree per repository, so the
-baseline and a patched branch compile the same absolute paths and ccache turns the patched rebuild into a
-handful of real compiles. A dirty tree is built in place, with a hash of its uncommitted changes in the key.
-A manifest is written only after a build succeeded; a build without one is never reported or reused.
+A clean tree (or an explicit `ref`) is built from ONE amppatch-owned source checkout, a git repository in
+the cache into which the commit's objects are fetched from the user's repository. The key is therefore the
+content (commit, compiler, flags, options), not where the user's tree lives: every clone of a commit finds
+the same build, and the baseline and a patched branch compile the same absolute paths, so ccache turns the
+patched rebuild into a handful of real compiles. A dirty tree is built in place, with its path and a hash of
+its uncommitted changes in the key.
+
+A manifest is written only after a build succeeded. A build that fails or is interrupted is removed; one
+whose process was killed outright is removed by the next build that finds it abandoned (no manifest, lock free).
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -16,12 +22,13 @@ import re
 import shutil
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from amppatch import __version__
 from amppatch.errors import BuildError, UsageError
 from amppatch.features import IsaReport, disable_flags, probe_isa
+from amppatch.inputs import BUILD_MANIFEST, check_gguf, read_json
 from amppatch.paths import FileLock, cache_dir, write_text_atomic
 from amppatch.proc import describe_returncode, progress, require_tool, run, stream
 from amppatch.workspace import check_llama_tree
@@ -120,7 +127,7 @@ def load_build(path: Path) -> Build:
             next_step="pass a directory printed by `amppatch build` (or its manifest.json); a build that failed "
             "has no manifest and is not usable",
         )
-    manifest = json.loads(manifest_path.read_text())
+    manifest = read_json(manifest_path, BUILD_MANIFEST)
     return Build(manifest_path.parent.resolve(), manifest, Path(manifest["source_dir"]))
 
 
@@ -158,12 +165,25 @@ def _dirty_hash(repo: Path, files: list[str]) -> str:
     return digest.hexdigest()
 
 
+_CMAKE_LISTS = ("CMakeLists.txt", "ggml/CMakeLists.txt")
+_OPTION_RE = re.compile(r"^\s*option\(\s*([A-Za-z0-9_]+)", re.MULTILINE)
+
+
 def declared_cmake_options(source_dir: Path) -> set[str]:
     """Names of `option(...)` declared by the top-level and ggml CMakeLists of this llama.cpp version."""
     names: set[str] = set()
-    for path in (source_dir / "CMakeLists.txt", source_dir / "ggml" / "CMakeLists.txt"):
+    for rel in _CMAKE_LISTS:
+        path = source_dir / rel
         if path.is_file():
-            names.update(re.findall(r"^\s*option\(\s*([A-Za-z0-9_]+)", path.read_text(), re.MULTILINE))
+            names.update(_OPTION_RE.findall(path.read_text()))
+    return names
+
+
+def _declared_at_commit(repo: Path, commit: str) -> set[str]:
+    """declared_cmake_options of a commit (what will be built), not of whatever the working tree holds."""
+    names: set[str] = set()
+    for rel in _CMAKE_LISTS:
+        names.update(_OPTION_RE.findall(_git(repo, "show", f"{commit}:{rel}", check=False)))
     return names
 
 
@@ -199,9 +219,20 @@ class ResolvedBuild:
         last (so they win over a removal) the AMX flags of an --amx-batch1 build."""
         return self.kernel_cflags.split() + list(self.isa_disabled) + (list(AMX_FLAGS) if self.amx_batch1 else [])
 
+    def key_fields(self) -> dict:
+        """What the key hashes: everything but where the user's repository lives. A clean or `--ref` build
+        compiles amppatch's one shared checkout, so its key is pure content (commit, compiler, flags,
+        options) and every clone of the commit shares it; a dirty tree is built in place, so its path
+        (source_dir) stays in its key."""
+        values = asdict(self)
+        values.pop("repo")
+        if not self.in_place:
+            values.pop("source_dir")
+        return values
+
     @property
     def key(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+        return hashlib.sha256(json.dumps(self.key_fields(), sort_keys=True).encode()).hexdigest()[:16]
 
     @property
     def dir_key(self) -> str:
@@ -210,9 +241,9 @@ class ResolvedBuild:
         while the manifest's full key still keeps a stale build from being reused."""
         if self.dirty_hash is None:
             return self.key
-        fields = asdict(self)
-        fields.pop("dirty_hash")
-        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+        values = self.key_fields()
+        values.pop("dirty_hash")
+        return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
 
 
 AMX_FLAGS = ("-mamx-tile", "-mamx-int8")
@@ -230,10 +261,10 @@ def _check_amx_batch1(cmake_options: dict[str, str], isa: IsaReport) -> None:
                          next_step="build without --amx-batch1 (the AMX buffer cannot run on this CPU)")
 
 
-def worktree_path(repo: Path) -> Path:
-    """The one amppatch-owned worktree of `repo` (shared by all refs, so ccache sees one set of paths)."""
-    tag = hashlib.sha256(str(repo.resolve()).encode()).hexdigest()[:12]
-    return cache_dir("worktrees") / f"{repo.name}-{tag}"
+def shared_checkout() -> Path:
+    """amppatch's one source checkout, where every clean and `--ref` build compiles (any repository, any
+    commit): one set of absolute paths, so builds are keyed by content and ccache serves them all."""
+    return cache_dir("worktrees") / "source"
 
 
 def resolve(options: BuildOptions, isa: IsaReport | None = None) -> ResolvedBuild:
@@ -246,16 +277,16 @@ def resolve(options: BuildOptions, isa: IsaReport | None = None) -> ResolvedBuil
         commit = _git(repo, "rev-parse", "--verify", "--quiet", f"{options.ref}^{{commit}}", check=False).strip()
         if not commit:
             raise UsageError(f"{options.ref!r} is not a commit or branch of {repo}", next_step="check `git log`")
-        dirty, in_place, source_dir = None, False, worktree_path(repo)
+        dirty, in_place, source_dir = None, False, shared_checkout()
     else:
         commit = _git(repo, "rev-parse", "HEAD").strip()
         files = dirty_files(repo)
         if files:
             dirty, in_place, source_dir = _dirty_hash(repo, files), True, repo
         else:
-            dirty, in_place, source_dir = None, False, worktree_path(repo)
+            dirty, in_place, source_dir = None, False, shared_checkout()
     compiler, compiler_version = _compiler_identity()
-    declared = declared_cmake_options(repo)
+    declared = declared_cmake_options(repo) if in_place else _declared_at_commit(repo, commit)
     cmake_options = {k: v for k, v in _OFFLINE_CPU_OPTIONS.items() if k in declared or k in _ALWAYS}
     cmake_options["CMAKE_EXPORT_COMPILE_COMMANDS"] = "ON"
     cmake_options.update(dict(options.defines))
@@ -272,8 +303,7 @@ def resolve(options: BuildOptions, isa: IsaReport | None = None) -> ResolvedBuil
         entries = []
         for given in options.pgo_models:
             model = Path(given).expanduser().resolve()
-            if not model.is_file():
-                raise UsageError(f"PGO training model {model} does not exist", next_step="pass an existing .gguf")
+            check_gguf(model, what="PGO training model")
             entries.append(f"{model}:{model.stat().st_size}")
         training = ";".join(entries)  # one model reads exactly as before, so existing build keys stay
     return ResolvedBuild(
@@ -378,14 +408,21 @@ def _cmake(args: list[str], *, label: str, env: dict[str, str]) -> None:
 
 
 def _prepare_worktree(repo: Path, worktree: Path, commit: str) -> None:
-    """Check out `commit` (detached) in amppatch's worktree; the user's checkout is never touched."""
-    if not (worktree / ".git").exists():
+    """Check out `commit` (detached) in amppatch's shared checkout, fetching its objects from `repo` when
+    the checkout lacks them; the user's checkout and branches are never touched. The checkout is a
+    repository of its own (not a linked worktree), so it outlives any user clone it fetched from."""
+    if not (worktree / ".git").is_dir():
         if worktree.exists():
             shutil.rmtree(worktree)
-        _git(repo, "worktree", "prune")
-        _git(repo, "worktree", "add", "--detach", "--force", str(worktree), commit)
-        return
-    current = _git(worktree, "rev-parse", "HEAD").strip()
+        _git(worktree.parent, "init", "--quiet", str(worktree))
+        # Commits are fetched by id, not kept by refs: no automatic gc should prune them mid-build.
+        _git(worktree, "config", "gc.auto", "0")
+    git = require_tool("git", install_hint="install git (apt-get install -y git)")
+    if run([git, "-C", str(worktree), "cat-file", "-e", f"{commit}^{{commit}}"], check=False).returncode != 0:
+        run([git, "-C", str(worktree), "fetch", "--quiet", "--no-tags", str(repo), commit],
+            what=f"git fetch of {commit[:12]} from {repo} into amppatch's source checkout",
+            next_step=f"check that {repo} exists and holds commit {commit[:12]}")
+    current = _git(worktree, "rev-parse", "--verify", "--quiet", "HEAD", check=False).strip()
     if current != commit or dirty_files(worktree):
         _git(worktree, "checkout", "--quiet", "--force", "--detach", commit)
         _git(worktree, "clean", "-fdq")
@@ -433,20 +470,86 @@ def pgo_training_models(training: str | None) -> tuple[Path, ...]:
     return tuple(Path(entry.rsplit(":", 1)[0]) for entry in training.split(";")) if training else ()
 
 
+_BUILD_DIR_RE = re.compile(r"[0-9a-f]{16}(-[a-z]+)?")
+
+
+@contextlib.contextmanager
+def _try_lock(path: Path):
+    """The build lock `path` if no one holds it (yields True), else yields False at once."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+def remove_abandoned_builds(builds: Path) -> list[Path]:
+    """Remove build directories without a manifest whose lock nobody holds: what a build killed outright
+    (SIGKILL, power loss) left behind. A build in progress holds its lock, so it is never touched."""
+    removed = []
+    for entry in sorted(builds.iterdir()):
+        if not entry.is_dir() or entry.is_symlink() or not _BUILD_DIR_RE.fullmatch(entry.name):
+            continue
+        if (entry / "manifest.json").is_file():
+            continue
+        with _try_lock(builds / f".{entry.name}.lock") as free:
+            if free and entry.is_dir() and not (entry / "manifest.json").is_file():
+                shutil.rmtree(entry, ignore_errors=True)
+                removed.append(entry)
+    if removed:
+        progress(f"build: removed {len(removed)} abandoned build director{'y' if len(removed) == 1 else 'ies'} "
+                 f"(no manifest: failed or killed): {', '.join(p.name for p in removed)}")
+    return removed
+
+
+@contextlib.contextmanager
+def _removed_unless_finished(build_dir: Path):
+    """A build directory that does not get its manifest is deleted, whether the build failed or was
+    interrupted (Ctrl-C): a half build is never reused and never left to grow the cache."""
+    try:
+        yield
+    except BaseException:
+        if not (build_dir / "manifest.json").is_file():
+            shutil.rmtree(build_dir, ignore_errors=True)
+            progress(f"build: removed the unfinished build directory {build_dir}")
+        raise
+
+
+def _reused(existing: Build, rb: ResolvedBuild, manifest_path: Path) -> Build:
+    """A finished build found for a request. Its key does not depend on the repository (for a clean or
+    --ref build), so another clone may find it: the manifest's `repo` is updated to the repository that
+    asked last (what `--like` and model synthesis read), everything else stays as built."""
+    if existing.manifest.get("repo") == rb.repo:
+        return existing
+    manifest = {**existing.manifest, "repo": rb.repo}
+    write_text_atomic(manifest_path, json.dumps(manifest, indent=2) + "\n")
+    return Build(existing.dir, manifest, existing.source_dir)
+
+
 def build(options: BuildOptions) -> Build:
     """Build (or reuse) llama.cpp for `options`; returns the finished build."""
     rb = resolve(options)
     targets = tuple(dict.fromkeys(options.targets))
-    build_dir = cache_dir("builds") / rb.dir_key
+    builds = cache_dir("builds")
+    remove_abandoned_builds(builds)
+    build_dir = builds / rb.dir_key
     label = options.name or f"build {rb.key}"
-    with FileLock(cache_dir("builds") / f".{rb.dir_key}.lock"):
+    with FileLock(builds / f".{rb.dir_key}.lock"):
         manifest_path = build_dir / "manifest.json"
         existing = load_build(build_dir) if manifest_path.is_file() else None
         if existing is not None and existing.manifest.get("key") != rb.key:
             existing = None  # the same tree with other uncommitted changes: rebuild incrementally
         if existing is not None and all((build_dir / "bin" / t).is_file() for t in targets):
             progress(f"{label}: reusing {build_dir}")
-            return existing
+            return _reused(existing, rb, manifest_path)
         previous_targets = existing.manifest.get("targets", []) if existing is not None else []
         source_lock = FileLock(Path(rb.source_dir + ".lock")) if not rb.in_place else contextlib.nullcontext()
         start = time.monotonic()
@@ -454,7 +557,7 @@ def build(options: BuildOptions) -> Build:
         # No manifest while building: an interrupted or failed build is never taken for a good one.
         manifest_path.unlink(missing_ok=True)
         kernel = rb.kernel_flags()
-        with source_lock:
+        with _removed_unless_finished(build_dir), source_lock:
             if not rb.in_place:
                 _prepare_worktree(Path(rb.repo), Path(rb.source_dir), rb.commit)
             if rb.pgo:
@@ -468,23 +571,107 @@ def build(options: BuildOptions) -> Build:
                 _configure_and_build(rb, build_dir, targets, f"{label} (pgo: optimized)", kernel + use, [])
             else:
                 _configure_and_build(rb, build_dir, targets, label, kernel, [])
-        seconds = time.monotonic() - start
-        manifest = {
-            "schema_version": SCHEMA_VERSION,
-            "key": rb.key,
-            "name": options.name,
-            **{k: v for k, v in asdict(rb).items()},
-            "ref": options.ref,
-            "kernel_flags_applied": kernel,
-            "isa": _isa_summary(rb),
-            "targets": sorted(set(previous_targets) | set(targets)),
-            "build_seconds": round(seconds, 1),
-            "build_dir": str(build_dir),
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        }
-        write_text_atomic(manifest_path, json.dumps(manifest, indent=2) + "\n")
+            seconds = time.monotonic() - start
+            manifest = {
+                "schema_version": SCHEMA_VERSION,
+                "key": rb.key,
+                "name": options.name,
+                **{k: v for k, v in asdict(rb).items()},
+                "ref": options.ref,
+                "kernel_flags_applied": kernel,
+                "isa": _isa_summary(rb),
+                "targets": sorted(set(previous_targets) | set(targets)),
+                "build_seconds": round(seconds, 1),
+                "build_dir": str(build_dir),
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            }
+            write_text_atomic(manifest_path, json.dumps(manifest, indent=2) + "\n")
         progress(f"{label}: built in {seconds:.0f} s -> {build_dir}")
         return Build(build_dir, manifest, Path(rb.source_dir))
+
+
+def _resolved_of(build_: Build) -> ResolvedBuild:
+    """The ResolvedBuild a finished build was made from (its manifest holds every field)."""
+    m = build_.manifest
+    values = {f.name: m[f.name] for f in fields(ResolvedBuild) if f.name in m}
+    values["isa_disabled"] = tuple(values.get("isa_disabled", ()))
+    return ResolvedBuild(**values)
+
+
+def _check_source_unchanged(rb: ResolvedBuild, what: str) -> None:
+    """An in-place build's tree must still hold what was built, or a side build would compile other code."""
+    repo = Path(rb.source_dir)
+    head = _git(repo, "rev-parse", "HEAD").strip()
+    files = dirty_files(repo)
+    state = _dirty_hash(repo, files) if files else None
+    if head != rb.commit or state != rb.dirty_hash:
+        raise UsageError(f"{repo} changed since its build was made, so {what} cannot be built from the same source",
+                         next_step="rebuild (amppatch build) and run again, or commit the change and build that")
+
+
+def source_text(build_: Build, relpath: str) -> str | None:
+    """A file of the source a build compiled, as of its commit (None when the tree has no such file). The
+    shared checkout may have moved on to another commit since, so its text comes from git, not the disk."""
+    rb = _resolved_of(build_)
+    if rb.in_place:
+        path = Path(rb.source_dir) / relpath
+        return path.read_text(errors="replace") if path.is_file() else None
+    git = require_tool("git", install_hint="install git (apt-get install -y git)")
+    done = run([git, "-C", rb.source_dir, "show", f"{rb.commit}:{relpath}"], check=False)
+    return done.stdout if done.returncode == 0 else None
+
+
+def build_side_target(parent: Build, target: str, defines: dict[str, str], *, suffix: str) -> Path:
+    """Build one extra target of `parent`'s source with `parent`'s compiler, flags and options plus
+    `defines` (e.g. LLAMA_BUILD_TESTS=ON for a llama.cpp test) in a side directory `<parent>-<suffix>`,
+    keyed off the parent's key; returns the target's binary. The parent's own build, and so every cached
+    build, stays without it. Same source paths and flags, so ccache serves everything the parent
+    compiled; a failed or interrupted side build is removed like any other."""
+    rb = _resolved_of(parent)
+    side_rb = replace(rb, cmake_options={**rb.cmake_options, **defines})
+    builds = cache_dir("builds")
+    remove_abandoned_builds(builds)
+    side_dir = builds / f"{parent.dir.name}-{suffix}"
+    binary = side_dir / "bin" / target
+    key = parent.manifest.get("key")
+    label = f"{target} (side build of {parent.dir.name})"
+    with FileLock(builds / f".{side_dir.name}.lock"):
+        manifest_path = side_dir / "manifest.json"
+        if manifest_path.is_file() and binary.is_file():
+            try:
+                if json.loads(manifest_path.read_text()).get("key") == key:
+                    progress(f"{label}: reusing {side_dir}")
+                    return binary
+            except json.JSONDecodeError:
+                pass
+        start = time.monotonic()
+        side_dir.mkdir(parents=True, exist_ok=True)
+        manifest_path.unlink(missing_ok=True)
+        kernel = list(parent.manifest.get("kernel_flags_applied", rb.kernel_flags()))
+        if rb.pgo:  # the parent's trained profile, so its kernels compile as in the parent
+            kernel += [f"-fprofile-use={parent.dir / 'pgo-data'}", "-fprofile-partial-training",
+                       "-Wno-missing-profile"]
+        source_lock = FileLock(Path(rb.source_dir + ".lock")) if not rb.in_place else contextlib.nullcontext()
+        with _removed_unless_finished(side_dir), source_lock:
+            if rb.in_place:
+                _check_source_unchanged(rb, target)
+            else:
+                _prepare_worktree(Path(rb.repo), Path(rb.source_dir), rb.commit)
+            _configure_and_build(side_rb, side_dir, (target,), label, kernel, [])
+            if not binary.is_file():
+                raise BuildError(f"{label} produced no {binary.relative_to(side_dir)}",
+                                 next_step=f"check that this llama.cpp version defines the target {target}")
+            write_text_atomic(manifest_path, json.dumps({
+                "schema_version": SCHEMA_VERSION,
+                "key": key,
+                "parent": str(parent.dir),
+                "target": target,
+                "defines": defines,
+                "build_seconds": round(time.monotonic() - start, 1),
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            }, indent=2) + "\n")
+        progress(f"{label}: built in {time.monotonic() - start:.0f} s -> {side_dir}")
+        return binary
 
 
 def _isa_summary(rb: ResolvedBuild) -> dict:

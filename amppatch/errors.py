@@ -77,3 +77,16 @@ class RegressionError(AmppatchError):
     """ab-test --fail-on-regression found the candidate measurably slower."""
 
     exit_code = 8
+
+
+class UnmeasuredError(AmppatchError):
+    """An ab-test (or run) finished and wrote its report, but an arm could not be measured at some setting
+    (llama-bench rejected its flags, crashed, or cannot run that test here): the verdict is incomplete."""
+
+    exit_code = 9
+
+
+class WriteError(AmppatchError):
+    """A result file or directory could not be written (disk full, read-only filesystem, no permission)."""
+
+    exit_code = 10

@@ -86,8 +86,11 @@ def probe_isa(compiler: str = "cc", *, refresh: bool = False) -> IsaReport:
     cached = tools / f"isa-{key}.json"
     with FileLock(tools / f".isa-{key}.lock"):
         if cached.is_file() and not refresh:
-            data = json.loads(cached.read_text())
-            return IsaReport(data["compiler"], tuple(data["advertised"]), data["executes"], data["detail"])
+            try:
+                data = json.loads(cached.read_text(encoding="utf-8"))
+                return IsaReport(data["compiler"], tuple(data["advertised"]), data["executes"], data["detail"])
+            except (ValueError, KeyError, TypeError):
+                pass  # a damaged cache entry (not UTF-8/JSON, old layout) is probed again
         macros = native_macros(compiler_path)
         advertised = tuple(f.name for f in FEATURES if f.macro in macros)
         src = tools / f"isa_probe-{key}.c"

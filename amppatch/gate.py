@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from amppatch.errors import CorrectnessError, SubprocessError, UsageError
+from amppatch.inputs import check_gguf
 from amppatch.proc import describe_returncode, progress, run
 
 if TYPE_CHECKING:
@@ -217,8 +218,7 @@ def run_gate(
 
     if options.mode not in MODES:
         raise UsageError(f"unknown gate mode {options.mode!r}", next_step=f"use one of {', '.join(MODES)}")
-    if not Path(options.model).is_file():
-        raise UsageError(f"gate model {options.model} does not exist", next_step="pass an existing .gguf")
+    check_gguf(options.model, what="gate model")
     if options.ppl_rel_tolerance < 0:
         raise UsageError("the perplexity tolerance must not be negative", next_step="e.g. 0.01 for 1 %")
     chunks = max(2, options.ppl_chunks)  # llama-perplexity wants at least 2 * ctx tokens
@@ -302,3 +302,207 @@ def run_gate(
         raise error
     progress(f"gate: passed ({detail})")
     return result
+
+
+# ----------------------------------------------------------------------------------------------------------
+# llama.cpp's own kernel test: test-quantize-fns checks every type's vec_dot (and quantizer) against its
+# reference implementation on fixed data. The identical gate compares B with A on one model; this test
+# covers inputs and row lengths that model does not reach.
+
+QUANTIZE_FNS = "test-quantize-fns"
+QUANTIZE_FNS_SOURCE = "tests/test-quantize-fns.cpp"
+CPU_TRAITS_SOURCE = "ggml/src/ggml-cpu/ggml-cpu.c"
+
+
+@dataclass(frozen=True)
+class TraitsFunction:
+    """A function named in ggml-cpu's type-traits table: the type it serves, its role there, and whether
+    test-quantize-fns calls it (it tests only types that have a CPU quantizer, `from_float`)."""
+
+    type: str
+    role: str  # "vec_dot" or "from_float"
+    tested: bool
+
+
+_TRAITS_TABLE_RE = re.compile(r"type_traits_cpu\s*\[\s*GGML_TYPE_COUNT\s*\]\s*=\s*\{")
+_TRAITS_ENTRY_RE = re.compile(r"\[\s*GGML_TYPE_([A-Z0-9_]+)\s*\]\s*=\s*\{(.*?)\}", re.DOTALL)
+_TRAITS_FIELD_RE = re.compile(r"\.(vec_dot|from_float)\s*=\s*(?:\([A-Za-z_0-9 ]+\)\s*)?([A-Za-z_][A-Za-z_0-9]*)")
+
+
+def cpu_type_traits(source: str) -> dict[str, TraitsFunction]:
+    """Function name -> TraitsFunction, from the text of ggml-cpu.c's `type_traits_cpu` table (pure).
+
+    Commented-out fields (`//.from_float = quantize_row_iq3_xxs,`) and NULL do not count: for such a type
+    the test prints "Testing <type>" and checks nothing. Type names are ggml's (`q8_0`, `q4_K`, `f16`)
+    lower-cased as the test prints them, except K types keep ggml's capital K."""
+    m = _TRAITS_TABLE_RE.search(source)
+    if not m:
+        return {}
+    body = re.sub(r"/\*.*?\*/", "", re.sub(r"//[^\n]*", "", source[m.end():]), flags=re.DOTALL)
+    depth, end = 1, len(body)
+    for i, ch in enumerate(body):  # the table ends at its own closing brace; later tables are not it
+        depth += {"{": 1, "}": -1}.get(ch, 0)
+        if depth == 0:
+            end = i
+            break
+    out: dict[str, TraitsFunction] = {}
+    for entry in _TRAITS_ENTRY_RE.finditer(body[:end]):
+        name = entry.group(1).lower().replace("_k", "_K")
+        fields_ = {k: v for k, v in _TRAITS_FIELD_RE.findall(entry.group(2)) if v != "NULL"}
+        tested = "from_float" in fields_
+        for role, function in fields_.items():
+            out.setdefault(function, TraitsFunction(name, role, tested))
+    return out
+
+
+def quantize_fns_applicability(function: str, traits: Mapping[str, TraitsFunction]) -> tuple[str | None, str]:
+    """Whether test-quantize-fns exercises a patched function: (its type, how) when it does, else (None,
+    why not). Pure; `traits` is cpu_type_traits() of the tree."""
+    base = function.split("<", 1)[0].split("::", 1)[0]
+    known = traits.get(base)
+    if known is not None and known.tested:
+        how = "dot product against the float reference" if known.role == "vec_dot" else "quantization error"
+        return known.type, f"{known.role} of {known.type}: checked by its {how}"
+    if known is not None:
+        return None, (f"{known.role} of {known.type}, a type test-quantize-fns skips (no CPU quantizer, "
+                      "from_float, to make its test data)")
+    if "tinygemm" in base:
+        return None, ("AMX buffer kernel (tinygemm_*): not a type-traits function, test-quantize-fns never "
+                      "calls it")
+    if re.search(r"(^|_)gem[mv](_|$)", base):
+        return None, ("repack GEMV/GEMM kernel (CPU_REPACK buffer): not a type-traits function, "
+                      "test-quantize-fns never calls it")
+    if "flash_attn" in base:
+        return None, "flash attention: test-quantize-fns checks no attention code"
+    return None, "not a type's vec_dot or quantizer in ggml-cpu's type-traits table: test-quantize-fns never calls it"
+
+
+_CHECK_RE = re.compile(r"^\s*(\S+) (.+?):\s+(ok|FAILED) \((.*)\)\s*$")
+
+
+@dataclass(frozen=True)
+class QuantizeFnsRun:
+    types: tuple[str, ...]  # every "Testing <type>" line
+    checks: dict[str, list[tuple[str, bool]]]  # type -> (check, passed) as printed with -v
+    returncode: int
+
+    @property
+    def failed_types(self) -> list[str]:
+        return sorted(t for t, cs in self.checks.items() if not all(ok for _, ok in cs))
+
+    def passed_checks(self) -> int:
+        return sum(ok for cs in self.checks.values() for _, ok in cs)
+
+    def failed_checks(self) -> int:
+        return sum(not ok for cs in self.checks.values() for _, ok in cs)
+
+
+def parse_quantize_fns(output: str, returncode: int) -> QuantizeFnsRun:
+    """test-quantize-fns -v output: `Testing q8_0` per type, then one `<type> <check>: ok|FAILED (<value>)`
+    line per check (f32's vec_dot lines are `f32 vec_dot n=  17: ok (...)`)."""
+    types: list[str] = []
+    checks: dict[str, list[tuple[str, bool]]] = {}
+    for line in output.splitlines():
+        if line.startswith("Testing "):
+            types.append(line.split(None, 1)[1].strip())
+            continue
+        m = _CHECK_RE.match(line)
+        if m:
+            name, check, verdict = m.group(1), " ".join(m.group(2).split()), m.group(3)
+            checks.setdefault(name, []).append((check, verdict == "ok"))
+    return QuantizeFnsRun(tuple(types), checks, returncode)
+
+
+def _run_quantize_fns(parent: Build, timeout: float) -> tuple[QuantizeFnsRun, list[str], str]:
+    from amppatch.build import build_side_target, run_env
+
+    binary = build_side_target(parent, QUANTIZE_FNS, {"LLAMA_BUILD_TESTS": "ON"}, suffix="tests")
+    argv = [str(binary), "-v"]
+    # The parent's own libraries come first (run_env puts them there): the test then checks the very
+    # libggml-cpu.so the gate compared, not just an identically compiled copy; the side build's libraries
+    # only fill in what the parent did not build.
+    env = run_env(parent)
+    env["LD_LIBRARY_PATH"] = ":".join(filter(None, [env.get("LD_LIBRARY_PATH", ""), str(binary.parent)]))
+    done = run(argv, env=env, timeout=timeout, check=False, what=QUANTIZE_FNS)
+    if done.returncode < 0:
+        raise _Crash(QUANTIZE_FNS, done.returncode, "\n".join(done.stderr.splitlines()[-15:]), argv)
+    return parse_quantize_fns(done.stdout, done.returncode), argv, str(binary.parent.parent)
+
+
+def kernel_test(a: Build, b: Build, functions: Sequence[str], *, timeout: float = 900.0) -> dict:
+    """Run test-quantize-fns on B for the patched functions it covers; the gate section's record.
+
+    status: "passed" (it ran; every covered type's checks passed in B), "not applicable" (no patched
+    function is one it calls; each site says why) or "not available" (the tree has no such test). A type
+    that fails in B but passes in A is a CorrectnessError naming it; a type that fails in A too is this
+    llama.cpp's (or this CPU's) problem, recorded, not blamed on the patch."""
+    from amppatch.build import source_text
+
+    record: dict = {"test": QUANTIZE_FNS}
+    if source_text(b, QUANTIZE_FNS_SOURCE) is None:
+        return {**record, "status": "not available",
+                "reason": f"this llama.cpp tree has no {QUANTIZE_FNS_SOURCE}"}
+    traits = cpu_type_traits(source_text(b, CPU_TRAITS_SOURCE) or "")
+    sites = {}
+    for f in functions:
+        type_, why = quantize_fns_applicability(f, traits)
+        sites[f] = {"type": type_, "covered": type_ is not None, "reason": why}
+    covered = {f: s["type"] for f, s in sites.items() if s["covered"]}
+    if not covered:
+        return {**record, "status": "not applicable", "reason": "no patched function is one test-quantize-fns "
+                "calls (see sites)", "sites": sites}
+    progress(f"gate: {QUANTIZE_FNS} on B (covers {', '.join(sorted(covered))}) ...")
+    try:
+        run_b, argv, side_dir = _run_quantize_fns(b, timeout)
+    except _Crash as crash:
+        raise CorrectnessError(f"{QUANTIZE_FNS} crashed in B: {describe_returncode(crash.returncode)}\n{crash.tail}",
+                               next_step=f"reproduce with: {shlex.join(crash.argv)}") from None
+    wanted = {t.lower() for t in covered.values()}
+    failed_b = {t.lower() for t in run_b.failed_types}
+    if run_b.returncode != 0 and not failed_b:
+        failed_b = {"(exit status without a FAILED line)"}
+    preexisting: set[str] = set()
+    if failed_b:
+        progress(f"gate: {QUANTIZE_FNS} fails in B for {', '.join(sorted(failed_b))}; running it on A to see "
+                 "whether the patch caused it ...")
+        try:
+            run_a, _, _ = _run_quantize_fns(a, timeout)
+            preexisting = {t.lower() for t in run_a.failed_types}
+            if run_a.returncode != 0 and not preexisting:
+                preexisting = {"(exit status without a FAILED line)"}
+        except _Crash:
+            preexisting = set()
+        new = sorted(failed_b - preexisting)
+        if new:
+            lines = [f"{t} {c}: FAILED" for t, cs in run_b.checks.items() if t.lower() in new for c, ok in cs
+                     if not ok]
+            raise CorrectnessError(
+                f"{QUANTIZE_FNS} fails in B for type {', '.join(new)} (passes in A): "
+                + "; ".join(lines[:6]),
+                next_step=f"the patched vec_dot no longer matches its reference; reproduce with: {shlex.join(argv)}")
+    by_type = {t.lower(): cs for t, cs in run_b.checks.items()}
+    for f, t in covered.items():
+        checks = by_type.get(t.lower(), [])
+        site = sites[f]
+        site["checks"] = [f"{c}: {'ok' if ok else 'FAILED'}" for c, ok in checks]
+        if not checks:
+            site.update(covered=False, reason=f"{QUANTIZE_FNS} printed no check for {t} on this tree")
+        elif t.lower() in preexisting:
+            site["status"] = "fails in A too (not caused by the patch)"
+        else:
+            site["status"] = "passed"
+    summary = (f"{len(run_b.types)} types tested, {run_b.passed_checks()} checks ok, {run_b.failed_checks()} "
+               f"failed; patched types {', '.join(sorted(wanted))}: "
+               + "; ".join(f"{f}: {', '.join(sites[f].get('checks', [])) or sites[f]['reason']}" for f in covered))
+    if not any(s.get("status") == "passed" for s in sites.values()):
+        status, reason = "not applicable", "no patched function's checks ran and passed (see sites)"
+    else:
+        status, reason = "passed", None
+    progress(f"gate: {QUANTIZE_FNS}: {status} ({summary})")
+    out = {**record, "status": status, "summary": summary, "command": argv, "side_build": side_dir,
+           "libraries": str(b.bin_dir), "sites": sites}
+    if reason:
+        out["reason"] = reason
+    if preexisting:
+        out["failing_in_a_too"] = sorted(preexisting)
+    return out

@@ -121,9 +121,10 @@ def read_gguf(path: Path) -> GgufInfo:
     """Tensor table and the attention shape of a GGUF file (memory-mapped; tensor data is not read)."""
     from gguf import GGUFReader  # imported lazily: the package parses numpy-heavy tables at import
 
+    from amppatch.inputs import check_gguf
+
     path = Path(path).expanduser()
-    if not path.is_file():
-        raise UsageError(f"model {path} does not exist", next_step="pass an existing .gguf file")
+    check_gguf(path)  # structure and size first: the gguf package's reader fails on a cut file with an IndexError
     try:
         reader = GGUFReader(path)
     except (ValueError, OSError) as exc:

@@ -186,7 +186,10 @@ def probe_machine(refresh: bool = False) -> MachineInfo:
     cached = tools / f"machine-{key}.json"
     with FileLock(tools / f".machine-{key}.lock"):
         if cached.is_file() and not refresh:
-            return MachineInfo.from_json(json.loads(cached.read_text()))
+            try:
+                return MachineInfo.from_json(json.loads(cached.read_text(encoding="utf-8")))
+            except (ValueError, KeyError, TypeError):  # a damaged cache entry (not UTF-8/JSON, old layout)
+                proc.progress(f"machine probe: {cached} is unreadable; measuring again")
         start = time.monotonic()
         proc.progress("machine probe: caches, ISA, memory latency and stream bandwidth (≈15 s, cached afterwards)")
         caches = read_caches()

@@ -6,8 +6,8 @@
   earliest pointer parameter (the weight row of a ggml vec_dot). ``--profile profile.json`` takes the
   profile's ``sites`` (``function``, ``loop``, ``stream``, ``distance_bytes``, ``hint``, ``inputs``).
 * **Defaults** for manual sites: 2048 bytes ahead, locality 3 (``DEFAULT_DISTANCE``, ``DEFAULT_HINT``). The
-  hand experiment that motivated amppatch prefetched the Q8_0 weight stream "a few KiB" ahead with
-  locality 3 at 1 thread (~1.5x); 2 KiB is ~60 Q8_0 blocks, several memory latencies of consumption at
+  Q8_0 weight stream gains most from a prefetch several KiB ahead with locality 3 at 1 thread
+  (docs/RESULTS.md, "tune"); 2 KiB is ~60 Q8_0 blocks, several memory latencies of consumption at
   one thread's streaming rate, and still well inside the L1/L2 reach of the hardware prefetchers' pages.
 * **Rendering** uses the Jinja templates in ``amppatch/templates`` with StrictUndefined; each inserted line
   carries ``/* amppatch: <site key> ... */``. Edits are spliced in reverse byte order; the file is
@@ -16,7 +16,10 @@
 * **Git**: a dirty tree is refused; the patch is committed on ``amppatch/<id>`` without touching the
   user's branch, index or working files (blobs, a temporary index and ``commit-tree``); ``<id>`` hashes the
   base commit, the resolved sites and parameters and the tool version, so the same request finds its
-  branch. ``<id>.patch`` (format-patch) and ``<id>.json`` (the manifest) go to the output directory.
+  branch. The commit is deterministic (fixed identity, the base's date), so a branch is reused only when
+  its tip is the very commit the request makes; a reset, amended or extended branch is refused.
+  ``<id>.patch`` (format-patch) and ``<id>.json`` (the manifest) go to the output directory, after
+  ``check_export`` found them consistent (commit, base, files, added lines, each site's parameters).
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ import jinja2
 from amppatch import __version__
 from amppatch.build import BuildOptions
 from amppatch.errors import AmppatchError, BuildError, SubprocessError, UsageError
+from amppatch.inputs import LEARNED, PROFILE, read_json
 from amppatch.machine import cpu_model
 from amppatch.paths import cache_dir, write_text_atomic
 from amppatch.proc import progress
@@ -171,17 +175,9 @@ def parse_site_spec(spec: str, distance: int | None, hint: int | None) -> SiteRe
     return SiteRequest(function, loop, stream, d, h, "manual")
 
 
-def _read_json(path: Path, next_step: str) -> object:
-    """A JSON input file, or a UsageError that says which file and what to pass instead."""
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise UsageError(f"cannot read {path}: {exc}", next_step=next_step) from exc
-
-
 def sites_from_profile(path: Path, distance: int | None, hint: int | None) -> tuple[list[SiteRequest], dict]:
     """The profile's `sites` as requests (--distance/--hint override theirs), and the profile itself."""
-    profile = _read_json(path, "pass a profile.json written by `amppatch profile`")
+    profile = read_json(path, PROFILE)
     sites = profile.get("sites") if isinstance(profile, dict) else None
     if not isinstance(sites, list):
         raise UsageError(f"{path} has no `sites` list", next_step="pass a profile.json written by `amppatch profile`")
@@ -208,7 +204,7 @@ def sites_from_learned(paths: Sequence[Path]) -> tuple[list[SiteRequest], list[d
     sources: list[dict] = []
     seen: dict[tuple, tuple[Path, int, int]] = {}
     for path in paths:
-        learned = _read_json(path, "pass a learned.json written by `amppatch tune`")
+        learned = read_json(path, LEARNED)
         winners = learned.get("winners") if isinstance(learned, dict) else None
         if not isinstance(winners, list):
             raise UsageError(f"{path} has no `winners` list",
@@ -630,7 +626,10 @@ def request_id(base_commit: str, sites: list[PlannedSite], *, tunable: bool, lin
         "sites": sorted([s.key, s.file, s.stream.address, s.request.distance_bytes, s.request.hint, s.lines,
                          s.guard or "", s.stream.row_stride or "", s.stream.insert_byte or -1,
                          s.stream.tile_step or "", s.stream.unroll or "",
-                         s.loop.body_start_byte] for s in sites),
+                         s.loop.body_start_byte,
+                         # what the commit message says besides: with these the id determines the whole
+                         # commit, so a reused branch can be checked against the commit it must hold
+                         s.request.origin, s.stream.kind, s.stream.bytes_per_iteration or ""] for s in sites),
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
 
@@ -645,6 +644,162 @@ def commit_message(rid: str, base: str, sites: list[PlannedSite], *, tunable: bo
                      f"[{s.request.origin}]")
     lines += ["", f"Base: {base}", f"Generated by amppatch {__version__}; id {rid}."]
     return "\n".join(lines) + "\n"
+
+
+@dataclass
+class PatchFile:
+    """One file of a format-patch: its path and the lines it adds, by line number in the patched file."""
+
+    path: str
+    added: dict[int, str] = field(default_factory=dict)
+    removed: int = 0
+
+
+@dataclass
+class ParsedPatch:
+    commit: str | None  # the "From <sha>" line
+    subject: str
+    message: list[str]  # the commit message body, line by line
+    files: list[PatchFile]
+
+
+_HUNK = re.compile(r"^@@ -(\d+)(?:,(\d+))? \+(\d+)(?:,(\d+))? @@")
+
+
+def parse_format_patch(text: str) -> ParsedPatch:
+    """The parts of a single-commit `git format-patch` text that a manifest makes claims about (pure).
+    Hunks are read by their counts, so a content line that looks like a header is never mistaken for one."""
+    lines = text.split("\n")
+    m = re.match(r"From ([0-9a-f]{40}) ", lines[0]) if lines else None
+    commit = m.group(1) if m else None
+    i, subject = 1, ""
+    while i < len(lines) and lines[i] != "":  # mail headers; a long Subject continues on indented lines
+        if lines[i].startswith("Subject: "):
+            subject = lines[i][len("Subject: "):]
+            while i + 1 < len(lines) and lines[i + 1].startswith((" ", "\t")):
+                i += 1
+                subject += " " + lines[i].strip()
+        i += 1
+    message: list[str] = []
+    i += 1
+    while i < len(lines) and lines[i] != "---" and not lines[i].startswith("diff --git "):
+        message.append(lines[i])
+        i += 1
+    files: list[PatchFile] = []
+    current: PatchFile | None = None
+    while i < len(lines):
+        line = lines[i]
+        i += 1
+        if line.startswith("+++ "):
+            path = line[4:]
+            current = PatchFile(path[2:] if path.startswith("b/") else path)
+            files.append(current)
+            continue
+        hunk = _HUNK.match(line)
+        if not hunk or current is None:
+            continue
+        old_left = int(hunk.group(2) or 1)
+        new_left = int(hunk.group(4) or 1)
+        new_line = int(hunk.group(3))
+        while (old_left > 0 or new_left > 0) and i < len(lines):
+            body = lines[i]
+            i += 1
+            if body.startswith("\\"):  # "\ No newline at end of file"
+                continue
+            if body.startswith("+"):
+                current.added[new_line] = body[1:]
+                new_line += 1
+                new_left -= 1
+            elif body.startswith("-"):
+                current.removed += 1
+                old_left -= 1
+            else:
+                new_line += 1
+                new_left -= 1
+                old_left -= 1
+    return ParsedPatch(commit, subject, message, files)
+
+
+def check_export(patch_text: str, manifest: dict) -> list[str]:
+    """What the exported patch and its manifest disagree on (pure; empty = consistent): the commit and its
+    base, the files, the line numbers of every added line, and each site's marker lines and parameters
+    (and the commit message's line for it). Every added marker line must belong to a site the manifest lists."""
+    problems: list[str] = []
+    patch = parse_format_patch(patch_text)
+    rid, base, commit = manifest.get("id"), manifest.get("base_commit"), manifest.get("commit")
+    if patch.commit != commit:
+        problems.append(f"the patch is commit {patch.commit or '(none)'}, the manifest says {commit}")
+    if f"[{rid}]" not in patch.subject:
+        problems.append(f"the patch's subject {patch.subject!r} does not name request {rid}")
+    bases = [line[len("Base: "):].strip() for line in patch.message if line.startswith("Base: ")]
+    if bases != [base]:
+        problems.append(f"the patch's base is {', '.join(bases) or '(none)'}, the manifest says {base}")
+    claimed = {f.get("path"): sorted(f.get("inserted_lines") or []) for f in manifest.get("files", [])}
+    by_path = {f.path: f for f in patch.files}
+    if len(by_path) != len(patch.files) or set(by_path) != set(claimed):
+        problems.append(f"the patch changes {sorted(f.path for f in patch.files)}, "
+                        f"the manifest lists {sorted(claimed)}")
+    for path in sorted(set(by_path) & set(claimed)):
+        if sorted(by_path[path].added) != claimed[path]:
+            problems.append(f"{path}: the patch adds lines {_ranges(sorted(by_path[path].added))}, the manifest "
+                            f"says {_ranges(claimed[path])}")
+    sites = manifest.get("sites", [])
+    tunable = bool(manifest.get("tunable"))
+    keys = [_comment_safe(str(s.get("key"))) for s in sites]
+
+    def owner(line: str) -> str | None:
+        # the longest key that matches: a stream may contain spaces, so one key can begin another
+        found = [k for k in keys if f"/* {MARKER_WORD} {k} " in line or f"/* {MARKER_WORD} {k} */" in line]
+        return max(found, key=len) if found else None
+
+    for path, pf in by_path.items():
+        if path == TUNABLES_HEADER:
+            continue
+        for n, line in pf.added.items():
+            if f"/* {MARKER_WORD} " in line and owner(line) is None and f"{MARKER_WORD} tunables header" not in line:
+                problems.append(f"{path}:{n} adds a prefetch line for a site the manifest does not list")
+    site_lines = [line for line in patch.message if line.startswith("- ")]
+    if len(site_lines) != len(sites):
+        problems.append(f"the commit message lists {len(site_lines)} site(s), the manifest {len(sites)}")
+    header = by_path.get(TUNABLES_HEADER)
+    if header is not None:
+        listed = {m.group(1) for line in header.added.values()
+                  for m in [re.match(r"/\* (.+): \d+ line\(s\) of \d+ B per iteration \*/$", line)] if m}
+        if listed != set(keys):
+            problems.append(f"the tunables header defines sites {sorted(listed)}, the manifest lists {sorted(keys)}")
+    for site, key in zip(sites, keys, strict=True):
+        d, h = site.get("distance_bytes"), site.get("hint")
+        if not any(line.startswith(f"- {site.get('key')} (") and f"distance={d} B hint={h} " in line + " "
+                   for line in site_lines):  # the message names the key as is (no comment escaping)
+            problems.append(f"the commit message does not list {key} with distance={d} B hint={h}")
+        pf = by_path.get(str(site.get("file")))
+        mine = [line for line in (pf.added.values() if pf else ()) if owner(line) == key]
+        if not mine:
+            problems.append(f"the patch adds no line for site {key} in {site.get('file')}")
+            continue
+        if tunable:
+            env = site.get("env") or {}
+            calls = (f'amppatch_env_long("{env.get("distance")}", {d})', f'amppatch_env_hint("{env.get("hint")}", {h})')
+            if header is None or not all(any(c in line for line in header.added.values()) for c in calls):
+                problems.append(f"the patch's tunables header does not default {key} to distance {d} and hint {h}")
+            continue
+        found_d = {int(v) for line in mine for v in re.findall(r"\bd=(\d+)", line)}
+        found_h = {int(v) for line in mine for v in re.findall(r"\bh=(\d+)", line)}
+        if found_d != {d} or found_h != {h}:
+            problems.append(f"site {key}: the patch prefetches with distance {sorted(found_d)} and hint "
+                            f"{sorted(found_h)}, the manifest says {d} and {h}")
+    return problems
+
+
+def _ranges(numbers: list[int]) -> str:
+    """1, 2, 3, 7 -> "1-3, 7" (short error messages for long line lists)."""
+    out: list[str] = []
+    for n in numbers:
+        if out and out[-1].split("-")[-1] == str(n - 1):
+            out[-1] = f"{out[-1].split('-')[0]}-{n}"
+        else:
+            out.append(str(n))
+    return ", ".join(out) or "none"
 
 
 class GitRepo:
@@ -677,19 +832,34 @@ class GitRepo:
         except Exception:
             return None
 
-    def commit_files(self, base: str, files: dict[str, bytes], message: str, branch: str) -> str:
-        """A commit of `files` on top of `base`, on `branch`, through a temporary index (no checkout)."""
+    def make_commit(self, base: str, files: dict[str, bytes], message: str) -> str:
+        """The commit of `files` on top of `base`, written to the object database only: no ref moves, no
+        checkout. Author, committer and date are fixed (the date is the base's), so the same request
+        always yields the same commit id, which is how a reused branch is checked."""
         import git
 
         try:
-            return self._commit_files(base, files, message, branch)
+            return self._make_commit(base, files, message)
         except git.GitCommandError as exc:
             raise SubprocessError(f"git failed while committing the patch: {exc.command}",
                                   next_step="check the repository (`git fsck`) and that it is writable",
                                   returncode=exc.status if isinstance(exc.status, int) else None,
                                   output_tail=str(exc.stderr)) from exc
 
-    def _commit_files(self, base: str, files: dict[str, bytes], message: str, branch: str) -> str:
+    def create_branch(self, branch: str, commit: str) -> None:
+        """Point the new `branch` at `commit`; fails (rather than overwrite) if the branch appeared meanwhile."""
+        import git
+
+        try:
+            self.repo.git.update_ref(f"refs/heads/{branch}", commit, "0" * 40)
+        except git.GitCommandError as exc:
+            raise SubprocessError(f"git could not create branch {branch}",
+                                  next_step=f"if another apply created it meanwhile, run apply again; else "
+                                            f"remove it (`git -C {self.path} branch -D {branch}`)",
+                                  returncode=exc.status if isinstance(exc.status, int) else None,
+                                  output_tail=str(exc.stderr)) from exc
+
+    def _make_commit(self, base: str, files: dict[str, bytes], message: str) -> str:
         from io import BytesIO
 
         from gitdb.base import IStream
@@ -710,9 +880,22 @@ class GitRepo:
             tree = self.repo.git.write_tree(env=env).strip()
         date = self.repo.commit(base).committed_datetime.isoformat()
         ident = {**_GIT_IDENTITY, "GIT_AUTHOR_DATE": date, "GIT_COMMITTER_DATE": date}
-        commit = self.repo.git.commit_tree(tree, "-p", base, "-m", message, env=ident).strip()
-        self.repo.git.update_ref(f"refs/heads/{branch}", commit, "0" * 40)
-        return commit
+        # --no-gpg-sign: a signature (it carries a timestamp) would make the commit id unrepeatable
+        return self.repo.git.commit_tree(tree, "-p", base, "--no-gpg-sign", "-m", message, env=ident).strip()
+
+    def branch_mismatch(self, tip: str, expected: str, base: str) -> str:
+        """Why `branch`'s tip is not the commit apply makes for this request (for the refusal)."""
+        if tip == base:
+            return "it points at the base commit itself (reset: it holds no patch)"
+        import git
+
+        try:
+            if self.repo.is_ancestor(expected, tip):
+                extra = int(self.repo.git.rev_list("--count", f"{expected}..{tip}").strip())
+                return f"it has {extra} commit(s) on top of the patch"
+        except git.GitCommandError:
+            pass  # an unreadable history: the generic reason below still holds
+        return "its commit differs from the one this request makes (amended or replaced)"
 
     def delete_branch(self, branch: str) -> None:
         self.repo.git.update_ref("-d", f"refs/heads/{branch}")
@@ -881,8 +1064,12 @@ def _configure_compile_db(repo: Path, base: str, options: ApplyOptions) -> Path:
     with tempfile.TemporaryDirectory(prefix="configure-", dir=cache_dir("builds")) as tmp:
         run([cmake, "-S", str(repo), "-B", tmp, *defines], timeout=600, what="cmake configure (compile commands)",
             next_step="pass --compile-db from a build of this tree instead")
+        written = Path(tmp) / "compile_commands.json"
+        if not written.is_file():  # a CMakeLists that declares no targets: checked before the cache dir exists
+            raise UsageError(f"CMake configured {repo} but wrote no compile_commands.json (no C/C++ targets?)",
+                             next_step="pass --compile-db from a build of this tree, or check that it is llama.cpp")
         out.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(Path(tmp) / "compile_commands.json", db)
+        shutil.copyfile(written, db)
     return db
 
 
@@ -1010,15 +1197,23 @@ def apply(options: ApplyOptions) -> ApplyResult:
     out_dir = Path(options.out or Path.cwd() / "amppatch-out").expanduser().resolve()
     patch_path, manifest_path = out_dir / f"{rid}.patch", out_dir / f"{rid}.json"
     result.id, result.branch = rid, branch
+    # The commit is deterministic (fixed identity, the base's date), so the one this request makes can be
+    # written to the object database and compared with an existing branch: a branch someone reset, amended
+    # or committed to would otherwise be exported and built as if it held this request.
+    commit = git.make_commit(base, {c.relpath: c.after for c in changes},
+                             commit_message(rid, base, applied, tunable=options.tunable))
     existing = git.branch_commit(branch)
     created = False
     if existing is not None:
-        progress(f"apply: branch {branch} already holds this request; not committing again")
-        commit = existing
+        if existing != commit:
+            raise UsageError(f"branch {branch} exists but does not hold this request: "
+                             f"{git.branch_mismatch(existing, commit, base)} (tip {existing[:12]}, expected "
+                             f"{commit[:12]})", next_step=f"remove it with `git -C {repo} branch -D {branch}` "
+                                                          "and run apply again")
+        progress(f"apply: branch {branch} already holds this request ({commit[:12]}); not committing again")
         result.reused = True
     else:
-        message = commit_message(rid, base, applied, tunable=options.tunable)
-        commit = git.commit_files(base, {c.relpath: c.after for c in changes}, message, branch)
+        git.create_branch(branch, commit)
         created = True
         progress(f"apply: committed {commit[:12]} on {branch}")
     result.commit = commit
@@ -1041,6 +1236,13 @@ def apply(options: ApplyOptions) -> ApplyResult:
         "patch": patch_path.name,
     }
     try:
+        # Checked before anything is built or written: the exported pair must agree line for line.
+        patch_text = git.format_patch(commit)
+        problems = check_export(patch_text, manifest)
+        if problems:
+            raise AmppatchError(f"the patch of {branch} does not match its manifest: " + "; ".join(problems),
+                                next_step="nothing was exported; report this with the branch "
+                                          f"(`git -C {repo} show {branch}`)")
         if build_a is not None:
             from amppatch.build import build
 
@@ -1061,15 +1263,15 @@ def apply(options: ApplyOptions) -> ApplyResult:
             # not redo it (e.g. a later --no-build run of the same request).
             try:
                 previous = json.loads(manifest_path.read_text())
-            except (OSError, json.JSONDecodeError):
+            except (OSError, ValueError):  # unreadable or not UTF-8/JSON: nothing to carry over
                 previous = {}
-            if previous.get("commit") == commit:
+            if isinstance(previous, dict) and previous.get("commit") == commit:
                 for key in ("builds", "gate"):
                     if key not in manifest and key in previous:
                         manifest[key] = previous[key]
-        write_text_atomic(patch_path, git.format_patch(commit))
+        write_text_atomic(patch_path, patch_text)
         write_text_atomic(manifest_path, json.dumps(manifest, indent=2, default=str) + "\n")
-    except AmppatchError:
+    except (AmppatchError, KeyboardInterrupt):  # Ctrl-C during the builds leaves no branch either
         if created:
             git.delete_branch(branch)
             progress(f"apply: removed branch {branch}")
@@ -1117,7 +1319,7 @@ def _gate(options: ApplyOptions, build_a, build_b, sites: list[PlannedSite],
     attention) are counted on the first. The first run's fields stay at the top level (scripts read
     `passed`, `tokens_a`, ...); every run is in `runs`."""
     from amppatch.errors import CorrectnessError
-    from amppatch.gate import GateOptions, run_gate
+    from amppatch.gate import GateOptions, kernel_test, run_gate
 
     functions = sorted({s.function for s in sites})
     if options.gate_model is not None:
@@ -1154,7 +1356,8 @@ def _gate(options: ApplyOptions, build_a, build_b, sites: list[PlannedSite],
                     next_step="pass --gate-model with weights of the kernel's type, or --gate-arg flags that "
                               "route them to it")
         runs.append({**gate.to_json(), "model": str(model), "functions": fs, "args": list(args)})
-    return {**runs[0], "function_hits": hits, "runs": runs}
+    # llama.cpp's own check of every vec_dot against its reference, for the patched kernels it covers
+    return {**runs[0], "function_hits": hits, "runs": runs, "kernel_test": kernel_test(build_a, build_b, functions)}
 
 
 def format_summary(result: ApplyResult) -> str:

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 from pathlib import Path
+
+from amppatch.inputs import write_error
 
 
 def cache_root() -> Path:
@@ -62,11 +66,26 @@ class FileLock:
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    """Write via a temporary file and rename, so a crash never leaves a half-written result file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write via a temporary file and rename, so a crash never leaves a half-written result file; on any
+    failure (disk full, a directory in the way, Ctrl-C) the temporary file is removed and an OSError becomes
+    one WriteError line naming the path and the cause."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise write_error(path.parent, exc, "create") from None
+    if path.is_dir():
+        raise write_error(path, IsADirectoryError(errno.EISDIR, "Is a directory"))
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise write_error(path, exc) from None
+        raise
 
 
 def options_json(options: object) -> dict:

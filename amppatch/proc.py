@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -142,16 +143,44 @@ def stream(
             text=True,
             errors="replace",
             bufsize=1,
+            # its own process group, so an interrupted caller can stop the child's children too (a build's
+            # compilers) before it removes what they write into
+            start_new_session=True,
         )
     except FileNotFoundError as exc:
         raise ToolMissingError(f"cannot run `{args[0]}`: not found", next_step="install it") from exc
     assert proc.stdout is not None
-    for line in proc.stdout:
-        line = line.rstrip("\n")
-        tail.append(line)
-        if on_line is not None:
-            on_line(line)
-    return proc.wait(), list(tail)
+    try:
+        for line in proc.stdout:
+            line = line.rstrip("\n")
+            tail.append(line)
+            if on_line is not None:
+                on_line(line)
+        return proc.wait(), list(tail)
+    except BaseException:
+        _stop_group(proc)
+        raise
+
+
+def _stop_group(proc: subprocess.Popen) -> None:
+    """Terminate a child started in its own session and everything in its process group; wait until the
+    group is gone (SIGKILL after 10 s), so no grandchild keeps writing after we return."""
+    for sig, grace in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break
+        deadline = time.monotonic() + grace
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=grace)
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(proc.pid, 0)  # anyone left in the group?
+            except ProcessLookupError:
+                return
+            time.sleep(0.05)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=1)
 
 
 def progress(message: str) -> None:

@@ -22,6 +22,7 @@ import numpy as np
 
 from amppatch import proc
 from amppatch.errors import AmppatchError, SubprocessError, ToolMissingError, UsageError
+from amppatch.inputs import check_gguf
 from amppatch.paths import write_text_atomic
 
 SCHEMA_VERSION = 1
@@ -262,8 +263,7 @@ def resolve_options(options: ProfileOptions) -> ProfileOptions:
     if not options.command:
         if model is None:
             raise UsageError("profile needs --model (or a command after --)", next_step="e.g. amppatch model synth")
-        if not model.is_file():
-            raise UsageError(f"model {model} does not exist", next_step="check the path or run `amppatch model synth`")
+        check_gguf(model)  # before the build and the workload: a cut file fails here in milliseconds
         if options.repo is None and options.build is None:
             raise UsageError("profile needs --repo or --build to find llama-bench", next_step="pass --repo DIR")
     repo = Path(options.repo).expanduser().resolve() if options.repo else None
@@ -594,10 +594,7 @@ def _check_backend(backend: str) -> str:
         if shutil.which("perf") is None:
             return "`perf` is not installed"
         done = proc.run(["perf", "stat", "-x,", "-e", "cache-misses", "true"], check=False, what="perf stat")
-        text = done.stderr + done.stdout
-        if done.returncode != 0 or "<not supported>" in text or "not supported" in text.lower():
-            return "this machine exposes no hardware performance counters (`perf stat -e cache-misses` says: " + (
-                text.strip().splitlines()[0] if text.strip() else f"exit {done.returncode}") + ")"
+        return perf_counters_missing(done.stdout + done.stderr, done.returncode)
     if backend == "cachegrind":
         import shutil
 
@@ -612,12 +609,26 @@ def _run_perf(argv: list[str], env: dict[str, str], workdir: Path, timeout: floa
              what="perf record")
     rep = proc.run(["perf", "report", "-i", str(data), "--stdio", "--sort", "symbol", "--percent-limit", "0.5"],
                    timeout=600, what="perf report")
+    return {"event": "cache-misses", "functions": parse_perf_report(rep.stdout)}
+
+
+def perf_counters_missing(perf_stat_output: str, returncode: int) -> str:
+    """Why `perf stat -x, -e cache-misses true` shows no hardware counters, or '' when it counted (pure)."""
+    text = perf_stat_output.strip()
+    if returncode != 0 or "not supported" in text.lower() or "not counted" in text.lower():
+        return "this machine exposes no hardware performance counters (`perf stat -e cache-misses` says: " + (
+            text.splitlines()[0] if text else f"exit {returncode}") + ")"
+    return ""
+
+
+def parse_perf_report(text: str) -> list[dict]:
+    """Per-symbol cache-miss shares from `perf report --stdio --sort symbol` (pure)."""
     rows = []
-    for line in rep.stdout.splitlines():
+    for line in text.splitlines():
         m = re.match(r"\s*([\d.]+)%\s+\[\.\]\s+(.+)$", line)
         if m:
             rows.append({"function": m.group(2).strip(), "cache_miss_share": float(m.group(1)) / 100})
-    return {"event": "cache-misses", "functions": rows}
+    return rows
 
 
 def parse_cg_annotate(text: str) -> list[dict]:

@@ -13,13 +13,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from amppatch.errors import UsageError
+from amppatch.errors import UnmeasuredError, UsageError
+from amppatch.inputs import REPORT, read_json, write_error
 from amppatch.paths import write_text_atomic
 
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
 REPORT_PNG = "report.png"
-SUPPORTED_SCHEMA = 1
+SUPPORTED_SCHEMA = REPORT.schema_version
 
 
 def _f(value: float | None, fmt: str, missing: str = "—") -> str:
@@ -260,9 +261,16 @@ def render_png(report: dict[str, Any], path: Path) -> None:
         ax.set_ylim(-0.7, len(comps) - 0.3)
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
+    try:
+        fig.savefig(tmp, dpi=110)
+        tmp.replace(path)
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)  # a failed render leaves no temporary file
+        if isinstance(exc, OSError):
+            raise write_error(path, exc) from None
+        raise
+    finally:
+        plt.close(fig)
 
 
 def _jsonable(value: Any) -> Any:
@@ -285,17 +293,30 @@ def write_report(out: Path, report: dict[str, Any]) -> None:
 def load_report(directory: Path) -> dict[str, Any]:
     directory = Path(directory).expanduser()
     path = directory if directory.name == REPORT_JSON else directory / REPORT_JSON
+    if directory.is_file() and directory.name != REPORT_JSON:
+        raise UsageError(f"{directory} is a file, not an ab-test directory",
+                         next_step="pass the directory ab-test printed (or its report.json)")
     if not path.is_file():
         raise UsageError(f"{path} does not exist", next_step="pass the directory ab-test printed")
-    try:
-        report = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise UsageError(f"{path} is not valid JSON: {exc}", next_step="re-run ab-test") from exc
-    version = report.get("schema_version")
-    if version != SUPPORTED_SCHEMA:
-        raise UsageError(f"{path} has schema_version {version}; this amppatch reads {SUPPORTED_SCHEMA}",
-                         next_step="use the amppatch version that wrote it")
-    return report
+    return read_json(path, REPORT)
+
+
+def unmeasured(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """The (arm, setting, reason) records of every arm that could not be measured at some setting."""
+    failures = (report.get("diagnostics") or {}).get("failures") or []
+    return [f for f in failures if isinstance(f, dict)]
+
+
+def require_measured(report: dict[str, Any], directory: Path, what: str = "ab-test") -> None:
+    """Raise UnmeasuredError (after the report is written) when an arm could not be measured: a verdict
+    with an arm missing is not the answer that was asked for, so the exit status must say so."""
+    failed = unmeasured(report)
+    if not failed:
+        return
+    listed = "; ".join(f"arm {f.get('arm')} at {f.get('setting')}: {f.get('reason')}" for f in failed)
+    raise UnmeasuredError(f"{what} could not measure {listed} (report in {directory})",
+                          next_step="fix that arm's flags or build (run its llama-bench by hand to see why), "
+                                    "or drop the arm or the setting")
 
 
 def render_all(directory: Path) -> Path:

@@ -29,8 +29,10 @@ from typing import Any
 
 from amppatch import __version__
 from amppatch.errors import AmppatchError, UsageError
+from amppatch.inputs import LEARNED, REPORT, RUN_STATE, creating_dir, read_json
 from amppatch.paths import FileLock, options_json, write_text_atomic
 from amppatch.proc import progress
+from amppatch.report import require_measured, unmeasured
 
 SCHEMA_VERSION = 1
 STATE_FILE = "run-state.json"
@@ -82,6 +84,10 @@ def resolve_options(options: RunOptions) -> RunOptions:
     if lock is None and os.environ.get("AMPPATCH_MEASURE_LOCK"):
         lock = Path(os.environ["AMPPATCH_MEASURE_LOCK"])
     out = Path(options.out or Path.cwd() / "amppatch-run").expanduser().resolve()
+    if options.repo:  # checked here, before the run directory and its state exist
+        from amppatch.workspace import check_llama_tree
+
+        check_llama_tree(options.repo)
     repo = Path(options.repo).expanduser().resolve() if options.repo else None
     return replace(options, repo=repo, out=out, shape=shape, threads=tuple(threads), budget_minutes=budget,
                    final_minutes=final, lock=lock)
@@ -107,12 +113,8 @@ class RunState:
         self.path = path
         self.data: dict[str, Any] = {"schema_version": SCHEMA_VERSION, "tool_version": __version__, "stages": {}}
         if path.is_file():
-            try:
-                loaded = json.loads(path.read_text())
-                if loaded.get("schema_version") == SCHEMA_VERSION:
-                    self.data = loaded
-            except (OSError, json.JSONDecodeError):
-                progress(f"run: {path} is unreadable; starting over")
+            # A record this amppatch cannot read is refused, not overwritten: it may be another version's run.
+            self.data = read_json(path, RUN_STATE)
         self.data["options"] = options
 
     def reusable(self, name: str, key: str) -> dict[str, Any] | None:
@@ -309,12 +311,12 @@ class _Runner:
                 report_dir = run_abtest(options)
         else:
             report_dir = run_abtest(options)
-        report = json.loads((report_dir / "report.json").read_text())
+        report = read_json(report_dir / "report.json", REPORT)
         comps = [{k: c.get(k) for k in ("setting", "setting_label", "ratio", "ci95", "verdict")}
                  for c in report["comparisons"]]
         return "done", {"report": str(report_dir), "paths": [str(report_dir / "report.json")],
                         "verdict": report.get("verdict"), "ratio": report.get("ratio"), "ci95": report.get("ci95"),
-                        "comparisons": comps,
+                        "comparisons": comps, "failures": unmeasured(report),
                         "median_tok_s": {a["name"]: a.get("median_tok_s") for a in report["arms"]}}
 
     def report(self) -> tuple[str, dict[str, Any]]:
@@ -345,15 +347,12 @@ def render_summary(o: RunOptions, outputs: dict[str, dict[str, Any]], state: dic
         lines.append(f"learned.json: {tune_out.get('learned')}")
         kept = ", ".join(tune_out.get("winners") or []) or "none"
         lines.append(f"- kept: {kept}; dropped: {tune_out.get('dropped')}")
-        try:
-            learned = json.loads(Path(tune_out["learned"]).read_text())
-            for d in learned.get("dropped", []):
-                lines.append(f"- dropped {d['key']}: {d['reason']}")
-            b = learned.get("budget", {})
-            lines.append(f"- budget: {b.get('spent_minutes')} of {b.get('minutes')} min ({b.get('stopped_because')}), "
-                         f"{len(learned.get('probes', []))} probe results")
-        except (OSError, KeyError, json.JSONDecodeError):
-            pass
+        learned = read_json(Path(tune_out["learned"]), LEARNED)
+        for d in learned.get("dropped", []):
+            lines.append(f"- dropped {d.get('key')}: {d.get('reason')}")
+        b = learned.get("budget", {})
+        lines.append(f"- budget: {b.get('spent_minutes')} of {b.get('minutes')} min ({b.get('stopped_because')}), "
+                     f"{len(learned.get('probes', []))} probe results")
     lines += ["", "## Stock vs tuned", ""]
     if final.get("report"):
         lines += ["| setting | ratio tuned/stock | 95% CI | verdict |", "|---|---|---|---|"]
@@ -377,7 +376,12 @@ def run(options: RunOptions) -> Path:
     """Run (or resume) the whole pipeline; returns the run's report.md."""
     options = resolve_options(options)
     assert options.out is not None and options.threads is not None
-    options.out.mkdir(parents=True, exist_ok=True)
+    with creating_dir(options.out):  # a run refused before its first stage leaves no empty directory
+        return _run(options)
+
+
+def _run(options: RunOptions) -> Path:
+    assert options.out is not None and options.threads is not None
     r = _Runner(options)
     bo = r.o.build_options
     build_inputs = json.loads(json.dumps(asdict(replace(bo, repo=Path("."))), default=str)) if bo else None
@@ -392,4 +396,8 @@ def run(options: RunOptions) -> Path:
     # The report is always rewritten (cheap), so it reflects the current state.
     r.state.data["stages"].pop("report", None)
     out = r.stage("report", [], r.report)
+    final = r.outputs.get("final") or {}
+    if final.get("failures"):
+        require_measured({"diagnostics": {"failures": final["failures"]}}, Path(final["report"]),
+                         "the final ab-test")
     return Path(out["report"])

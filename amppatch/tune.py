@@ -53,8 +53,10 @@ from typing import Any
 
 from amppatch import __version__
 from amppatch.errors import AmppatchError, UsageError
+from amppatch.inputs import APPLY_MANIFEST, PROFILE, REPORT, check_gguf, creating_dir, read_json
 from amppatch.paths import FileLock, options_json, write_text_atomic
 from amppatch.proc import progress
+from amppatch.tune_plot import render_landscape
 
 SCHEMA_VERSION = 1
 OFF = -1
@@ -495,8 +497,9 @@ def resolve_options(options: TuneOptions) -> TuneOptions:
         raise UsageError("tune needs exactly one of --profile, --site or --tunable-manifest",
                          next_step="e.g. --profile profile.json (from `amppatch profile`)")
     model = Path(options.model).expanduser().resolve()
-    if not model.is_file():
-        raise UsageError(f"model {model} does not exist", next_step="e.g. `amppatch model synth --shape 1b`")
+    check_gguf(model)  # before the tunable build: a cut file fails here in milliseconds
+    if options.gate_model is not None:
+        check_gguf(options.gate_model, what="gate model")
     if options.threads < 1:
         raise UsageError("--threads must be at least 1", next_step="e.g. --threads 1")
     if options.budget_minutes <= 0:
@@ -522,11 +525,7 @@ def resolve_options(options: TuneOptions) -> TuneOptions:
     if bench_args is None:
         bench_args = ()
         if profile is not None:
-            try:
-                prof_opts = json.loads(profile.read_text()).get("options") or {}
-            except (OSError, json.JSONDecodeError) as exc:
-                raise UsageError(f"cannot read profile {profile}: {exc}",
-                                 next_step="pass a profile.json written by `amppatch profile`") from exc
+            prof_opts = read_json(profile, PROFILE).get("options") or {}
             # Tune what the profile measured: the same weight routing (--repack) decides which kernel runs.
             if prof_opts.get("repack") is not None:
                 bench_args = ("--repack", str(prof_opts["repack"]))
@@ -551,7 +550,7 @@ def search_config(options: TuneOptions, line_size: int) -> SearchConfig:
 def _tunable_variant(options: TuneOptions) -> dict[str, Any]:
     """The `apply --tunable` manifest (built and gated), from the given one or a fresh apply."""
     if options.tunable_manifest is not None:
-        manifest = json.loads(options.tunable_manifest.read_text())
+        manifest = read_json(options.tunable_manifest, APPLY_MANIFEST)
         manifest["_path"] = str(options.tunable_manifest)
     else:
         from amppatch.patch import ApplyOptions, apply
@@ -563,7 +562,7 @@ def _tunable_variant(options: TuneOptions) -> dict[str, Any]:
         if result.manifest_path is None:
             raise AmppatchError("apply --tunable produced no manifest (nothing to patch)",
                                 next_step="check the sites with `amppatch apply --dry-run`")
-        manifest = json.loads(result.manifest_path.read_text())
+        manifest = read_json(result.manifest_path, APPLY_MANIFEST)
         manifest["_path"] = str(result.manifest_path)
     if not manifest.get("tunable"):
         raise UsageError(f"{manifest['_path']} is not a tunable apply manifest",
@@ -625,7 +624,7 @@ class _Prober:
                 report_dir = run_abtest(ab)
         else:
             report_dir = run_abtest(ab)
-        report = json.loads((report_dir / "report.json").read_text())
+        report = read_json(report_dir / "report.json", REPORT)
         arms_by_name = {a["name"]: a for a in report["arms"]}
         off = arms_by_name["off"]
         results = []
@@ -661,14 +660,20 @@ def _code_path(build_manifest: dict[str, Any]) -> dict[str, Any]:
 
 
 def tune(options: TuneOptions) -> TuneResult:
-    """Run the whole tune stage and write learned.json (its path is returned)."""
+    """Run the whole tune stage and write learned.json (its path is returned). Ctrl-C writes learned.json
+    with what was reached, then re-raises KeyboardInterrupt."""
+    options = resolve_options(options)
+    assert options.out is not None
+    with creating_dir(options.out):  # a tune that fails before its first result leaves no empty directory
+        return _tune(options)
+
+
+def _tune(options: TuneOptions) -> TuneResult:
     from amppatch.build import load_build
     from amppatch.machine import cpu_model
     from amppatch.patch import cache_line_size
 
-    options = resolve_options(options)
     assert options.out is not None
-    options.out.mkdir(parents=True, exist_ok=True)
     manifest = _tunable_variant(options)
     budget = Budget(options.budget_minutes * 60.0)  # the search's time; building the variant is not part of it
     tunable_build = load_build(Path(manifest["builds"]["b"]))
@@ -716,6 +721,7 @@ def tune(options: TuneOptions) -> TuneResult:
         return data
 
     stopped = "done"
+    interrupted = False
     try:
         for i, site in enumerate(sites):
             prober.site = i
@@ -758,13 +764,20 @@ def tune(options: TuneOptions) -> TuneResult:
             document("running")
     except KeyboardInterrupt:
         stopped = "interrupted"
+        interrupted = True
         progress("tune: interrupted; writing what was reached")
     if any(r["phases_skipped"] for r in site_records):
         stopped = "budget spent" if stopped == "done" else stopped
     data = document(stopped)
+    plot = render_landscape(data, options.out / "tune.png")
+    if plot is not None:
+        progress(f"tune: landscape per site in {plot}")
     kept = [w["key"] + f" d={w['distance_bytes']} h={w['hint']}" for w in data["winners"]]
     progress(f"tune: {len(kept)} of {len(sites)} site(s) kept ({'; '.join(kept) or 'none'}); "
              f"{data['budget']['spent_minutes']:.1f} of {options.budget_minutes:g} min used ({stopped})")
+    if interrupted:
+        progress(f"tune: partial result in {learned_path}")
+        raise KeyboardInterrupt  # the exit status says tune did not finish (130); learned.json is kept
     if data["winners"]:
         progress(f"next: amppatch apply --repo {options.repo} --learned {learned_path}")
     return TuneResult(learned_path, data)

@@ -6,6 +6,7 @@ import argparse
 import shlex
 from pathlib import Path
 
+from amppatch.cli import add_flag_argument
 from amppatch.errors import UsageError
 
 NAME = "ab-test"
@@ -47,11 +48,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the block order and the bootstrap")
     parser.add_argument("--cpu-mask", help="pin every arm with llama-bench -C MASK --cpu-strict 1 (hex)")
     parser.add_argument("-o", "--out", type=Path, help="report directory (default ./abtest-<time>)")
+    parser.add_argument("--force", action="store_true",
+                        help="overwrite the earlier ab-test result that -o holds (default: refuse)")
     parser.add_argument("--skip-correctness", action="store_true", help="do not run the correctness gate")
     parser.add_argument("--gate", choices=("auto", "identical", "tolerance"), default="auto",
                         help="gate mode (auto: identical unless the arms run different kernels by design)")
     parser.add_argument("--gate-model", type=Path, help="model for the gate (default: --model)")
-    parser.add_argument("--gate-args", default="", help="extra gate flags for both sides, e.g. '-ub 1'")
+    add_flag_argument(parser, "--gate-args", default="", help="extra gate flags for both sides, e.g. '-ub 1'")
     parser.add_argument("--ppl-tolerance", type=float, default=0.01,
                         help="relative perplexity tolerance of the tolerance gate (default 0.01)")
     parser.add_argument("--latency", choices=("auto", "on", "off"), default="auto",
@@ -101,8 +104,15 @@ def options_from_args(args: argparse.Namespace):  # -> AbTestOptions
 
 def run(args: argparse.Namespace) -> Path:
     from amppatch.abtest import run_abtest
-    from amppatch.report import REPORT_MD
+    from amppatch.inputs import check_out_dir
+    from amppatch.report import REPORT_JSON, REPORT_MD, load_report, require_measured
 
+    if args.out is not None:
+        # An earlier result is evidence: overwriting it takes --force.
+        args.out = check_out_dir(args.out, result_file=REPORT_JSON, force=args.force, command="ab-test")
+    else:
+        check_out_dir(Path.cwd())  # where ./abtest-<time> goes
     out = run_abtest(options_from_args(args))
-    print((out / REPORT_MD).read_text(), end="")
+    print((out / REPORT_MD).read_text(encoding="utf-8"), end="")
+    require_measured(load_report(out), out)  # the report stands; the exit status says an arm is missing
     return out

@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from amppatch.cli import add_flag_argument
 from amppatch.cli.cmd_build import add_build_arguments, build_options_from_args
 from amppatch.errors import UsageError
 from amppatch.patch import DEFAULT_DISTANCE, DEFAULT_HINT, ApplyOptions, apply, format_summary
@@ -43,9 +44,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-gate", action="store_true", help="skip the correctness gate (not recommended)")
     parser.add_argument("--gate-model", type=Path, metavar="GGUF",
                         help="model for the gate (default: a tiny synthetic model of the kernel's weight type)")
-    parser.add_argument("--gate-arg", action="append", default=[], metavar="ARG",
-                        help="extra llama-completion/llama-perplexity argument for the gate, repeatable "
-                             "(e.g. --gate-arg=-ub --gate-arg=1 where AMX tiles fault)")
+    add_flag_argument(parser, "--gate-arg", action="append", default=[], metavar="ARG",
+                      help="extra llama-completion/llama-perplexity argument for the gate, repeatable "
+                           "(e.g. --gate-arg -ub --gate-arg 1 where AMX tiles fault)")
     parser.add_argument("-o", "--out", type=Path, metavar="DIR",
                         help="where <id>.patch and <id>.json go (default ./amppatch-out)")
     add_build_arguments(parser)
@@ -53,6 +54,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> Path | str | None:
     from amppatch.build import load_build, with_options
+    from amppatch.inputs import check_gguf, check_out_dir
+    from amppatch.source.compiledb import load_compile_db
+
+    # Checked before anything is committed or built: a bad -o or input file would otherwise surface only
+    # after the branch exists and A and B were built. The default ./amppatch-out is shared by every apply.
+    if not args.dry_run:
+        args.out = check_out_dir(args.out or Path.cwd() / "amppatch-out")
+    if args.gate_model is not None:
+        check_gguf(args.gate_model, what="gate model")
+    if args.compile_db is not None:
+        load_compile_db(args.compile_db)
 
     if args.like is not None and (args.cflags or args.kernel_cflags or args.define or args.pgo or args.amx_batch1):
         raise UsageError("--like copies an existing build's options; it cannot be combined with build flags",

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from amppatch.build import DEFAULT_TARGETS, BuildOptions, build
+from amppatch.cli import add_flag_argument
 from amppatch.errors import UsageError
 
 NAME = "build"
@@ -21,8 +22,8 @@ def parse_define(text: str) -> tuple[str, str]:
 
 def add_build_arguments(parser: argparse.ArgumentParser) -> None:
     """Build options shared by every command that builds (build, apply)."""
-    parser.add_argument("--cflags", default="", help="extra C/C++ flags for every target")
-    parser.add_argument("--kernel-cflags", default="",
+    add_flag_argument(parser, "--cflags", default="", help="extra C/C++ flags for every target")
+    add_flag_argument(parser, "--kernel-cflags", default="",
                         help="extra flags for the ggml CPU backend only (e.g. -fprefetch-loop-arrays)")
     parser.add_argument("--define", action="append", default=[], metavar="KEY=VALUE",
                         help="extra CMake option, repeatable (e.g. GGML_NATIVE=OFF GGML_AVX512=ON)")

@@ -10,7 +10,8 @@ from amppatch.doctor import diagnose, report_dict
 from amppatch.paths import cache_root, write_text_atomic
 
 NAME = "doctor"
-HELP = "preflight: compilers, build tools, ISA features that really execute, counters, THP, disk"
+HELP = ("preflight: compilers, build tools, ISA features that really execute, counters, huge pages "
+        "(THP modes, file-backed THP, MADV_COLLAPSE, hugetlb pool), disk")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -18,6 +19,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> Path:
+    from amppatch.inputs import check_out_file
+
+    if args.output is not None:
+        args.output = check_out_file(args.output, example="doctor.json")
     report = diagnose()
     width = max(len(c.name) for c in report.checks)
     for check in report.checks:

@@ -26,6 +26,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> Path:
+    from amppatch.inputs import check_out_file
+
+    if args.output is not None:
+        args.output = check_out_file(args.output, example="model.gguf")
     bld = load_build(args.build) if args.build else None
     return synth_model(SynthOptions(shape=args.shape, type=args.type, seed=args.seed, out=args.output,
                                     build=bld, repo=args.repo))

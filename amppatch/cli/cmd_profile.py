@@ -38,10 +38,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _calibrate(args: argparse.Namespace) -> Path:
     import json
 
+    from amppatch.inputs import PROFILE, check_out_file, read_json
     from amppatch.paths import write_text_atomic
     from amppatch.tracer.overhead import measure_overhead
 
-    out = (args.out or Path("overhead.json")).expanduser().resolve()
+    out = check_out_file(args.out or Path("overhead.json"), example="overhead.json")
+    if args.from_profile is not None:  # read before the minute of measuring, not after
+        read_json(args.from_profile, PROFILE, require=("trace", "tokens.p50_ms"))
     result = measure_overhead(hz=args.hz, profile_json=args.from_profile, workdir=out.parent / (out.stem + ".calib"))
     write_text_atomic(out, json.dumps(result, indent=2))
     s = result["sampling"]
@@ -59,6 +62,9 @@ def _calibrate(args: argparse.Namespace) -> Path:
 def run(args: argparse.Namespace) -> Path:
     if args.calibrate:
         return _calibrate(args)
+    from amppatch.inputs import check_out_file
+
+    args.out = check_out_file(args.out or Path("profile.json"), example="profile.json")
     command = list(args.command)
     if command and command[0] == "--":
         command = command[1:]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from amppatch.cli import add_flag_argument
 from amppatch.cli.cmd_build import add_build_arguments, build_options_from_args
 from amppatch.errors import UsageError
 from amppatch.tune import DEFAULT_GRID_MAX, DEFAULT_GRID_MIN, TuneOptions, tune
@@ -43,8 +44,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="output dir: learned.json, probes/, tunable/ (default ./amppatch-tune)")
     parser.add_argument("--like", type=Path, metavar="BUILD",
                         help="build the tunable variant with the options of this existing build")
-    parser.add_argument("--bench-arg", action="append", metavar="ARG",
-                        help="llama-bench flag for every probe, repeatable (default: the profile's --repack)")
+    add_flag_argument(parser, "--bench-arg", action="append", metavar="ARG",
+                      help="llama-bench flag for every probe, repeatable (default: the profile's --repack)")
     search = parser.add_argument_group("search")
     search.add_argument("--grid-min", type=int, default=DEFAULT_GRID_MIN, metavar="BYTES",
                         help=f"smallest power-of-two distance of the coarse grid (default {DEFAULT_GRID_MIN})")
@@ -75,6 +76,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> Path:
     from amppatch.build import load_build, with_options
+    from amppatch.inputs import check_out_dir
+
+    args.out = check_out_dir(args.out or Path.cwd() / "amppatch-tune")
 
     if args.like is not None and (args.cflags or args.kernel_cflags or args.define or args.pgo or args.amx_batch1):
         raise UsageError("--like copies an existing build's options; it cannot be combined with build flags",

@@ -8,7 +8,6 @@ llama.cpp versions. Asking the same compiler with the same command is the only a
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shlex
@@ -17,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from amppatch.errors import UsageError
+from amppatch.inputs import COMPILE_DB, read_json
 from amppatch.proc import run
 
 # Flags that make a compile command produce an object or dependency file; dropped when we reuse the
@@ -66,13 +66,7 @@ def load_compile_db(path: Path) -> list[dict]:
     if not path.is_file():
         raise UsageError(f"no compile_commands.json at {path}",
                          next_step="pass a CMake build dir configured with CMAKE_EXPORT_COMPILE_COMMANDS=ON")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise UsageError(f"{path} is not valid JSON: {exc}", next_step="re-run the CMake configure") from exc
-    if not isinstance(data, list):
-        raise UsageError(f"{path} is not a compile database (expected a list)", next_step="re-run CMake")
-    return data
+    return read_json(path, COMPILE_DB)
 
 
 def command_for(db: list[dict], repo: Path, relpath: str) -> CompileCommand | None:

@@ -17,6 +17,7 @@ from importlib import resources
 from pathlib import Path
 
 from amppatch import proc
+from amppatch.inputs import PROFILE, read_json
 from amppatch.tracer import compile_c_tool, read_trace, tracer_library
 
 SCHEMA_VERSION = 1
@@ -46,7 +47,7 @@ def _traced_env(out: Path, hz: int, **extra: str) -> dict[str, str]:
 
 def calls_per_token(profile_json: Path) -> tuple[dict[str, float], float]:
     """Interposed calls per generated token and the p50 token time (ns) from a profile's trace."""
-    data = json.loads(Path(profile_json).read_text())
+    data = read_json(Path(profile_json), PROFILE, require=("trace", "tokens.p50_ms"))
     trace = read_trace(Path(data["trace"]))
     tokens = max(1, len(trace.token_ns))
     return {k: v / tokens for k, v in trace.calls().items()}, float(data["tokens"]["p50_ms"]) * 1e6

@@ -111,3 +111,22 @@ def test_cli_runs_ab_test_and_report(native_build: Build, tiny_model_q8_0: Path,
     assert cmd_report.run(parser.parse_args([str(out)])) == out / "report.md"
     sliced = cmd_report.run(parser.parse_args([str(out), "--slices", "1"]))
     assert json.loads(Path(sliced).read_text())["slices"] == 1
+
+
+def test_cli_arm_with_rejected_flags_writes_the_report_and_exits_9(
+        native_build: Build, tiny_model_q8_0: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from amppatch.cli import main
+
+    out = tmp_path / "rejected"
+    code = main(["ab-test", "--a", str(native_build.dir), "--b", f"{native_build.dir}::--no-such-flag 1",
+                 "-m", str(tiny_model_q8_0), "--tokens", "8", "--reps", "1", "--rounds", "2",
+                 "--skip-correctness", "--latency", "off", "--no-llc", "-o", str(out)])
+    err = capsys.readouterr().err
+    assert code == 9, err
+    assert "could not measure arm B at tg8-t1" in err
+    report = json.loads((out / "report.json").read_text())
+    assert report["verdict"] == "unavailable" and report["diagnostics"]["failures"][0]["arm"] == "B"
+    # the same -o again is refused: the report is evidence
+    assert main(["ab-test", "--a", str(native_build.dir), "--b", str(native_build.dir), "-m",
+                 str(tiny_model_q8_0), "-o", str(out)]) == 2
+    assert "--force" in capsys.readouterr().err

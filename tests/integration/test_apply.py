@@ -8,6 +8,7 @@ patch and the pre-split llama.cpp tree are in the slow tier.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -17,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from amppatch.build import BuildOptions
-from amppatch.errors import BuildError, UsageError
+from amppatch.errors import AmppatchError, BuildError, UsageError
 from amppatch.patch import ApplyOptions, GitRepo, apply
 from amppatch.proc import run
 from amppatch.source import analyze_function
@@ -182,6 +183,99 @@ def test_wrapper_site_lands_in_the_live_specialization_only(fixture_repo: tuple[
     assert again.reused and again.commit == result.commit
 
 
+def _tamper(repo: Path, branch: str, how: str, tmp_path: Path) -> None:
+    """Change `branch` the way a user might, from a scratch worktree (the user's checkout stays as is)."""
+    if how == "reset":
+        _git(repo, "branch", "-f", branch, "HEAD")
+        return
+    wt = tmp_path / "tamper"
+    _git(repo, "worktree", "add", "-q", str(wt), branch)
+    path = wt / "ggml/src/ggml-cpu/fx_kernels.c"
+    if how == "extra commit":
+        path.write_text(path.read_text() + "/* a later change */\n")
+        _git(wt, "commit", "-qam", "a later change")
+    else:  # amend the distance
+        text = path.read_text()
+        assert "+ 1024, 0, 2);" in text
+        path.write_text(text.replace("+ 1024, 0, 2);", "+ 4096, 0, 2);"))
+        _git(wt, "commit", "-q", "--amend", "-a", "--no-edit")
+    _git(repo, "worktree", "remove", "--force", str(wt))
+
+
+@pytest.mark.parametrize(("how", "says"), [
+    ("reset", "points at the base commit"),
+    ("extra commit", "1 commit(s) on top of the patch"),
+    ("amend", "amended or replaced"),
+])
+def test_a_tampered_branch_is_refused_not_exported(fixture_repo: tuple[Path, Path], tmp_path: Path,
+                                                     how: str, says: str, capsys: pytest.CaptureFixture) -> None:
+    from amppatch.cli import main
+
+    repo, db = fixture_repo
+    opts = ApplyOptions(repo=repo, sites=("fx_dot_blocks",), build=False, compile_db=db, out=tmp_path / "o1",
+                        distance=1024, hint=2, line_size=64)
+    first = apply(opts)
+    assert first.branch is not None and first.commit is not None
+    _tamper(repo, first.branch, how, tmp_path)
+    tampered = _git(repo, "rev-parse", first.branch).strip()
+    assert tampered != first.commit
+    head = _git(repo, "rev-parse", "HEAD").strip()
+    refusal = re.escape(f"branch {first.branch} exists but does not hold this request: ") + ".*" + re.escape(says)
+    with pytest.raises(UsageError, match=refusal) as exc:
+        apply(dataclasses.replace(opts, out=tmp_path / "o2"))
+    assert f"git -C {repo} branch -D {first.branch}" in str(exc.value)
+    # nothing exported, nothing moved: the branch keeps what the user made of it, the checkout is as it was
+    assert not (tmp_path / "o2").exists()
+    assert _git(repo, "rev-parse", first.branch).strip() == tampered
+    assert _git(repo, "rev-parse", "HEAD").strip() == head and _git(repo, "status", "--porcelain") == ""
+    # on the command line: one line that says what to do, a usage exit code, no outputs
+    argv = ["apply", "--repo", str(repo), "--site", "fx_dot_blocks", "--distance", "1024", "--hint", "2",
+            "--no-build", "--compile-db", str(db), "-o", str(tmp_path / "o3")]
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"amppatch: error: branch {first.branch} exists") and "branch -D" in err[-1]
+    assert "Traceback" not in "\n".join(err) and not (tmp_path / "o3").exists()
+    # removed as told, the same request makes the same commit again (the commit is deterministic)
+    _git(repo, "branch", "-D", first.branch)
+    again = apply(dataclasses.replace(opts, out=tmp_path / "o2"))
+    assert not again.reused and again.commit == first.commit
+    assert again.patch_path is not None and again.patch_path.read_text() == first.patch_path.read_text()
+
+
+def test_an_export_that_disagrees_with_its_manifest_is_not_written(fixture_repo: tuple[Path, Path], tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    import amppatch.patch
+
+    repo, db = fixture_repo
+    opts = ApplyOptions(repo=repo, sites=("fx_dot_blocks",), build=False, compile_db=db, out=tmp_path / "out",
+                        line_size=64)
+    seen: list[str] = []
+
+    def disagree(patch_text: str, manifest: dict) -> list[str]:
+        seen.append(patch_text)
+        return ["the patch prefetches 1 B ahead, the manifest says 2048"]
+
+    monkeypatch.setattr(amppatch.patch, "check_export", disagree)
+    with pytest.raises(AmppatchError, match="does not match its manifest: the patch prefetches 1 B ahead"):
+        apply(opts)
+    # it was asked about the real export; the new branch is gone and no output claims success
+    assert seen and seen[0].startswith("From ")
+    assert _git(repo, "branch", "--list", "amppatch/*") == "" and not (tmp_path / "out").exists()
+
+
+def test_a_tree_cmake_writes_no_compile_commands_for_is_one_clear_error(fixture_repo: tuple[Path, Path],
+                                                                        tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    repo, _ = fixture_repo  # its CMakeLists.txt declares nothing: configure succeeds and writes no database
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("AMPPATCH_CACHE_DIR", str(cache))
+    with pytest.raises(UsageError, match=r"wrote no compile_commands\.json"):
+        apply(ApplyOptions(repo=repo, sites=("fx_dot_blocks",), build=False, out=tmp_path / "out", line_size=64))
+    # no empty cache entry that a later run would take for a finished one
+    assert not any(p.name.startswith("configure-") for p in (cache / "builds").iterdir())
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The real tree
 
@@ -261,6 +355,14 @@ def test_q8_0_end_to_end(llama_repo: Path, native_build, tiny_model_q8_0: Path, 
     manifest = _real_kernel(llama_repo, native_build, tiny_model_q8_0, "ggml_vec_dot_q8_0_q8_0", tmp_path)
     (s,) = manifest["sites"]
     assert (s["stream"], s["element_size"], s["guard"]) == ("x[ib]", 34, "#if defined(__AVX2__)")
+    # llama.cpp's own kernel test ran on B (built beside it, not in it) and checked q8_0's vec_dot
+    kt = manifest["gate"]["kernel_test"]
+    assert (kt["test"], kt["status"]) == ("test-quantize-fns", "passed"), kt
+    site = kt["sites"]["ggml_vec_dot_q8_0_q8_0"]
+    assert site["type"] == "q8_0" and site["status"] == "passed"
+    assert "dot product error: ok" in site["checks"]
+    assert Path(kt["side_build"]).name == Path(manifest["builds"]["b"]).name + "-tests"
+    assert not (Path(manifest["builds"]["b"]) / "bin" / "test-quantize-fns").exists()
 
 
 @pytest.mark.slow
@@ -290,7 +392,7 @@ def test_other_kernels_end_to_end(llama_repo: Path, native_build, function: str,
 ])
 def test_repack_gemv_end_to_end(llama_repo: Path, native_build, site: str, fixture: str, function: str,
                                 bytes_per_iteration: int, request: pytest.FixtureRequest, tmp_path: Path) -> None:
-    """Issue #4: the repack GEMVs (weights in the CPU_REPACK buffer, i.e. without --repack 0) patch, build,
+    """The repack GEMVs (weights in the CPU_REPACK buffer, i.e. without --repack 0) patch, build,
     pass the gate, run, and hold prefetches in that one function only."""
     model = request.getfixturevalue(fixture)
     manifest = _real_kernel(llama_repo, native_build, model, site, tmp_path)
@@ -302,7 +404,7 @@ def test_repack_gemv_end_to_end(llama_repo: Path, native_build, site: str, fixtu
 @pytest.mark.slow
 def test_flash_attention_kv_loop_end_to_end(llama_repo: Path, native_build, tiny_model_q8_0: Path,
                                             tmp_path: Path) -> None:
-    """Issue #4: the KV-position loop of flash attention; the K row pointer is declared in the loop body, so
+    """The KV-position loop of flash attention; the K row pointer is declared in the loop body, so
     the prefetch goes right after its declaration. `-fa on` makes the kernel run in the gate."""
     site = "ggml_compute_forward_flash_attn_ext_f16_one_chunk:1:k_data"
     manifest = _real_kernel(llama_repo, native_build, tiny_model_q8_0, site, tmp_path, sized=False,
@@ -327,8 +429,9 @@ _PART_TWO_SITES = ("ggml_gemv_q4_0_8x8_q8_0", "ggml_gemv_q4_K_8x8_q8_K",
 
 @pytest.mark.slow
 def test_part_two_sites_all_at_once(llama_repo: Path, native_build, tmp_path: Path) -> None:
-    """Every kernel of issue #4 that runs here, patched in one build: it builds, and the gate (one run per
-    weight type: Q4_0 and Q4_K synthetic models, flash attention on) passes with every function hit."""
+    """Every repack-GEMV and flash-attention kernel that runs here, patched in one build: it builds, and the
+    gate (one run per weight type: Q4_0 and Q4_K synthetic models, flash attention on) passes with every
+    function hit."""
     result = apply(ApplyOptions(repo=llama_repo, sites=_PART_TWO_SITES, out=tmp_path / "out",
                                 gate_args=("-fa", "on")))
     try:
@@ -378,7 +481,7 @@ def test_tunable_knobs_reach_their_own_site_only(llama_repo: Path, native_build,
         _cleanup_branch(llama_repo, result.branch)
 
 
-# The AMX buffer's batch-1 kernels (issue #4): class-template partial specializations whose k loop hands
+# The AMX buffer's batch-1 kernels: class-template partial specializations whose k loop hands
 # its index to a lambda through Unroll<N>; they run on this CPU in an --amx-batch1 build (gate: -ub 1).
 _AMX_SITES = [
     ("tinygemm_kernel_vnni<block_q8_0, block_q8_0>::apply", "tiny_model_q8_0"),

@@ -84,12 +84,16 @@ def test_crash_is_reported_not_hidden(stress: dict[str, Path], tmp_path: Path) -
 
 
 def test_perf_backend_is_used_or_clearly_unavailable(stress: dict[str, Path], tmp_path: Path) -> None:
-    why = _check_backend("perf")
-    if not why:
-        pytest.skip("this machine has perf with hardware counters; covered by the slow tier")
-    with pytest.raises(ToolMissingError, match="backend perf is unavailable"):
-        profile(ProfileOptions(command=(str(stress["dynamic"]), "threads", "2"), backend="perf",
-                               out=tmp_path / "p.json"))
+    """Where perf has hardware counters the backend runs and names the hot function; where it has none (most
+    VMs, this one included) the request is refused with the reason, not silently sampled another way."""
+    options = ProfileOptions(command=(str(stress["dynamic"]), "threads", "2"), backend="perf",
+                             out=tmp_path / "p.json")
+    if _check_backend("perf"):
+        with pytest.raises(ToolMissingError, match="backend perf is unavailable"):
+            profile(options)
+        return
+    rows = profile(options).data["perf"]["functions"]
+    assert rows and any(r["function"] in ("work", "worker") for r in rows)
 
 
 def test_cachegrind_backend_on_a_small_program(stress: dict[str, Path], tmp_path: Path) -> None:
@@ -107,7 +111,7 @@ def test_cachegrind_backend_on_a_small_program(stress: dict[str, Path], tmp_path
 @pytest.mark.parametrize("repack", [1, 0])
 def test_1b_hot_kernel_and_site(native_build: Build, llama_repo: Path, weight_type: str, repack: int,
                                 tmp_path: Path) -> None:
-    """The issue's criterion on the 1.1B shape at 1 thread: a real kernel is hottest and gets a site whose
+    """The acceptance criterion on the 1.1B shape at 1 thread: a real kernel is hottest and gets a site whose
     distance and hint come with their inputs. Which kernel depends on the CPU (AMX or not), except that
     --repack 0 turns the extra buffers off, so Q8_0 and F16 must then take their vec_dot kernels."""
     from amppatch.model import SynthOptions, synth_model

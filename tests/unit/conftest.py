@@ -1,20 +1,36 @@
-"""Shared unit-test fixtures."""
+"""Unit-test fixtures: the tier is pure, so starting a process fails the test."""
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
+from gguf_files import write_small_gguf
 
-FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
+
+class _SpawnBlocked(RuntimeError):
+    """Raised when a unit test tries to start a process: such a test belongs in tests/integration."""
+
+
+@pytest.fixture(autouse=True)
+def _no_processes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Unit tests are pure: any attempt to spawn a process fails the test, so a test that needs a compiler,
+    git or llama.cpp cannot hide in the fast tier."""
+    import os
+    import subprocess
+
+    def blocked(*args: object, **kwargs: object) -> None:
+        raise _SpawnBlocked(f"unit tests may not start processes (tried {args[:1]!r}); move the test to "
+                            "tests/integration")
+
+    monkeypatch.setattr(subprocess, "Popen", blocked)
+    for name in ("system", "posix_spawn", "posix_spawnp", "fork", "forkpty", "execv", "execve", "execvp",
+                 "execvpe", "spawnv", "spawnve", "spawnvp", "spawnvpe"):
+        if hasattr(os, name):
+            monkeypatch.setattr(os, name, blocked)
 
 
 @pytest.fixture()
-def tree(tmp_path: Path) -> Path:
-    """A fake llama.cpp tree whose CPU backend holds our own C fixtures (never llama.cpp code)."""
-    cpu = tmp_path / "ggml" / "src" / "ggml-cpu"
-    cpu.mkdir(parents=True)
-    for f in FIXTURES.iterdir():
-        shutil.copy(f, cpu / f.name)
-    return tmp_path
+def small_gguf(tmp_path: Path) -> Path:
+    """A small but whole GGUF model file."""
+    return write_small_gguf(tmp_path / "small.gguf")

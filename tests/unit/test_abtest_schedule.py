@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import time
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
+from gguf_files import write_small_gguf
 
 from amppatch import abtest
 from amppatch.abtest import AbTestOptions, ArmSpec, Sample, Setting
@@ -50,8 +52,7 @@ def test_parse_arm_rejects(text: str) -> None:
 
 
 def _options(tmp_path: Path, **kw: object) -> AbTestOptions:
-    model = tmp_path / "m.gguf"
-    model.write_bytes(b"GGUF")
+    model = write_small_gguf(tmp_path / "m.gguf")  # validate() checks the model's structure
     base = {"arms": (ArmSpec("A", tmp_path), ArmSpec("B", tmp_path)), "model": model}
     base.update(kw)
     return AbTestOptions(**base)  # type: ignore[arg-type]
@@ -242,12 +243,21 @@ def test_busy_processes_from_snapshots() -> None:
     assert busy == [{"pid": 1, "comm": "cc1plus", "cpu_share": 0.5}, {"pid": 4, "comm": "new", "cpu_share": 0.2}]
 
 
+def _burn_cpu(seconds: float) -> None:
+    """Spend this much CPU time, so a tick counter that works must have moved (clock ticks are 10 ms)."""
+    end = time.process_time() + seconds
+    while time.process_time() < end:
+        pass
+
+
 def test_proc_readers_work_on_this_machine() -> None:
     load = abtest.read_loadavg()
     assert load is not None and load["threads"] >= 1
     freq = abtest.read_cpufreq()
     assert set(freq) == {"governor", "boost"}
-    assert abtest._proc_cpu_ticks()[os.getpid()][1] >= 0
+    before = abtest._proc_cpu_ticks()[os.getpid()][1]
+    _burn_cpu(0.15)
+    assert abtest._proc_cpu_ticks()[os.getpid()][1] > before
 
 
 def test_parse_perf_llc() -> None:
@@ -272,7 +282,9 @@ def test_cpu_usage_splits_capacity_between_us_others_and_steal() -> None:
     assert abtest.cpu_usage(None, after, 0) is None
     real = abtest.cpu_usage(abtest.read_cpu_times(), abtest.read_cpu_times(), 0)
     assert real is None or 0.0 <= real["busy"] <= 1.0
-    assert abtest.own_cpu_ticks() >= 0
+    before = abtest.own_cpu_ticks()
+    _burn_cpu(0.15)
+    assert abtest.own_cpu_ticks() > before
 
 
 def test_arm_threads_honours_an_arm_override() -> None:

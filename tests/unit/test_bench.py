@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -81,6 +82,26 @@ def test_hugepages_arm_runs_stock_without_mmap_under_the_glibc_tunable() -> None
     assert both.bench_args == ("--repack", "0", "-lm", "none") and both.env == huge.env
 
 
+def test_every_arm_is_registered_once_and_prepared_by_one_step() -> None:
+    assert tuple(compare.ARM_REGISTRY) == compare.ARMS and compare.ARMS[0] == "stock"
+    assert compare.HUGEPAGE_ARMS == ("hugepages", "amppatch-hugepages")
+    assert compare.AMPPATCH_ARMS == ("amppatch", "amppatch-pgo", "amppatch-hugepages")
+    covered = [a for prep in compare.PREPARATIONS for a in prep.arms]
+    assert sorted(covered) == sorted(a for a in compare.ARMS if a != "stock")  # stock is always built
+
+
+def test_gcc_prefetch_runs_the_build_of_its_weight_types_grid_winner() -> None:
+    ctx = compare.Context(compare.BenchOptions(), Path("/r"))
+    ctx.builds[("native", "gcc-prefetch|P1")] = SimpleNamespace(dir=Path("/g1"))  # type: ignore[assignment]
+    ctx.builds[("native", "gcc-prefetch|P2")] = SimpleNamespace(dir=Path("/g2"))  # type: ignore[assignment]
+    ctx.builds[("native", "hugepages")] = SimpleNamespace(dir=Path("/s"))  # type: ignore[assignment]
+    ctx.type_variants["gcc-prefetch"] = {"q8_0": "P1", "q4_0": "P2"}
+    gcc = compare.arm_def("gcc-prefetch")
+    assert compare.arm_build(ctx, "native", gcc, "q4_0") == Path("/g2")
+    assert compare.arm_build(ctx, "native", gcc, "q8_0") == Path("/g1")
+    assert compare.arm_build(ctx, "native", compare.arm_def("hugepages"), "f16") == Path("/s")
+
+
 def test_arms_refuse_a_run_without_stock() -> None:
     group = compare.group_runs(compare.parse_only("q8_0:native:1"))[0]
     with pytest.raises(UsageError):
@@ -119,7 +140,7 @@ def _report() -> dict:
     }
 
 
-def test_rows_carry_the_issue_fields_per_configuration_and_arm() -> None:
+def test_rows_carry_the_documented_fields_per_configuration_and_arm() -> None:
     group = compare.group_runs(compare.parse_only("q8_0:native:*"))[0]
     arms = [compare.ArmDef("stock", "stock", label="as is"), compare.ArmDef("amppatch", "amppatch", label="amp")]
     rows = compare.rows_from_report(_report(), group, arms, {"report": "/r"})
@@ -200,8 +221,9 @@ def test_search_targets_split_the_q4_0_kernels() -> None:
 
 def test_gcc_grid_params_survive_cmake_option_deduplication() -> None:
     # CMake de-duplicates repeated target options, so a bare `--param` twice would lose one of them.
+    assert compare.GCC_GRID
     for params in compare.GCC_GRID:
-        assert all(tok.startswith("--param=") for tok in params.split())
+        assert params.split() and all(tok.startswith("--param=") for tok in params.split())
 
 
 def test_cli_parses_into_resolved_options(tmp_path: Path) -> None:

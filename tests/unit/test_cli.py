@@ -1,4 +1,6 @@
 import argparse
+import re
+from pathlib import Path
 
 import pytest
 
@@ -11,22 +13,36 @@ def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentP
 
 
 def test_every_command_has_working_help():
-    parser = build_parser()
-    assert "COMMAND" in parser.format_help()
-    for name, sub in _subparsers(parser).items():
-        assert sub.format_help(), name
+    for name, sub in _subparsers(build_parser()).items():
+        text = sub.format_help()
+        assert text.startswith(f"usage: amppatch {name}") and "-h, --help" in text, name
 
 
-def test_help_lists_only_registered_commands(capsys):
+def _documented_commands() -> set[str]:
+    """Commands that have a reference section (`### `amppatch NAME ...``) in the README or docs/."""
+    root = Path(__file__).resolve().parents[2]
+    texts = [root / "README.md", *sorted((root / "docs").glob("*.md"))]
+    return {m.group(1) for f in texts for m in re.finditer(r"^#{2,4} `amppatch ([a-z-]+)", f.read_text(), re.M)}
+
+
+def test_help_lists_exactly_the_documented_commands(capsys):
+    """A command in --help is built and documented; a documented command is in --help."""
     with pytest.raises(SystemExit) as info:
         main(["--help"])
     assert info.value.code == 0
-    out = capsys.readouterr().out
-    for name in _subparsers(build_parser()):
-        assert name in out
+    listed = set(re.findall(r"^    ([a-z-]+)(?:\s|$)", capsys.readouterr().out, re.M))
+    assert listed == _documented_commands()
 
 
 def test_unknown_command_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as info:
         main(["frobnicate"])
     assert info.value.code == 2
+
+
+def test_the_unit_tier_cannot_start_processes():
+    """The guard in tests/unit/conftest.py is live: a unit test that spawns a process fails."""
+    import subprocess
+
+    with pytest.raises(RuntimeError, match="unit tests may not start processes"):
+        subprocess.run(["true"], check=False)

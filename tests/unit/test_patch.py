@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
-import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import jinja2
@@ -18,7 +17,6 @@ from amppatch.patch import (
     Edit,
     SiteRequest,
     analyze_requests,
-    build_changes,
     gate_runtime_args,
     model_type_for,
     parse_loop_key,
@@ -34,14 +32,7 @@ from amppatch.patch import (
 )
 from amppatch.source.parse import error_nodes, parse_bytes
 
-
-def _apply_once(tree: Path, specs: list[str], *, tunable: bool = False, line_size: int = 64):
-    requests = [parse_site_spec(s, None, None) for s in specs]
-    plan = plan_sites(requests, analyze_requests(tree, requests, None), line_size)
-    changes, applied = build_changes(plan, tree, tunable=tunable, line_size=line_size)
-    for ch in changes:
-        (tree / ch.relpath).write_bytes(ch.after)
-    return plan, changes, applied
+ApplyOnce = Callable[..., tuple]  # the `apply_once` fixture of tests/conftest.py
 
 
 def test_site_spec_defaults_and_forms() -> None:
@@ -77,7 +68,7 @@ def test_profile_sites_use_the_same_key(tmp_path: Path) -> None:
     assert req.inputs == {"latency_ns": 90} and profile["machine"]["cpu_model"] == "X"
     (req,), _ = sites_from_profile(prof, 512, None)  # --distance overrides the profile
     assert req.distance_bytes == 512
-    prof.write_text(json.dumps({"sites": []}))
+    prof.write_text(json.dumps({"schema_version": 1, "sites": []}))
     with pytest.raises(UsageError, match="no sites"):
         sites_from_profile(prof, None, None)
 
@@ -127,28 +118,6 @@ def test_render_single_multi_line_and_tunable(tree: Path) -> None:
     assert "if (h < 0) {\n        return;" in header  # off: nothing but one branch
 
 
-def test_strided_rows_round_the_distance_up_to_whole_rows(tree: Path) -> None:
-    """The row pointer of fx_rows moves `stride` floats per iteration: the prefetch goes a whole number of
-    rows ahead, in bytes (stride * sizeof(*row)), right after the row's declaration. The arithmetic is
-    checked by running it: 1000 B ahead over rows of 3 floats (12 B) rounds up to 84 rows = 1008 B."""
-    requests = [parse_site_spec("fx_rows:0:row", 1000, 3)]
-    (site,) = plan_sites(requests, analyze_requests(tree, requests, None), 64).sites
-    text = render_site(site, tunable=False, line_size=64)
-    assert "((1000 + (__SIZE_TYPE__)((stride) * sizeof(*(base))) - 1)" in text
-    cc = shutil.which("cc") or shutil.which("gcc")
-    if cc is None:
-        pytest.skip("no C compiler (ci/setup.sh installs gcc)")
-    line = next(ln for ln in text.splitlines() if "__builtin_prefetch" in ln)
-    offset_expr = line.split("__builtin_prefetch(", 1)[1].rsplit(", 0, 3);", 1)[0]
-    program = tree / "stride.c"
-    program.write_text("#include <stdio.h>\nint main(void) { static float base[4096]; long stride = 3;\n"
-                       "const float * row = base;\n"
-                       f"printf(\"%ld\\n\", (long)(({offset_expr}) - (const char *) row)); return 0; }}\n")
-    exe = tree / "stride"
-    subprocess.run([cc, "-std=gnu11", str(program), "-o", str(exe)], check=True)
-    assert subprocess.run([str(exe)], capture_output=True, text=True, check=True).stdout.strip() == "1008"
-
-
 def test_templates_are_strict() -> None:
     from amppatch.patch import _environment
 
@@ -160,9 +129,9 @@ def test_splice_applies_edits_in_reverse_order() -> None:
     assert splice(b"abcdef", [Edit(1, "X"), Edit(4, "Y"), Edit(1, "")]) == b"aXbcdYef"
 
 
-def test_apply_twice_no_change(tree: Path) -> None:
+def test_apply_twice_no_change(tree: Path, apply_once: ApplyOnce) -> None:
     specs = ["fx_dot_blocks", "fx_bumps:1:lo", "fx_vec_dot_half"]
-    _, changes, applied = _apply_once(tree, specs)
+    _, changes, applied = apply_once(tree, specs)
     assert len(applied) == 3 and {c.relpath for c in changes} == {
         "ggml/src/ggml-cpu/fx_kernels.c", "ggml/src/ggml-cpu/fx_vec.cpp"}
     for ch in changes:
@@ -175,7 +144,7 @@ def test_apply_twice_no_change(tree: Path) -> None:
     diff = unified_diff(changes)
     assert all("amppatch:" in ln for ln in diff.splitlines() if ln.startswith("+") and not ln.startswith("+++"))
     # the analysis of the patched text sees its own prefetches as amppatch's
-    plan2, changes2, applied2 = _apply_once(tree, specs)
+    plan2, changes2, applied2 = apply_once(tree, specs)
     assert changes2 == [] and applied2 == []
     assert any("already carries" in w for w in plan2.warnings)
     loop = plan2.analyses["fx_dot_blocks"].default_loop()
@@ -192,90 +161,14 @@ def test_one_site_spelled_twice_with_different_values_is_refused(tree: Path) -> 
         plan_sites(differ, analyze_requests(tree, differ, None), 64)
 
 
-TILE_SPECS = ["fx_tile_kernel<float, fx_tile_block, COLS_T>::apply::*", "fx_tile_kernel<float, uint16_t>::apply::*",
-              "fx_direct_lambda::*"]
-
-
-@pytest.mark.parametrize("tunable", [False, True])
-def test_lambda_tiles_compile_compute_the_same_and_apply_twice_is_a_no_op(tree: Path, tmp_path: Path,
-                                                                            tunable: bool) -> None:
-    """Every tile stream of the AMX-shaped fixture, patched: the C++ compiles warning-free, the program
-    prints exactly what the unpatched one prints, the prefetch loops really run (one per unrolled copy),
-    and a second apply changes nothing."""
-    cxx = shutil.which("c++") or shutil.which("g++")
-    source = tree / "ggml/src/ggml-cpu/fx_tiles.cpp"
-    main = tmp_path / "main.cpp"
-    main.write_text('#include <cstdio>\n#include <vector>\n#include "fx_tiles.cpp"\n'
-                    "int main() {\n  const int KB = 64;\n  std::vector<float> A(KB * 16 + 16, 0.5f);\n"
-                    "  std::vector<char> B(6 * KB * 16 * 34);\n"
-                    "  for (size_t i = 0; i < B.size(); ++i) B[i] = (char) (i * 7 % 23);\n"
-                    "  float C[16] = {};\n  float s = fx_tiles_run(KB, A.data(), B.data(), C);\n"
-                    '  for (float c : C) std::printf("%.9g ", c);\n  std::printf("%.9g\\n", s);\n}\n')
-
-    def run() -> str:
-        exe = tmp_path / "fx"
-        subprocess.run([cxx, "-std=c++17", "-O2", "-Wall", "-Werror", f"-I{source.parent}", "-o", str(exe), str(main)],
-                       check=True, capture_output=True, text=True)
-        return subprocess.run([str(exe)], check=True, capture_output=True, text=True).stdout
-
-    if cxx is None:
-        pytest.skip("no C++ compiler (ci/setup.sh installs g++)")
-    before = run()
-    _, _, applied = _apply_once(tree, TILE_SPECS, tunable=tunable)
-    assert {(s.function, s.stream.expression) for s in applied} == {
-        ("fx_tile_kernel<float, fx_tile_block, COLS_T>::apply", "A[i]"),
-        ("fx_tile_kernel<float, fx_tile_block, COLS_T>::apply", "b_ptr"),
-        ("fx_tile_kernel<float, uint16_t>::apply", "A[k + e]"),
-        ("fx_tile_kernel<float, uint16_t>::apply", "B + col * K + k + e"),
-        ("fx_direct_lambda", "x[j]")}
-    text = source.read_text()
-    assert text.count("for (int amppatch_u = 0; amppatch_u < (int)(COLS); amppatch_u++)") == 2  # b_ptr, B + ...
-    assert run() == before
-    _, changes2, applied2 = _apply_once(tree, TILE_SPECS, tunable=tunable)
-    assert changes2 == [] and applied2 == []
-
-
-def test_tunable_apply_twice_no_change(tree: Path) -> None:
-    _, changes, _ = _apply_once(tree, ["fx_rows:0:row"], tunable=True)
+def test_tunable_apply_twice_no_change(tree: Path, apply_once: ApplyOnce) -> None:
+    _, changes, _ = apply_once(tree, ["fx_rows:0:row"], tunable=True)
     paths = {c.relpath for c in changes}
     assert "ggml/src/ggml-cpu/amppatch-tunables.h" in paths
     kernels = (tree / "ggml/src/ggml-cpu/fx_kernels.c").read_text()
     assert kernels.count('#include "amppatch-tunables.h"') == 1
-    _, changes2, _ = _apply_once(tree, ["fx_rows:0:row"], tunable=True)
+    _, changes2, _ = apply_once(tree, ["fx_rows:0:row"], tunable=True)
     assert changes2 == []
-
-
-@pytest.mark.parametrize("tunable", [False, True])
-def test_every_offered_stream_compiles_once_patched(tree: Path, tunable: bool) -> None:
-    """Apply a prefetch to every stream of every loop of the C fixtures and compile the result: the
-    analysis offers only addresses that are valid C at the insertion point (a parse is not enough)."""
-    cc = shutil.which("cc") or shutil.which("gcc")
-    if cc is None:
-        pytest.skip("no C compiler (ci/setup.sh installs gcc)")
-    functions = ["fx_dot_blocks", "fx_bumps", "fx_rows", "fx_prefetched", "fx_braceless", "fx_while", "fx_tiled",
-                 "fx_byte_rows", "fx_sameline"]
-    probe = [SiteRequest(f) for f in functions]
-    analyses = analyze_requests(tree, probe, None)
-    specs = [f"{f}:{lp.ordinal}:*" for f in functions for lp in analyses[f].loops if lp.streams]
-    _, _, applied = _apply_once(tree, specs, tunable=tunable)
-    assert len(applied) >= 15 and any(s.stream.kind == "row" and s.stream.row_stride for s in applied)
-    source = tree / "ggml/src/ggml-cpu/fx_kernels.c"
-    text = source.read_text()  # code that shared a line with the insertion point keeps a line of its own
-    assert "\n        s += 1.0f;\n" in text and "\n        s += row[0];\n" in text
-    for define in ([], ["-DFX_WIDE"], ["-DFX_MID"]):  # each #if branch of fx_dot_blocks in turn
-        done = subprocess.run([cc, "-fsyntax-only", "-std=gnu11", "-Wall", "-Werror", *define, str(source)],
-                              capture_output=True, text=True, check=False)
-        assert done.returncode == 0, done.stderr
-    # the C++ fixtures: specializations under their guard, a wrapper resolved to its callee
-    cxx = shutil.which("c++") or shutil.which("g++")
-    cpp_specs = ["fx_vec_dot_half", "fx_gemv_pack4", "fx_gemv_tmpl<fx_pack8, 8>:1:*", "fx_lambda_rows"]
-    _, _, cpp_applied = _apply_once(tree, [s for s in cpp_specs], tunable=tunable)
-    assert {s.function for s in cpp_applied} >= {"fx_gemv_tmpl<fx_pack4, 4>", "fx_gemv_tmpl<fx_pack8, 8>"}
-    if cxx is not None:
-        done = subprocess.run([cxx, "-fsyntax-only", "-std=c++11", "-Wall", "-Werror",
-                               str(tree / "ggml/src/ggml-cpu/fx_vec.cpp")], capture_output=True, text=True,
-                              check=False)
-        assert done.returncode == 0, done.stderr
 
 
 def test_unplaceable_stream_is_explained_and_ambiguous_wrapper_refused(tree: Path) -> None:
@@ -291,8 +184,8 @@ def test_unplaceable_stream_is_explained_and_ambiguous_wrapper_refused(tree: Pat
     assert resolved["fx_gemv_pack4"].function == "fx_gemv_tmpl<fx_pack4, 4>"
 
 
-def test_braceless_body_is_wrapped_and_still_parses(tree: Path) -> None:
-    _, (change,), _ = _apply_once(tree, ["fx_braceless"])
+def test_braceless_body_is_wrapped_and_still_parses(tree: Path, apply_once: ApplyOnce) -> None:
+    _, (change,), _ = apply_once(tree, ["fx_braceless"])
     text = change.after.decode()
     assert "{ /* amppatch: fx_braceless#0 a + i */" in text and "} /* amppatch: fx_braceless#0 a + i */" in text
     from amppatch.source.parse import find_function_definitions
@@ -300,7 +193,7 @@ def test_braceless_body_is_wrapped_and_still_parses(tree: Path) -> None:
     (fn,) = find_function_definitions(parse_bytes(change.after, "c"), "fx_braceless")
     assert not error_nodes(fn)
     assert "for (int i = 0; i < n; i += FX_STEP)\n        { /* amppatch" in text
-    _, again, _ = _apply_once(tree, ["fx_braceless"])
+    _, again, _ = apply_once(tree, ["fx_braceless"])
     assert again == []
 
 
@@ -321,8 +214,8 @@ def test_dead_broken_and_streamless_loops_are_skipped(tree: Path) -> None:
     assert analyses["fx_dot_blocks"].default_loop().ordinal == 1
 
 
-def test_existing_prefetch_is_kept_and_reported(tree: Path) -> None:
-    plan, (change,), _ = _apply_once(tree, ["fx_prefetched"])
+def test_existing_prefetch_is_kept_and_reported(tree: Path, apply_once: ApplyOnce) -> None:
+    plan, (change,), _ = apply_once(tree, ["fx_prefetched"])
     assert any("already prefetches" in w for w in plan.warnings)
     assert "__builtin_prefetch(&a[i] + 64, 0, 1);" in change.after.decode()
 
@@ -339,6 +232,10 @@ def test_request_id_depends_on_every_parameter(tree: Path) -> None:
             request_id("a" * 40, [dataclasses.replace(plan.sites[0], guard="std::is_same<T, U>::value")],
                        tunable=False, line_size=64)}
     assert len(ids) == 5  # ... including what the analysis decided (here a specialization guard)
+    # ... and where the values came from, which the commit message records: the id fixes the whole commit
+    learned = [dataclasses.replace(plan.sites[0], request=dataclasses.replace(plan.sites[0].request,
+                                                                                origin="learned"))]
+    assert request_id("a" * 40, learned, tunable=False, line_size=64) not in ids
 
 
 def test_gate_helpers_route_kernels_to_model_types() -> None:

@@ -17,7 +17,7 @@ def _parse(*argv: str) -> argparse.Namespace:
     return parser.parse_args(list(argv))
 
 
-def test_arguments_of_the_issue_parse() -> None:
+def test_the_documented_apply_arguments_parse() -> None:
     args = _parse("--repo", "/r", "--site", "ggml_vec_dot_q8_0_q8_0:0:x[ib]", "--site", "ggml_vec_dot_f16",
                   "--distance", "4096", "--hint", "2", "--tunable", "--dry-run", "--no-build", "--cflags=-O2",
                   "--define", "GGML_NATIVE=OFF", "-o", "/tmp/o")

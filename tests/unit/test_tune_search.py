@@ -173,7 +173,7 @@ def test_budget_estimates_from_measured_batches() -> None:
 
 
 def test_search_finds_hint_3_a_few_kib_ahead_against_a_hint_0_start() -> None:
-    """The hand experiment's shape: hint 3 at 4 KiB ~1.5x, hint 0 gains far less, twice the distance is
+    """A peaked response: hint 3 at 4 KiB ~1.5x, hint 0 gains far less, twice the distance is
     worse. The profile says hint 0; the search must overturn it."""
     clock = FakeClock()
     probe = FakeProbe(peaked(4096, 3), clock)
@@ -207,7 +207,7 @@ def test_site_that_never_helps_is_rolled_back_without_confirmation() -> None:
     probe = FakeProbe(lambda c, t: 0.97, clock)
     out = tune_site(probe, Candidate(2048, 3), SearchConfig(grid=GRID), Budget(10_000, clock), verify_threads=(2,))
     assert not out.kept and "no setting beats off" in out.reason
-    assert all(p not in ("confirm", "verify") for _, _, _, p in probe.calls)
+    assert probe.calls and all(p not in ("confirm", "verify") for _, _, _, p in probe.calls)
 
 
 def test_winner_curse_is_caught_by_the_confirmation() -> None:
