@@ -9,15 +9,19 @@ compile exactly the stock code. A second apply changes nothing (the marker is fo
 
 from __future__ import annotations
 
-import re
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from amppatch.errors import AmppatchError, UsageError
+from amppatch.errors import AmppatchError, SubprocessError, ToolMissingError, UsageError
+from amppatch.hugepages import HugeShare, huge_bytes_in_ranges, parse_smaps
 from amppatch.patch import Edit, FileChange, _environment, _new_marked_lines, splice
 from amppatch.source.parse import error_nodes, parse_bytes, walk
+
+if TYPE_CHECKING:
+    from amppatch.build import Build
 
 LEVER = "hugepages"
 MARKER = "amppatch: hugepages"
@@ -118,80 +122,62 @@ def hugepages_change(repo: Path) -> FileChange | None:
 # Verification: how much of the weights really sits on huge pages
 
 
-@dataclass(frozen=True)
-class HugePageShare:
-    """Huge-page bytes of the mappings of one file (or anonymous memory) in a running process."""
-
-    mapped_bytes: int
-    file_pmd_bytes: int
-    anon_huge_bytes: int
-    weight_bytes: int
-
-    @property
-    def share(self) -> float:
-        huge = self.file_pmd_bytes + self.anon_huge_bytes
-        return huge / self.weight_bytes if self.weight_bytes else 0.0
-
-    def to_json(self) -> dict[str, float | int]:
-        return {"mapped_bytes": self.mapped_bytes, "file_pmd_bytes": self.file_pmd_bytes,
-                "anon_huge_bytes": self.anon_huge_bytes, "weight_bytes": self.weight_bytes,
-                "share": round(self.share, 4)}
-
-    @classmethod
-    def from_json(cls, data: dict) -> HugePageShare:
-        return cls(int(data["mapped_bytes"]), int(data["file_pmd_bytes"]), int(data["anon_huge_bytes"]),
-                   int(data["weight_bytes"]))
-
-
-_HEADER = re.compile(r"^([0-9a-f]+)-([0-9a-f]+) \S+ \S+ \S+ \d+\s*(.*)$")
-_FIELD = re.compile(r"^(\w+):\s+(\d+) kB$")
-
-
-def smaps_mappings(text: str) -> Iterable[tuple[str, dict[str, int]]]:
-    """(pathname, fields in bytes) per mapping of a /proc/PID/smaps text (pure)."""
-    path: str | None = None
-    fields: dict[str, int] = {}
-    for line in text.splitlines():
-        head = _HEADER.match(line)
-        if head:
-            if path is not None:
-                yield path, fields
-            path, fields = head.group(3).strip(), {}
-            continue
-        field = _FIELD.match(line)
-        if field and path is not None:
-            fields[field.group(1)] = int(field.group(2)) * 1024
-    if path is not None:
-        yield path, fields
-
-
-def file_share(smaps_text: str, file: Path, weight_bytes: int) -> HugePageShare:
-    """Huge-page bytes of the mappings of `file` (pure)."""
+def file_share(smaps_text: str, file: Path) -> HugeShare:
+    """Huge-page bytes of the mappings of `file` in a smaps text (pure)."""
     want = str(file)
-    mapped = pmd = anon = 0
-    for path, fields in smaps_mappings(smaps_text):
-        if path == want:
-            mapped += fields.get("Rss", 0)
-            pmd += fields.get("FilePmdMapped", 0)
-            anon += fields.get("AnonHugePages", 0)
-    return HugePageShare(mapped, pmd, anon, weight_bytes)
+    ranges = [(m.start, m.end) for m in parse_smaps(smaps_text) if m.path == want]
+    return huge_bytes_in_ranges(smaps_text, ranges)
 
 
-def watch_share(pid: int, file: Path, weight_bytes: int, *, interval: float = 0.05,
-                alive: object = None) -> HugePageShare:
+def watch_share(pid: int, file: Path, *, interval: float = 0.05,
+                alive: Callable[[], bool] | None = None) -> HugeShare:
     """Poll /proc/PID/smaps until the process ends; returns the largest huge-page share seen (the weights are
     mapped once and stay mapped until exit, so the peak is the loaded state)."""
-    best = HugePageShare(0, 0, 0, weight_bytes)
+    best = HugeShare(0, 0, 0, 0, 0, True)
     smaps = Path(f"/proc/{pid}/smaps")
     while True:
         try:
             text = smaps.read_text()
         except (FileNotFoundError, ProcessLookupError, PermissionError):
             return best
-        current = file_share(text, file.resolve(), weight_bytes)
-        if (current.file_pmd_bytes + current.anon_huge_bytes, current.mapped_bytes) > (
-                best.file_pmd_bytes + best.anon_huge_bytes, best.mapped_bytes):
+        current = file_share(text, file.resolve())
+        if (current.huge_bytes, current.range_bytes) > (best.huge_bytes, best.range_bytes):
             best = current
-        if callable(alive) and not alive():
+        if alive is not None and not alive():
             return best
         time.sleep(interval)
+
+
+def measure_share(build: Build, model: Path, *, threads: int = 1, tokens: int = 16,
+                  bench_args: Sequence[str] = (), env: Mapping[str, str] | None = None,
+                  timeout: float = 900.0) -> tuple[HugeShare, list[str]]:
+    """Run `llama-bench` of `build` on `model` and watch its smaps: how many bytes of the model file's mapping
+    sit on huge pages once loaded, and the lever's own log lines (`amppatch: huge pages: ...`)."""
+    import subprocess
+    import tempfile
+
+    from amppatch.build import run_env, runtime_args
+    from amppatch.proc import describe_returncode
+
+    argv = [str(build.binary("llama-bench")), "-m", str(model), "-p", "0", "-n", str(tokens), "-r", "1",
+            "-t", str(threads), *runtime_args(build, bench_args), *bench_args]
+    child_env = {**run_env(build), **(env or {})}
+    with tempfile.TemporaryFile(mode="w+") as err:
+        try:
+            child = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=err, stdin=subprocess.DEVNULL,
+                                     env=child_env, text=True)
+        except FileNotFoundError as exc:
+            raise ToolMissingError(f"cannot run `{argv[0]}`: not found",
+                                   next_step="rebuild with `amppatch build`") from exc
+        deadline = time.monotonic() + timeout
+        share = watch_share(child.pid, model,
+                            alive=lambda: child.poll() is None and time.monotonic() < deadline)
+        if child.poll() is None:
+            child.kill()
+        code = child.wait()
+        err.seek(0)
+        log = err.read()
+    if code != 0:
+        raise SubprocessError(f"llama-bench failed while its huge pages were measured: {describe_returncode(code)}",
+                              returncode=code, output_tail="\n".join(log.splitlines()[-15:]))
+    return share, [ln.strip() for ln in log.splitlines() if "amppatch: huge pages" in ln]

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from amppatch.errors import UsageError
-from amppatch.pages import MARKER, file_share, find_mmap_site, hugepages_change, smaps_mappings
+from amppatch.pages import MARKER, file_share, find_mmap_site, hugepages_change
 
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures_pages" / "llama-mmap.cpp"
 
@@ -69,10 +69,9 @@ FilePmdMapped:         0 kB
 """
 
 
-def test_smaps_is_read_per_mapping_and_summed_per_file() -> None:
-    maps = list(smaps_mappings(SMAPS))
-    assert [p for p, _ in maps] == ["/models/m.gguf", "", "/models/m.gguf"]
-    share = file_share(SMAPS, Path("/models/m.gguf"), weight_bytes=64 << 20)
-    assert (share.mapped_bytes, share.file_pmd_bytes, share.anon_huge_bytes) == (65 << 20, 60 << 20, 0)
-    assert share.share == pytest.approx(60 / 64)
-    assert file_share(SMAPS, Path("/other.gguf"), 1).share == 0.0
+def test_huge_pages_are_summed_over_the_mappings_of_one_file() -> None:
+    share = file_share(SMAPS, Path("/models/m.gguf"))
+    assert (share.range_bytes, share.file_pmd_bytes, share.anon_huge_bytes, share.mappings) == (
+        68 << 20, 60 << 20, 0, 2)
+    assert share.share == pytest.approx(60 / 68)
+    assert file_share(SMAPS, Path("/other.gguf")).share == 0.0
