@@ -54,7 +54,7 @@ class RunOptions:
     final_minutes: float = 10.0
     profile_tokens: int = 32
     repack: int | None = None  # llama-bench --repack for profile, tune and the final ab-test
-    build_options: BuildOptions | None = None  # a template: repo is filled in (stock: None)
+    build_options: BuildOptions | None = None  # every build's template; repo is filled in (None: defaults)
     quick: bool = False
     lock: Path | None = None
     seed: int = 0
