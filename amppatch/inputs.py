@@ -42,7 +42,7 @@ class JsonKind:
     producer: str
     schema_version: int | None
     required: tuple[str, ...] = ()
-    container: type = dict
+    container: type[dict[str, Any]] | type[list[Any]] = dict
     advice: str = ""  # what to do instead, where "pass another one" is not the answer
 
     @property
@@ -129,7 +129,7 @@ def check_json(data: Any, path: Path, kind: JsonKind, require: Sequence[str] = (
         shape = "a JSON list" if kind.container is list else "a JSON object"
         raise UsageError(f"{path} is not a {kind.name} (expected {shape})", next_step=kind.next_step)
     if kind.schema_version is not None:
-        version = data.get("schema_version")
+        version = data.get("schema_version") if isinstance(data, dict) else None  # only objects carry one
         if version is None:
             raise UsageError(f"{path} has no schema_version", next_step=kind.next_step)
         if isinstance(version, bool) or version != kind.schema_version:

@@ -6,8 +6,12 @@ import contextlib
 import errno
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from amppatch.inputs import write_error
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
 
 
 def cache_root() -> Path:
@@ -88,9 +92,9 @@ def write_text_atomic(path: Path, text: str) -> None:
         raise
 
 
-def options_json(options: object) -> dict:
+def options_json(options: DataclassInstance) -> dict[str, Any]:
     """A frozen options dataclass (nested ones included) as plain JSON values, for result files."""
     import dataclasses
     import json
 
-    return json.loads(json.dumps(dataclasses.asdict(options), default=str))  # type: ignore[call-overload]
+    return json.loads(json.dumps(dataclasses.asdict(options), default=str))

@@ -391,8 +391,8 @@ def measure_roofline(options: RooflineOptions) -> RooflineResult:
     if stream < 2 * llc:
         raise UsageError(f"a {stream / MIB:.0f} MiB weight matrix does not stream from memory here (the LLC is "
                          f"{llc / MIB:.0f} MiB; pass at least twice that)", next_step="pass a larger --stream-mib")
-    argv = [exe, options.type.lower(), str(options.width), str(options.threads), str(cache), str(stream),
-            str(options.repeats), str(options.seconds), options.buffer]
+    argv: list[str | Path] = [exe, options.type.lower(), str(options.width), str(options.threads), str(cache),
+                              str(stream), str(options.repeats), str(options.seconds), options.buffer]
     proc.progress(f"roofline: {options.type} width {options.width}, {options.threads} thread(s): "
                   f"{cache / MIB:.1f} MiB in cache vs {stream / MIB:.0f} MiB streaming, {options.repeats} repeats")
     before = _loadavg()

@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from amppatch import __version__
 from amppatch.errors import AmppatchError, UsageError
@@ -33,6 +33,9 @@ from amppatch.inputs import LEARNED, REPORT, RUN_STATE, creating_dir, read_json
 from amppatch.paths import FileLock, options_json, write_text_atomic
 from amppatch.proc import progress
 from amppatch.report import require_measured, unmeasured
+
+if TYPE_CHECKING:
+    from amppatch.build import BuildOptions
 
 SCHEMA_VERSION = 1
 STATE_FILE = "run-state.json"
@@ -51,7 +54,7 @@ class RunOptions:
     final_minutes: float = 10.0
     profile_tokens: int = 32
     repack: int | None = None  # llama-bench --repack for profile, tune and the final ab-test
-    build_options: Any = None  # amppatch.build.BuildOptions | None (repo is filled in)
+    build_options: BuildOptions | None = None  # every build's template; repo is filled in (None: defaults)
     quick: bool = False
     lock: Path | None = None
     seed: int = 0
@@ -186,7 +189,7 @@ class _Runner:
         repo = check_llama_tree(self.o.repo) if self.o.repo else fetch_llama(FetchOptions())
         return "done", {"repo": str(repo), "paths": [str(repo)]}
 
-    def build_options(self) -> Any:
+    def build_options(self) -> BuildOptions:
         from amppatch.build import BuildOptions
 
         repo = Path(self.outputs["fetch"]["repo"])
@@ -263,13 +266,13 @@ class _Runner:
 
         o = self.o
         assert o.threads is not None
-        quick = dict(probe_tokens=16, probe_rounds=2, confirm_rounds=3, refine_levels=1, max_batch=6,
-                     grid_min=1024, grid_max=8192) if o.quick else {}
+        quick: dict[str, Any] = dict(probe_tokens=16, probe_rounds=2, confirm_rounds=3, refine_levels=1,
+                                     max_batch=6, grid_min=1024, grid_max=8192) if o.quick else {}
         result = tune(TuneOptions(
             repo=Path(self.outputs["fetch"]["repo"]), model=Path(self.outputs["model"]["model"]),
             tunable_manifest=Path(self.outputs["apply"]["manifest"]), threads=o.threads[0],
             verify_threads=tuple(o.threads[1:]), budget_minutes=o.budget_minutes, out=self.out / "tune",
-            bench_args=self.bench_args(), lock=o.lock, seed=o.seed, **quick))  # type: ignore[arg-type]
+            bench_args=self.bench_args(), lock=o.lock, seed=o.seed, **quick))
         winners = result.learned["winners"]
         return "done", {"learned": str(result.path), "paths": [str(result.path)], "kept": len(winners),
                         "dropped": len(result.learned["dropped"]),

@@ -175,6 +175,7 @@ class Placer:
 def _symtab(path: str) -> tuple[list[int], list[tuple[int, int, str]]]:
     from elftools.common.exceptions import ELFError
     from elftools.elf.elffile import ELFFile
+    from elftools.elf.sections import SymbolTableSection
 
     syms: list[tuple[int, int, str]] = []
     try:
@@ -182,7 +183,7 @@ def _symtab(path: str) -> tuple[list[int], list[tuple[int, int, str]]]:
             elf = ELFFile(fh)
             for name in (".symtab", ".dynsym"):
                 sec = elf.get_section_by_name(name)
-                if sec is None:
+                if not isinstance(sec, SymbolTableSection):  # absent (or not a symbol table)
                     continue
                 for s in sec.iter_symbols():
                     if s["st_info"]["type"] == "STT_FUNC" and s["st_value"]:

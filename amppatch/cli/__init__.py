@@ -31,6 +31,7 @@ class FlagParser(argparse.ArgumentParser):
     `add_flag_argument`. Subcommand parsers are of the same class (argparse's default), and each rewrites
     the words it is given, so the rewrite is in one place for every command."""
 
+    # typeshed overloads parse_known_args on the namespace's class; amppatch only ever passes a Namespace
     def parse_known_args(self, args: Sequence[str] | None = None,  # type: ignore[override]
                          namespace: argparse.Namespace | None = None) -> tuple[argparse.Namespace, list[str]]:
         words = list(sys.argv[1:] if args is None else args)

@@ -5,9 +5,13 @@ from __future__ import annotations
 import argparse
 import shlex
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from amppatch.cli import add_flag_argument
 from amppatch.errors import UsageError
+
+if TYPE_CHECKING:
+    from amppatch.abtest import AbTestOptions
 
 NAME = "ab-test"
 HELP = "race builds (or settings) in randomized interleaved blocks; verdict with a 95% CI, report.md/.json/.png"
@@ -64,7 +68,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="exit with an error when any arm is measurably slower than the first")
 
 
-def options_from_args(args: argparse.Namespace):  # -> AbTestOptions
+def options_from_args(args: argparse.Namespace) -> AbTestOptions:
     from amppatch.abtest import AbTestOptions, parse_arm
 
     arms = []

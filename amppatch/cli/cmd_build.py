@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 from amppatch.build import DEFAULT_TARGETS, BuildOptions, build
 from amppatch.cli import add_flag_argument
@@ -49,7 +50,7 @@ def build_options_from_args(args: argparse.Namespace, **overrides: object) -> Bu
         from amppatch.model import SynthOptions, synth_model
 
         pgo_models = (synth_model(SynthOptions(shape="tiny", type="q8_0", repo=args.repo)),)
-    values: dict[str, object] = dict(
+    values: dict[str, Any] = dict(  # Any: argparse values are untyped
         repo=args.repo,
         cflags=args.cflags,
         kernel_cflags=args.kernel_cflags,
@@ -60,7 +61,7 @@ def build_options_from_args(args: argparse.Namespace, **overrides: object) -> Bu
         amx_batch1=args.amx_batch1,
     )
     values.update(overrides)
-    return BuildOptions(**values)  # type: ignore[arg-type]
+    return BuildOptions(**values)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

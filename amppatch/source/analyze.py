@@ -78,7 +78,8 @@ def _parse_best(path: Path, source: bytes, function: str,
         if owner is not None:
             defs = [d for d in defs if match_owner(parsed, d, owner) is not None]
             # as in C++, a matching partial specialization wins over the primary template
-            partial = [d for d in defs if class_pattern(parsed, enclosing_class(d))[1] is not None]
+            partial = [d for d in defs
+                       if (cls := enclosing_class(d)) is not None and class_pattern(parsed, cls)[1] is not None]
             defs = partial or defs
         if not defs:
             continue

@@ -125,6 +125,7 @@ def probe_constants(command: CompileCommand, expressions: list[str]) -> dict[str
     itself sees them: the unit is #included into a probe whose arrays have those sizes; the sizes are
     read back from the object's symbol table. Expressions the compiler rejects are left out."""
     from elftools.elf.elffile import ELFFile
+    from elftools.elf.sections import SymbolTableSection
 
     pending = list(dict.fromkeys(e for e in expressions if e.strip()))
     values: dict[str, int] = {}
@@ -149,7 +150,7 @@ def probe_constants(command: CompileCommand, expressions: list[str]) -> dict[str
                     elf = ELFFile(fh)
                     symtab = elf.get_section_by_name(".symtab")
                     sizes = {}
-                    if symtab is not None:
+                    if isinstance(symtab, SymbolTableSection):
                         for sym in symtab.iter_symbols():
                             m = re.fullmatch(r"amppatch_probe_(\d+)", sym.name)
                             if m:

@@ -19,8 +19,6 @@ variable and step), `streams` (what the body itself walks), `lambdas` (tiles of 
 
 from __future__ import annotations
 
-import re
-
 from tree_sitter import Node
 
 from amppatch.source.context import LoopContext
@@ -145,5 +143,6 @@ def _body_indent(parsed: ParsedFile, body: Node) -> str:
             return prefix.decode()
         break
     line_start = parsed.source.rfind(b"\n", 0, body.start_byte) + 1
-    lead = re.match(rb"[ \t]*", parsed.source[line_start:]).group(0).decode()
+    rest = parsed.source[line_start:]
+    lead = rest[: len(rest) - len(rest.lstrip(b" \t"))].decode()
     return lead + "    "

@@ -87,15 +87,15 @@ def collect_declarations(parsed: ParsedFile, function: Node, index_: NodeIndex) 
     idents: dict[int, list[str]] = {}
     for _ in range(3):
         for items in decls.values():
-            for i, d in enumerate(items):
-                if d.param_index is None and d.init is not None:
-                    if d.byte not in idents:
-                        text = parsed.text(d.init)
-                        idents[d.byte] = list(dict.fromkeys(IDENT_RE.findall(text)))
-                    for ident in idents[d.byte]:
-                        src = lookup(decls, ident, d.byte)
+            for i, decl in enumerate(items):
+                if decl.param_index is None and decl.init is not None:
+                    if decl.byte not in idents:
+                        text = parsed.text(decl.init)
+                        idents[decl.byte] = list(dict.fromkeys(IDENT_RE.findall(text)))
+                    for ident in idents[decl.byte]:
+                        src = lookup(decls, ident, decl.byte)
                         if src is not None and src.param_index is not None and (src.pointer_depth or src.is_array):
-                            items[i] = replace(d, param_index=src.param_index)
+                            items[i] = replace(decl, param_index=src.param_index)
                             break
     return decls
 

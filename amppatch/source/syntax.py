@@ -150,4 +150,7 @@ def line_indent(parsed: ParsedFile, node: Node) -> str:
     """The indentation of the line `node` starts on (what a statement inserted after it gets)."""
     line_start = parsed.source.rfind(b"\n", 0, node.start_byte) + 1
     prefix = parsed.source[line_start : node.start_byte]
-    return prefix.decode() if prefix.strip() == b"" else re.match(r"[ \t]*", prefix.decode()).group(0)
+    if prefix.strip() == b"":
+        return prefix.decode()
+    text = prefix.decode()
+    return text[: len(text) - len(text.lstrip(" \t"))]

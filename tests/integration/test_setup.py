@@ -94,7 +94,7 @@ def test_setup_uses_a_venv_made_by_the_distribution_python(tmp_path: Path):
                           capture_output=True, text=True, check=True)
     assert base.stdout.strip() == str(SYSTEM_PYTHON.parent.parent)
     for args in (["amppatch", "--help"], ["python", "-m", "ruff", "--version"],
-                 ["python", "-m", "pytest", "--version"]):
+                 ["python", "-m", "mypy", "--version"], ["python", "-m", "pytest", "--version"]):
         done = subprocess.run([str(venv / "bin" / args[0]), *args[1:]], env={"PATH": SYSTEM_PATH},
                               capture_output=True, text=True, cwd=tmp_path)
         assert done.returncode == 0 and done.stdout, (args, done.stderr)
