@@ -7,14 +7,17 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from amppatch.paths import write_text_atomic
 from amppatch.profile.derive import token_stats
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from amppatch.machine import MachineInfo
     from amppatch.profile.workload import ProfileOptions, Workload
+    from amppatch.tracer import Trace
 
 SCHEMA_VERSION = 1
 
@@ -53,7 +56,7 @@ def mark_blind(data: dict, linkage: str) -> None:
     data.update({"regions": {}, "tokens": token_stats([]), "hot_functions": [], "hot_lines": [], "sites": []})
 
 
-def trace_visibility(seen: dict, trace: Any, samples: Any, spans: list, regions: dict, locations: dict,
+def trace_visibility(seen: dict, trace: Trace, samples: np.ndarray, spans: list, regions: dict, locations: dict,
                      children: list[str]) -> None:
     """Record in `seen` what the trace shows and, in words, what it could not (for the reader of profile.json)."""
     seen.update(

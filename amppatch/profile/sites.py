@@ -9,7 +9,7 @@ from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -29,13 +29,16 @@ if TYPE_CHECKING:
     from amppatch.build import Build
     from amppatch.machine import MachineInfo
     from amppatch.profile.workload import ProfileOptions
+    from amppatch.source import FunctionAnalysis, Stream
+    from amppatch.tracer import Trace
 
 SITE_MIN_SHARE = 0.02  # a loop with less of the in-token CPU time is not worth a site
 HOT_LINES = 40
 GGML_CPU_DIR = "ggml/src/ggml-cpu"
 
 
-def _aggregate(trace, mask_in_tokens: np.ndarray, locations: dict, period_ns: float) -> tuple[list, list, dict, dict]:
+def _aggregate(trace: Trace, mask_in_tokens: np.ndarray, locations: dict,
+               period_ns: float) -> tuple[list, list, dict, dict]:
     """Hot functions, hot lines and inline chains by sample weight (in-token samples when there are
     tokens, else all samples)."""
     samples = trace.all_samples()
@@ -85,9 +88,9 @@ class _Analyses:
 
         self._analyze = analyze_function
         self.repo, self.compile_db, self.notes = repo, compile_db, notes
-        self.found: dict[str, Any] = {}  # name -> FunctionAnalysis | None
+        self.found: dict[str, FunctionAnalysis | None] = {}
 
-    def __call__(self, name: str) -> Any:
+    def __call__(self, name: str) -> FunctionAnalysis | None:
         if name not in self.found:
             try:
                 self.found[name] = self._analyze(self.repo, name, self.compile_db)
@@ -98,7 +101,8 @@ class _Analyses:
 
 
 def _loop_shares(
-    repo: Path, source_dir: Path | None, chains: dict[tuple, float], analysis: Callable[[str], Any]
+    repo: Path, source_dir: Path | None, chains: dict[tuple, float],
+    analysis: Callable[[str], FunctionAnalysis | None]
 ) -> tuple[dict[tuple[str, int], float], dict[tuple[str, int], set[int]], dict[str, set[str]]]:
     """CPU share, sampled lines and calling kernels of each streaming loop, from the inline chains.
 
@@ -141,21 +145,23 @@ def _loop_shares(
 
 def _kernel_bytes(
     candidates: list[tuple[tuple[str, int], float]],
-    analyses: dict[str, Any],
+    analyses: dict[str, FunctionAnalysis | None],
     outer_names: dict[str, set[str]],
     type_bytes: dict[str, int],
     weights_bytes_per_token: int,
     notes: list[str],
-) -> tuple[dict[tuple[str, int], Any], dict[str, tuple[list[str], bool, float]], dict[str, tuple[int, str]]]:
+) -> tuple[dict[tuple[str, int], Stream], dict[str, tuple[list[str], bool, float]], dict[str, tuple[int, str]]]:
     """Each candidate loop's default stream, and the weight bytes per token each kernel reads (by the
     tensor type its name says, or — without a model file — by CPU share of the tracer's weight buffers)."""
     from amppatch.source import default_stream
 
     types = sorted(type_bytes, key=len, reverse=True)
     kernels: dict[str, tuple[list[str], bool, float]] = {}
-    streams: dict[tuple[str, int], Any] = {}
+    streams: dict[tuple[str, int], Stream] = {}
     for (name, ordinal), share in candidates:
-        loop = analyses[name].loop(ordinal)
+        fa = analyses[name]
+        assert fa is not None  # a candidate loop was found in this analysis
+        loop = fa.loop(ordinal)
         stream = default_stream(loop)
         if stream is None:
             notes.append(f"{name} loop {ordinal} (line {loop.start_line}): no stream found")
@@ -209,6 +215,7 @@ def _sites(
         if (name, ordinal) not in streams:
             continue
         fa = analysis.found[name]
+        assert fa is not None  # a candidate loop was found in this analysis
         loop = fa.loop(ordinal)
         stream = streams[(name, ordinal)]
         if name not in bytes_of or bytes_of[name][0] <= 0:

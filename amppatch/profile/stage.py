@@ -4,7 +4,7 @@ trace → hot functions, lines and sites (sites.py) → profile.json and its sum
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from amppatch.profile.derive import bandwidth, in_spans, summarize_regions, token_stats
 from amppatch.profile.document import ProfileResult, mark_blind, new_document, trace_visibility, write_document
@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 
     from amppatch.build import Build
     from amppatch.machine import MachineInfo
+    from amppatch.tracer import Trace
 
 
 def profile(options: ProfileOptions) -> ProfileResult:
@@ -51,7 +52,7 @@ def profile(options: ProfileOptions) -> ProfileResult:
     return result
 
 
-def _from_trace(options: ProfileOptions, build: Build | None, machine: MachineInfo, trace: Any,
+def _from_trace(options: ProfileOptions, build: Build | None, machine: MachineInfo, trace: Trace,
                 files: list[Path], notes: list[str], seen: dict) -> dict:
     """profile.json's sections that come from the trace: tokens, regions, bandwidth, sampling, hot
     functions and lines, sites (notes and visibility are filled in place)."""
