@@ -67,7 +67,7 @@ def _perf_counters() -> tuple[bool, str]:
 
 
 def _huge_page_probe_binary() -> Path:
-    from amppatch.tracer import compile_c_tool
+    from amppatch.ctools import compile_c_tool
 
     source = (resources.files("amppatch") / "probes" / "hugepage_probe.c").read_bytes()
     return compile_c_tool(source, "hugepage_probe", ("-O2", "-Wall"))

@@ -140,7 +140,7 @@ def _bracketed(text: str) -> str:
 
 
 def _probe_binary() -> Path:
-    from amppatch.tracer import compile_c_tool
+    from amppatch.ctools import compile_c_tool
 
     source = (resources.files("amppatch") / "probes" / "machine_probe.c").read_bytes()
     return compile_c_tool(source, "machine_probe", ("-O2", "-march=native", "-Wall"), ("-lpthread",))

@@ -335,7 +335,7 @@ def _shared_libs(bin_dir: Path) -> None:
 
 def probe_binary(build_dir: Path, source_dir: Path, build_key: str) -> Path:
     """The roofline probe compiled against this build (cached by source, compiler, flags and build key)."""
-    from amppatch.tracer import compile_c_tool
+    from amppatch.ctools import compile_c_tool
 
     bin_dir = build_dir / "bin"
     _shared_libs(bin_dir)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from importlib import resources
 from pathlib import Path
 
-from amppatch.tracer import compile_c_tool
+from amppatch.ctools import compile_c_tool
 
 
 def amx_permit_library() -> Path:

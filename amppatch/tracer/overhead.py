@@ -17,8 +17,9 @@ from importlib import resources
 from pathlib import Path
 
 from amppatch import proc
+from amppatch.ctools import compile_c_tool
 from amppatch.inputs import PROFILE, read_json
-from amppatch.tracer import compile_c_tool, read_trace, tracer_library
+from amppatch.tracer import read_trace, tracer_library
 
 SCHEMA_VERSION = 1
 SPIN_ITERS = 400_000_000  # ≈0.3–0.5 s of one core: enough CPU-time ticks to count the delivered rate

@@ -1,5 +1,5 @@
-"""amppatch tune: search each prefetch site's distance and hint on the tunable build, roll back the sites
-that do not pay, and write learned.json (which `apply --learned` bakes into constants).
+"""The pure search of `amppatch tune`: candidates, the distance grid, the per-site search with rollback
+(`tune_site`) and the time budget. It gets the probe as a function and never runs one itself.
 
 How it searches (one site at a time, hottest first; sites already kept stay at their winners, the others off):
 
@@ -25,11 +25,11 @@ How it searches (one site at a time, hottest first; sites already kept stay at t
 CI lower bound exceeds ``1 + min_gain`` (default ``min_gain`` 0: the CI must exclude "no gain") *and* it
 loses at no verified thread count. Everything else is dropped, with the reason.
 
-**Probes.** Each probe batch is one interleaved ab-test (`amppatch.abtest.run_abtest`): the arm "off" (the
-site's hint −1) and up to `max_batch` candidates, all the *same* tunable binary differing only in the
-environment, so the correctness gate is skipped (apply gated the tunable build; prefetches never change
-results) and so are latency hooks and LLC counters. Every candidate is compared with "off" of its own
-batch, so slow drift between batches cancels in the ratio.
+**Probes** (amppatch/tune/probing.py). Each probe batch is one interleaved ab-test
+(`amppatch.abtest.run_abtest`): the arm "off" (the site's hint −1) and up to `max_batch` candidates, all the
+*same* tunable binary differing only in the environment, so the correctness gate is skipped (apply gated the
+tunable build; prefetches never change results) and so are latency hooks and LLC counters. Every candidate
+is compared with "off" of its own batch, so slow drift between batches cancels in the ratio.
 
 **Budget.** Wall time minutes, excluding time spent waiting for the measurement lock (``--lock``), which other
 processes hold while they measure. Before each batch the search estimates its cost from the batches so far;
@@ -42,23 +42,15 @@ tests/unit/test_tune_search.py drives it with synthetic probe results.
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any
 
-from amppatch import __version__
 from amppatch.errors import AmppatchError, UsageError
-from amppatch.inputs import APPLY_MANIFEST, PROFILE, REPORT, check_gguf, creating_dir, read_json
-from amppatch.paths import FileLock, options_json, write_text_atomic
 from amppatch.proc import progress
-from amppatch.tune_plot import render_landscape
 
-SCHEMA_VERSION = 1
 OFF = -1
 PRIMARY_HINTS = (3, 0)
 SECONDARY_HINTS = (1, 2)
@@ -67,10 +59,6 @@ DEFAULT_GRID_MAX = 16384
 RULE = ("keep a site iff its confirmation probe's 95% CI lower bound exceeds 1 + min_gain against the site "
         "switched off, and at no verified thread count it loses (CI upper bound < 1, or ratio < "
         "1 - loss_tolerance); otherwise drop it")
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Pure search core
 
 
 @dataclass(frozen=True, order=True)
@@ -445,342 +433,6 @@ def tune_site(probe: ProbeFn, start: Candidate, config: SearchConfig, budget: Bu
     out.reason += f"; checked at {', '.join(str(t) for t in checked)} thread(s)"
     out.stopped_because = "done" if not out.phases_skipped else "budget"
     return out
-
-
-# ----------------------------------------------------------------------------------------------------------
-# The stage
-
-
-@dataclass(frozen=True)
-class TuneOptions:
-    repo: Path
-    model: Path
-    profile: Path | None = None
-    sites: tuple[str, ...] = ()
-    tunable_manifest: Path | None = None  # an `apply --tunable` manifest with builds (skips the apply step)
-    threads: int = 1
-    verify_threads: tuple[int, ...] | None = None  # None: the CPU count (if it differs from `threads`)
-    budget_minutes: float = 20.0
-    out: Path | None = None
-    build_options: Any = None  # amppatch.build.BuildOptions | None: the baseline's options (both arms)
-    like: Path | None = None
-    bench_args: tuple[str, ...] | None = None  # llama-bench flags for every arm; None: the profile's (--repack)
-    grid_min: int = DEFAULT_GRID_MIN
-    grid_max: int = DEFAULT_GRID_MAX
-    hints: tuple[int, ...] = PRIMARY_HINTS
-    refine_levels: int = 3
-    max_batch: int = 4
-    probe_tokens: int = 32
-    probe_reps: int = 2
-    probe_rounds: int = 4
-    confirm_rounds: int = 8
-    probe_seconds: float = 240.0  # cap per batch: rounds are cut to fit once a batch's cost is known
-    min_gain: float = 0.0
-    loss_tolerance: float = 0.01
-    min_effect: float = 0.05
-    lock: Path | None = None
-    gate: bool = True
-    gate_model: Path | None = None
-    seed: int = 0
-
-    def to_json(self) -> dict[str, Any]:
-        return options_json(self)
-
-
-def resolve_options(options: TuneOptions) -> TuneOptions:
-    """Check and complete the options in one place."""
-    from amppatch.workspace import check_llama_tree
-
-    sources = sum(x is not None and x != () for x in (options.profile, options.sites or None,
-                                                       options.tunable_manifest))
-    if sources != 1:
-        raise UsageError("tune needs exactly one of --profile, --site or --tunable-manifest",
-                         next_step="e.g. --profile profile.json (from `amppatch profile`)")
-    model = Path(options.model).expanduser().resolve()
-    check_gguf(model)  # before the tunable build: a cut file fails here in milliseconds
-    if options.gate_model is not None:
-        check_gguf(options.gate_model, what="gate model")
-    if options.threads < 1:
-        raise UsageError("--threads must be at least 1", next_step="e.g. --threads 1")
-    if options.budget_minutes <= 0:
-        raise UsageError("--budget must be positive minutes", next_step="e.g. --budget 20")
-    verify = options.verify_threads
-    if verify is None:
-        ncpu = os.cpu_count() or 1
-        verify = (ncpu,) if ncpu != options.threads else ()
-    verify = tuple(t for t in dict.fromkeys(verify) if t != options.threads)
-    if any(t < 1 for t in verify):
-        raise UsageError("--verify-threads must list positive thread counts", next_step="e.g. --verify-threads 2")
-    bad_hints = [h for h in options.hints if h not in (0, 1, 2, 3)]
-    if bad_hints or not options.hints:
-        raise UsageError(f"hints must be 0-3, got {options.hints}", next_step="e.g. --hints 3,0")
-    power_grid(options.grid_min, options.grid_max)
-    for label, value, low in (("--probe-rounds", options.probe_rounds, 2), ("--confirm-rounds",
-                              options.confirm_rounds, 2), ("--probe-tokens", options.probe_tokens, 1),
-                              ("--probe-reps", options.probe_reps, 1), ("--max-batch", options.max_batch, 1)):
-        if value < low:
-            raise UsageError(f"{label} must be at least {low}", next_step=f"e.g. {label} {max(low, 4)}")
-    bench_args = options.bench_args
-    profile = Path(options.profile).expanduser().resolve() if options.profile else None
-    if bench_args is None:
-        bench_args = ()
-        if profile is not None:
-            prof_opts = read_json(profile, PROFILE).get("options") or {}
-            # Tune what the profile measured: the same weight routing (--repack) decides which kernel runs.
-            if prof_opts.get("repack") is not None:
-                bench_args = ("--repack", str(prof_opts["repack"]))
-    out = Path(options.out or Path.cwd() / "amppatch-tune").expanduser().resolve()
-    lock = options.lock
-    if lock is None and os.environ.get("AMPPATCH_MEASURE_LOCK"):
-        lock = Path(os.environ["AMPPATCH_MEASURE_LOCK"])
-    return replace(options, repo=check_llama_tree(options.repo), model=model, profile=profile,
-                   tunable_manifest=Path(options.tunable_manifest).expanduser().resolve()
-                   if options.tunable_manifest else None,
-                   verify_threads=verify, bench_args=tuple(bench_args), out=out, lock=lock)
-
-
-def search_config(options: TuneOptions, line_size: int) -> SearchConfig:
-    return SearchConfig(grid=power_grid(options.grid_min, options.grid_max), line_size=line_size,
-                        hints=tuple(options.hints), refine_levels=options.refine_levels,
-                        max_batch=options.max_batch, probe_rounds=options.probe_rounds,
-                        confirm_rounds=options.confirm_rounds, min_gain=options.min_gain,
-                        loss_tolerance=options.loss_tolerance)
-
-
-def _tunable_variant(options: TuneOptions) -> dict[str, Any]:
-    """The `apply --tunable` manifest (built and gated), from the given one or a fresh apply."""
-    if options.tunable_manifest is not None:
-        manifest = read_json(options.tunable_manifest, APPLY_MANIFEST)
-        manifest["_path"] = str(options.tunable_manifest)
-    else:
-        from amppatch.patch import ApplyOptions, apply
-
-        progress("tune: building the tunable variant (apply --tunable) ...")
-        result = apply(ApplyOptions(repo=options.repo, sites=options.sites, profile=options.profile, tunable=True,
-                                    build_options=options.build_options, like=options.like,
-                                    out=options.out / "tunable", gate=options.gate, gate_model=options.gate_model))
-        if result.manifest_path is None:
-            raise AmppatchError("apply --tunable produced no manifest (nothing to patch)",
-                                next_step="check the sites with `amppatch apply --dry-run`")
-        manifest = read_json(result.manifest_path, APPLY_MANIFEST)
-        manifest["_path"] = str(result.manifest_path)
-    if not manifest.get("tunable"):
-        raise UsageError(f"{manifest['_path']} is not a tunable apply manifest",
-                         next_step="run `amppatch apply --tunable` (or let tune do it with --profile)")
-    if not manifest.get("builds", {}).get("b"):
-        raise UsageError(f"{manifest['_path']} has no builds (apply ran with --no-build)",
-                         next_step="rerun apply --tunable without --no-build")
-    return manifest
-
-
-class _Prober:
-    """Runs probe batches as ab-tests on the tunable build and remembers every one."""
-
-    def __init__(self, options: TuneOptions, build_dir: Path, sites: list[dict[str, Any]], budget: Budget) -> None:
-        self.options = options
-        self.build_dir = build_dir
-        self.sites = sites
-        self.budget = budget
-        self.fixed: dict[int, Candidate] = {}  # site index -> setting used while tuning later sites
-        self.site = 0
-        self.count = 0
-        self.probe_dir = options.out / "probes"
-
-    def env_for(self, candidate: Candidate) -> tuple[tuple[str, str], ...]:
-        env = []
-        for i, s in enumerate(self.sites):
-            c = candidate if i == self.site else self.fixed.get(i, Candidate(s["distance_bytes"], OFF))
-            env += [(s["env"]["distance"], str(c.distance)), (s["env"]["hint"], str(c.hint))]
-        return tuple(env)
-
-    def rounds_for(self, n: int, rounds: int) -> int:
-        est = self.budget.estimate(n, 1)
-        if est is None:
-            return rounds
-        per_round = est / 2  # estimate(n, 1) covers warmup + one round
-        fit = int((self.options.probe_seconds - per_round) // per_round)
-        return max(2, min(rounds, fit))
-
-    def __call__(self, candidates: list[Candidate], threads: int, rounds: int, phase: str) -> list[ProbeResult]:
-        from amppatch.abtest import AbTestOptions, ArmSpec, run_abtest
-
-        o = self.options
-        rounds = self.rounds_for(len(candidates), rounds)
-        self.count += 1
-        key = self.sites[self.site]["key"]
-        names = ", ".join(c.name for c in candidates)
-        progress(f"tune: probe {self.count} [{key}] {phase} at {threads} thread(s), {rounds} rounds: off vs "
-                 f"{names} (budget {self.budget.spent() / 60:.1f}/{self.budget.seconds / 60:.0f} min)")
-        arms = [ArmSpec("off", self.build_dir, o.bench_args, self.env_for(Candidate(0, OFF)))]
-        arms += [ArmSpec(c.name, self.build_dir, o.bench_args, self.env_for(c)) for c in candidates]
-        out = self.probe_dir / f"{self.count:03d}-site{self.site}-{phase}-t{threads}"
-        ab = AbTestOptions(arms=tuple(arms), model=o.model, threads=(threads,), tokens=o.probe_tokens,
-                           reps=o.probe_reps, rounds=rounds, min_effect=o.min_effect, seed=o.seed + self.count,
-                           out=out, skip_correctness=True, latency="off", llc=False, n_boot=2000)
-        if o.lock is not None:
-            waited = time.monotonic()
-            with FileLock(o.lock):
-                self.budget.exclude(time.monotonic() - waited)
-                report_dir = run_abtest(ab)
-        else:
-            report_dir = run_abtest(ab)
-        report = read_json(report_dir / "report.json", REPORT)
-        arms_by_name = {a["name"]: a for a in report["arms"]}
-        off = arms_by_name["off"]
-        results = []
-        for c in candidates:
-            comp = next((x for x in report["comparisons"] if x["arm"] == c.name), None)
-            arm = arms_by_name.get(c.name, {})
-            extra = {"rounds": rounds, "report": str(report_dir), "median_tok_s": arm.get("median_tok_s"),
-                     "off_median_tok_s": off.get("median_tok_s"), "samples_ns": arm.get("samples_ns", []),
-                     "off_samples_ns": off.get("samples_ns", []), "n_tokens": o.probe_tokens,
-                     "n_blocks": comp.get("n_blocks") if comp else None,
-                     "warnings": [w for w in report.get("diagnostics", {}).get("warnings", [])
-                                  if w.startswith((c.name, "the machine", "other processes", "the hypervisor"))]}
-            if comp is None or comp.get("ratio") is None:
-                results.append(ProbeResult(c, threads, phase, None, None, "unavailable", extra=extra))
-                continue
-            ci = (float(comp["ci95"][0]), float(comp["ci95"][1]))
-            results.append(ProbeResult(c, threads, phase, float(comp["ratio"]), ci, comp["verdict"], extra=extra))
-            progress(f"tune:   {c.name}: {comp['ratio']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}] {comp['verdict']} "
-                     f"({arm.get('median_tok_s', 0):.2f} vs {off.get('median_tok_s', 0):.2f} tok/s)")
-        return results
-
-
-@dataclass
-class TuneResult:
-    path: Path
-    learned: dict[str, Any]
-
-
-def _code_path(build_manifest: dict[str, Any]) -> dict[str, Any]:
-    keys = ("key", "compiler", "compiler_version", "cflags", "kernel_cflags", "cmake_options", "pgo",
-            "isa_features", "commit")
-    return {k: build_manifest.get(k) for k in keys if k in build_manifest}
-
-
-def tune(options: TuneOptions) -> TuneResult:
-    """Run the whole tune stage and write learned.json (its path is returned). Ctrl-C writes learned.json
-    with what was reached, then re-raises KeyboardInterrupt."""
-    options = resolve_options(options)
-    assert options.out is not None
-    with creating_dir(options.out):  # a tune that fails before its first result leaves no empty directory
-        return _tune(options)
-
-
-def _tune(options: TuneOptions) -> TuneResult:
-    from amppatch.build import load_build
-    from amppatch.machine import cpu_model
-    from amppatch.patch import cache_line_size
-
-    assert options.out is not None
-    manifest = _tunable_variant(options)
-    budget = Budget(options.budget_minutes * 60.0)  # the search's time; building the variant is not part of it
-    tunable_build = load_build(Path(manifest["builds"]["b"]))
-    line_size = int(manifest.get("line_size") or cache_line_size())
-    config = search_config(options, line_size)
-    sites = manifest["sites"]
-    prober = _Prober(options, tunable_build.dir, sites, budget)
-    learned_path = options.out / "learned.json"
-    started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    site_records: list[dict[str, Any]] = []
-    all_probes: list[dict[str, Any]] = []
-
-    def document(stopped: str) -> dict[str, Any]:
-        winners = [r["winner"] | {k: r[k] for k in ("key", "function", "loop", "stream", "file")}
-                   for r in site_records if r["kept"]]
-        data = {
-            "schema_version": SCHEMA_VERSION,
-            "tool": {"name": "amppatch", "version": __version__, "command": "tune"},
-            "created_utc": started,
-            "options": options.to_json(),
-            "rule": RULE,
-            "search": {"grid": list(config.grid), "line_size": line_size, "hints": list(config.hints),
-                       "secondary_hints": list(config.secondary_hints), "refine_levels": config.refine_levels},
-            "machine": {"cpu_model": cpu_model(), "cpus": os.cpu_count()},
-            "code_path": _code_path(tunable_build.manifest),
-            "repo": str(options.repo),
-            "base_commit": manifest.get("base_commit"),
-            "tunable": {"manifest": manifest["_path"], "branch": manifest.get("branch"),
-                        "commit": manifest.get("commit"), "build": str(tunable_build.dir),
-                        "stock_build": manifest.get("builds", {}).get("a")},
-            "model": str(options.model),
-            "threads": options.threads,
-            "verify_threads": list(options.verify_threads or ()),
-            "budget": {"minutes": options.budget_minutes, "spent_minutes": round(budget.spent() / 60, 2),
-                       "lock_wait_minutes": round(budget.excluded / 60, 2),
-                       "exhausted": budget.remaining() <= 0 or any(r["phases_skipped"] for r in site_records),
-                       "stopped_because": stopped},
-            "sites": site_records,
-            "probes": all_probes,
-            "winners": winners,
-            "dropped": [{k: r[k] for k in ("key", "function", "loop", "stream")} | {"reason": r["reason"],
-                        "best": r["best"]} for r in site_records if not r["kept"]],
-        }
-        write_text_atomic(learned_path, json.dumps(data, indent=1, default=str) + "\n")
-        return data
-
-    stopped = "done"
-    interrupted = False
-    try:
-        for i, site in enumerate(sites):
-            prober.site = i
-            left = len(sites) - i
-            share = budget.remaining() / left
-            site_budget = _SubBudget(budget, share)
-            start = Candidate(int(site["distance_bytes"]), int(site["hint"]))
-            progress(f"tune: site {i + 1}/{len(sites)} {site['key']}: start {start.name}, "
-                     f"{share / 60:.1f} min of budget, tuned at {options.threads} thread(s), verified at "
-                     f"{', '.join(map(str, options.verify_threads or ())) or 'no other count'}")
-            probes_before = len(all_probes)
-            prober.budget = site_budget
-            search = tune_site(prober, start, config, site_budget, threads=options.threads,
-                               verify_threads=options.verify_threads or ())
-            for r in search.results:
-                all_probes.append({"site": site["key"], **r.to_json()})
-            best = best_result(search.results, options.threads)
-            record = {
-                "key": site["key"], "function": site["function"], "loop": site["loop"], "stream": site["stream"],
-                "file": site.get("file"), "env": site.get("env"), "start": {"distance_bytes": start.distance,
-                                                                            "hint": start.hint},
-                "kept": search.kept, "reason": search.reason, "confirmed": search.confirmed,
-                "stopped_because": search.stopped_because, "phases_skipped": search.phases_skipped,
-                "best": best.to_json() | {"samples_ns": None, "off_samples_ns": None} if best else None,
-                "evidence": {str(t): r.to_json() | {"samples_ns": None, "off_samples_ns": None}
-                             for t, r in search.by_threads.items()},
-                "probes": list(range(probes_before, len(all_probes))),
-                "winner": None,
-            }
-            if search.winner is not None and search.kept:
-                ev = search.by_threads.get(options.threads)
-                record["winner"] = {"distance_bytes": search.winner.distance, "hint": search.winner.hint,
-                                    "ratio": ev.ratio if ev else None,
-                                    "ci95": list(ev.ci95) if ev and ev.ci95 else None,
-                                    "ratio_by_threads": {str(t): r.ratio for t, r in search.by_threads.items()}}
-                prober.fixed[i] = search.winner
-            site_records.append(record)
-            verdict = "kept" if search.kept else "dropped"
-            progress(f"tune: site {site['key']}: {verdict} — {search.reason}")
-            document("running")
-    except KeyboardInterrupt:
-        stopped = "interrupted"
-        interrupted = True
-        progress("tune: interrupted; writing what was reached")
-    if any(r["phases_skipped"] for r in site_records):
-        stopped = "budget spent" if stopped == "done" else stopped
-    data = document(stopped)
-    plot = render_landscape(data, options.out / "tune.png")
-    if plot is not None:
-        progress(f"tune: landscape per site in {plot}")
-    kept = [w["key"] + f" d={w['distance_bytes']} h={w['hint']}" for w in data["winners"]]
-    progress(f"tune: {len(kept)} of {len(sites)} site(s) kept ({'; '.join(kept) or 'none'}); "
-             f"{data['budget']['spent_minutes']:.1f} of {options.budget_minutes:g} min used ({stopped})")
-    if interrupted:
-        progress(f"tune: partial result in {learned_path}")
-        raise KeyboardInterrupt  # the exit status says tune did not finish (130); learned.json is kept
-    if data["winners"]:
-        progress(f"next: amppatch apply --repo {options.repo} --learned {learned_path}")
-    return TuneResult(learned_path, data)
 
 
 class _SubBudget(Budget):

@@ -1,0 +1,126 @@
+"""The output of `amppatch profile`: the profile.json document (schema, what the tracer could and could not
+see) and the terminal summary printed after a run.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from amppatch.paths import write_text_atomic
+from amppatch.profile.derive import token_stats
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from amppatch.machine import MachineInfo
+    from amppatch.profile.workload import ProfileOptions, Workload
+    from amppatch.tracer import Trace
+
+SCHEMA_VERSION = 1
+
+
+@dataclass
+class ProfileResult:
+    path: Path
+    data: dict
+    summary: str = field(default="")
+
+
+def new_document(options: ProfileOptions, machine: MachineInfo, run: Workload, *, tracer_loaded: bool) -> dict:
+    """profile.json's head: what ran, on what, with what build; `notes` and `visibility` fill in later."""
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "options": options.to_json(),
+        "machine": machine.to_json(),
+        "build": run.build.manifest if run.build is not None else None,
+        "workload": run.record,
+        "visibility": {"tracer_loaded": tracer_loaded},
+        "notes": [],
+        **run.extra,
+    }
+
+
+def mark_blind(data: dict, linkage: str) -> None:
+    """The document of a run the tracer saw nothing of: why, and empty results in every section."""
+    seen = data["visibility"]
+    seen["could_not_see"] = (
+        ["anything inside the process: the binary is statically linked, so LD_PRELOAD cannot load the tracer"]
+        if linkage == "static"
+        else ["anything inside the process: the tracer wrote no file (it did not load, or the process was killed "
+              "with SIGKILL before it could write)"]
+    )
+    seen["could_see"] = ["exit status and wall time"]
+    data.update({"regions": {}, "tokens": token_stats([]), "hot_functions": [], "hot_lines": [], "sites": []})
+
+
+def trace_visibility(seen: dict, trace: Trace, samples: np.ndarray, spans: list, regions: dict, locations: dict,
+                     children: list[str]) -> None:
+    """Record in `seen` what the trace shows and, in words, what it could not (for the reader of profile.json)."""
+    seen.update(
+        {
+            "token_boundaries": bool(spans),
+            "weight_buffers": bool(regions["weights"]),
+            "samples": int(samples.size),
+            "sampled_threads": len(trace.threads),
+            "children_traces": children,
+            "trace_complete": trace.complete,
+            "trace_reason": trace.meta.get("reason", ""),
+            "calls": trace.calls(),
+        }
+    )
+    could_not: list[str] = []
+    if not spans:
+        could_not.append("token boundaries: no llama_decode/llama_process calls crossed a library boundary "
+                         "(not a llama program, or llama is linked statically) — no per-token latency")
+    if not regions["weights"]:
+        could_not.append("weight buffers: ggml_backend_buffer_set_usage was never called through the PLT — "
+                         "weight regions unknown")
+    if samples.size and all(loc.file == "??" for loc in locations.values()):
+        could_not.append("source lines: no debug info (-g) in the sampled code")
+    seen["could_not_see"] = could_not
+    seen["could_see"] = [s for s, ok in (
+        ("program counters of every thread", samples.size > 0),
+        ("per-token latency", bool(spans)),
+        ("weight buffers", bool(regions["weights"])),
+    ) if ok]
+
+
+def write_document(out: Path, data: dict) -> ProfileResult:
+    write_text_atomic(out, json.dumps(data, indent=2, default=str))
+    return ProfileResult(out, data, _summary(data))
+
+
+def _summary(data: dict) -> str:
+    """Terminal summary: top kernels with % CPU, bytes per token, achieved GB/s vs the measured ceiling."""
+    lines: list[str] = []
+    tok = data.get("tokens", {})
+    bw = data.get("bandwidth", {})
+    bpt = data.get("bytes_per_token", {}).get("weights")
+    if tok.get("count"):
+        lines.append(f"tokens: {tok['count']}  p50 {tok['p50_ms']:.2f} ms  p99 {tok['p99_ms']:.2f} ms")
+    if bpt:
+        lines.append(f"weights read per token: {bpt / 1e6:.1f} MB")
+    if bw.get("achieved_gbps"):
+        ceil = bw.get("ceiling_gbps")
+        pct = f" = {100 * bw['share_of_ceiling']:.0f}% of the measured ceiling {ceil:.1f} GB/s" if ceil else ""
+        lines.append(f"achieved: {bw['achieved_gbps']:.1f} GB/s{pct} ({bw.get('ceiling_threads')} thread(s))")
+    hf = data.get("hot_functions", [])
+    if hf:
+        scope = "during tokens" if tok.get("count") else "whole run"
+        lines.append(f"hot functions (% of sampled CPU time, {scope}):")
+        for f in hf[:8]:
+            lines.append(f"  {100 * f['share']:5.1f}%  {f['name'][:100]}")
+    for s in data.get("sites", [])[:6]:
+        lines.append(
+            f"site {s['function']} loop {s['loop']} (line {s['loop_line']}) stream {s['stream']}: "
+            f"distance {s['distance_bytes']} B, hint {s['hint']} ({100 * s['share']:.0f}% of CPU)"
+        )
+    vis = data.get("visibility", {})
+    for item in vis.get("could_not_see", []):
+        lines.append(f"could not see: {item}")
+    for note in data.get("notes", []):
+        lines.append(f"note: {note}")
+    return "\n".join(lines)
