@@ -21,6 +21,7 @@ from amppatch.errors import AmppatchError, UsageError
 from amppatch.inputs import APPLY_MANIFEST, PROFILE, check_gguf, creating_dir, read_json
 from amppatch.paths import options_json, write_text_atomic
 from amppatch.proc import progress
+from amppatch.tune.plot import render_landscape
 from amppatch.tune.probing import _Prober
 from amppatch.tune.search import (
     DEFAULT_GRID_MAX,
@@ -49,10 +50,9 @@ from amppatch.tune.search import (
     round_to_line,
     tune_site,
 )
-from amppatch.tune_plot import render_landscape
 
 if TYPE_CHECKING:
-    from amppatch.build import Build
+    from amppatch.build import Build, BuildOptions
 
 __all__ = [
     "DEFAULT_GRID_MAX", "DEFAULT_GRID_MIN", "OFF", "PRIMARY_HINTS", "RULE", "SCHEMA_VERSION", "SECONDARY_HINTS",
@@ -76,7 +76,7 @@ class TuneOptions:
     verify_threads: tuple[int, ...] | None = None  # None: the CPU count (if it differs from `threads`)
     budget_minutes: float = 20.0
     out: Path | None = None
-    build_options: Any = None  # amppatch.build.BuildOptions | None: the baseline's options (both arms)
+    build_options: BuildOptions | None = None  # the baseline's options (both arms)
     like: Path | None = None
     bench_args: tuple[str, ...] | None = None  # llama-bench flags for every arm; None: the profile's (--repack)
     grid_min: int = DEFAULT_GRID_MIN
@@ -170,6 +170,7 @@ def _tunable_variant(options: TuneOptions) -> dict[str, Any]:
         from amppatch.patch import ApplyOptions, apply
 
         progress("tune: building the tunable variant (apply --tunable) ...")
+        assert options.out is not None, "resolve_options sets out"
         result = apply(ApplyOptions(repo=options.repo, sites=options.sites, profile=options.profile, tunable=True,
                                     build_options=options.build_options, like=options.like,
                                     out=options.out / "tunable", gate=options.gate, gate_model=options.gate_model))
@@ -320,7 +321,7 @@ def _tune(options: TuneOptions) -> TuneResult:
                 learned.probes.append({"site": site["key"], **r.to_json()})
             record = _site_record(site, start, search, options.threads,
                                   list(range(probes_before, len(learned.probes))))
-            if record["winner"] is not None:
+            if record["winner"] is not None and search.winner is not None:
                 prober.fixed[i] = search.winner  # later sites are tuned with this one at its winner
             learned.sites.append(record)
             verdict = "kept" if search.kept else "dropped"

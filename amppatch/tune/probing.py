@@ -27,6 +27,7 @@ class _Prober:
         self.fixed: dict[int, Candidate] = {}  # site index -> setting used while tuning later sites
         self.site = 0
         self.count = 0
+        assert options.out is not None, "resolve_options sets out"
         self.probe_dir = options.out / "probes"
 
     def env_for(self, candidate: Candidate) -> tuple[tuple[str, str], ...]:
@@ -54,8 +55,9 @@ class _Prober:
         names = ", ".join(c.name for c in candidates)
         progress(f"tune: probe {self.count} [{key}] {phase} at {threads} thread(s), {rounds} rounds: off vs "
                  f"{names} (budget {self.budget.spent() / 60:.1f}/{self.budget.seconds / 60:.0f} min)")
-        arms = [ArmSpec("off", self.build_dir, o.bench_args, self.env_for(Candidate(0, OFF)))]
-        arms += [ArmSpec(c.name, self.build_dir, o.bench_args, self.env_for(c)) for c in candidates]
+        bench_args = o.bench_args or ()  # resolve_options has settled None to the profile's flags
+        arms = [ArmSpec("off", self.build_dir, bench_args, self.env_for(Candidate(0, OFF)))]
+        arms += [ArmSpec(c.name, self.build_dir, bench_args, self.env_for(c)) for c in candidates]
         out = self.probe_dir / f"{self.count:03d}-site{self.site}-{phase}-t{threads}"
         ab = AbTestOptions(arms=tuple(arms), model=o.model, threads=(threads,), tokens=o.probe_tokens,
                            reps=o.probe_reps, rounds=rounds, min_effect=o.min_effect, seed=o.seed + self.count,

@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from amppatch.tune_plot import landscapes, render_landscape
+from amppatch.tune.plot import landscapes, render_landscape
 
 
 def _probe(distance: int, hint: int, ratio: float, *, rounds: int = 4, threads: int = 1, phase: str = "coarse"):
