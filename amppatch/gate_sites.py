@@ -145,7 +145,7 @@ def gate_sites(build_a: Build, build_b: Build, sites: list[PlannedSite], *, mode
         from amppatch.model import SynthOptions, synth_model
 
         by_type: dict[str, list[str]] = {}
-        untyped = []
+        untyped: list[str] = []
         for f in functions:
             t = model_type_for(f)
             (by_type.setdefault(t, []) if t else untyped).append(f)

@@ -204,7 +204,7 @@ def new_marked_lines(before: bytes, after: bytes) -> list[int]:
     """1-based lines of `after` that are not in `before` (inserted or rewritten by an edit)."""
     matcher = difflib.SequenceMatcher(a=before.decode(errors="replace").splitlines(),
                                       b=after.decode(errors="replace").splitlines(), autojunk=False)
-    lines = []
+    lines: list[int] = []
     for tag, _i1, _i2, j1, j2 in matcher.get_opcodes():
         if tag in ("insert", "replace"):
             lines.extend(range(j1 + 1, j2 + 1))
@@ -213,7 +213,7 @@ def new_marked_lines(before: bytes, after: bytes) -> list[int]:
 
 def unified_diff(changes: list[FileChange]) -> str:
     """The changes as one unified diff (what apply --dry-run prints)."""
-    out = []
+    out: list[str] = []
     for ch in changes:
         out.extend(difflib.unified_diff(
             ch.before.decode(errors="replace").splitlines(keepends=True),
