@@ -254,6 +254,33 @@ def run_gate(
                 next_step=f"reproduce with: {shlex.join(crash.argv)}",
             ) from None
     commands = ra.commands + rb.commands
+    passed, detail = _verdict(options, ra, rb)
+    result = GateResult(
+        mode=options.mode,
+        passed=passed,
+        tokens_a=ra.tokens,
+        tokens_b=rb.tokens,
+        ppl_a=ra.ppl,
+        ppl_b=rb.ppl,
+        detail=detail,
+        commands=commands,
+        chunks_a=tuple(float(c) for c in ra.chunks),
+        chunks_b=tuple(float(c) for c in rb.chunks),
+    )
+    if not passed:
+        error = CorrectnessError(
+            f"correctness gate ({options.mode}) failed: {detail}",
+            next_step="B does not compute what A computes; fix the patch (or, for arms that run different "
+            "kernels by design, use the tolerance mode)",
+        )
+        error.gate_result = result  # type: ignore[attr-defined]  # the evidence, for callers that record it
+        raise error
+    progress(f"gate: passed ({detail})")
+    return result
+
+
+def _verdict(options: GateOptions, ra: _SideRun, rb: _SideRun) -> tuple[bool, str]:
+    """Whether B passes against A in the gate's mode, and the sentence that says why."""
     rel = abs(rb.ppl - ra.ppl) / abs(ra.ppl) if ra.ppl else float("inf")
     if options.mode == "identical":
         same_tokens = ra.tokens == rb.tokens
@@ -280,28 +307,7 @@ def run_gate(
             f"tolerance: perplexity A {ra.ppl:.4f} vs B {rb.ppl:.4f}, relative difference {rel:.2e} "
             f"{'<=' if passed else '>'} {options.ppl_rel_tolerance:g}; {tokens_note}"
         )
-    result = GateResult(
-        mode=options.mode,
-        passed=passed,
-        tokens_a=ra.tokens,
-        tokens_b=rb.tokens,
-        ppl_a=ra.ppl,
-        ppl_b=rb.ppl,
-        detail=detail,
-        commands=commands,
-        chunks_a=tuple(float(c) for c in ra.chunks),
-        chunks_b=tuple(float(c) for c in rb.chunks),
-    )
-    if not passed:
-        error = CorrectnessError(
-            f"correctness gate ({options.mode}) failed: {detail}",
-            next_step="B does not compute what A computes; fix the patch (or, for arms that run different "
-            "kernels by design, use the tolerance mode)",
-        )
-        error.gate_result = result  # type: ignore[attr-defined]  # the evidence, for callers that record it
-        raise error
-    progress(f"gate: passed ({detail})")
-    return result
+    return passed, detail
 
 
 # ----------------------------------------------------------------------------------------------------------

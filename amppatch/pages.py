@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from amppatch.errors import AmppatchError, SubprocessError, ToolMissingError, UsageError
 from amppatch.hugepages import HugeShare, huge_bytes_in_ranges, parse_smaps
-from amppatch.patch import Edit, FileChange, _environment, _new_marked_lines, splice
+from amppatch.patch.render import Edit, FileChange, environment, new_marked_lines, splice
 from amppatch.source.parse import error_nodes, parse_bytes, walk
 
 if TYPE_CHECKING:
@@ -94,7 +94,7 @@ def find_mmap_site(repo: Path) -> MmapSite:
 
 def render_hugepages(site: MmapSite) -> tuple[str, str]:
     """The helpers (file scope) and the guarded branch in front of the mmap statement."""
-    env = _environment()
+    env = environment()
     helpers = env.get_template("hugepages_helpers.cpp.j2").render(marker=MARKER)
     branch = env.get_template("hugepages_map.cpp.j2").render(marker=MARKER, indent=site.indent, size=site.size,
                                                              flags=site.flags, fd=site.fd)
@@ -115,7 +115,7 @@ def hugepages_change(repo: Path) -> FileChange | None:
         raise AmppatchError(f"the edited {site.relpath} parses with {after_errors - before_errors} new ERROR "
                             "node(s); nothing was written",
                             next_step="report this tree's llama_mmap layout; run without the huge-page lever")
-    return FileChange(site.relpath, source, after, _new_marked_lines(source, after))
+    return FileChange(site.relpath, source, after, new_marked_lines(source, after))
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from amppatch.patch import PlannedSite, SiteRequest, _environment, render_site
+from amppatch.patch import PlannedSite, SiteRequest, environment, render_site
 from amppatch.source import SOURCE_SUFFIXES, default_stream
 from amppatch.source.loops import analyze_loops
 from amppatch.source.parse import default_grammar, function_definitions, function_name, parse_bytes
@@ -29,7 +29,7 @@ def main(argv: list[str]) -> int:
         repo = fetch_llama(FetchOptions())
     root = repo / "ggml" / "src" / "ggml-cpu"
     files = sorted(p for p in root.rglob("*") if p.suffix in SOURCE_SUFFIXES)
-    env = _environment()
+    env = environment()
     start = time.perf_counter()
     functions = loops = sites = rendered_bytes = 0
     for path in files:

@@ -172,7 +172,7 @@ def _apply(ctx: Context, profile_path: Path, *, tunable: bool) -> tuple[str, dic
 
 def learned_amx_types(paths: Sequence[Path]) -> set[str]:
     """The weight types whose AMX-buffer kernel (ggml-cpu/amx/) a learned.json keeps a tuned site in."""
-    from amppatch.patch import model_type_for
+    from amppatch.gate_sites import model_type_for
 
     types: set[str] = set()
     for path in paths:

@@ -245,7 +245,7 @@ def test_a_tampered_branch_is_refused_not_exported(fixture_repo: tuple[Path, Pat
 
 def test_an_export_that_disagrees_with_its_manifest_is_not_written(fixture_repo: tuple[Path, Path], tmp_path: Path,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    import amppatch.patch
+    import amppatch.patch.stage
 
     repo, db = fixture_repo
     opts = ApplyOptions(repo=repo, sites=("fx_dot_blocks",), build=False, compile_db=db, out=tmp_path / "out",
@@ -256,7 +256,7 @@ def test_an_export_that_disagrees_with_its_manifest_is_not_written(fixture_repo:
         seen.append(patch_text)
         return ["the patch prefetches 1 B ahead, the manifest says 2048"]
 
-    monkeypatch.setattr(amppatch.patch, "check_export", disagree)
+    monkeypatch.setattr(amppatch.patch.stage, "check_export", disagree)  # where apply looks it up
     with pytest.raises(AmppatchError, match="does not match its manifest: the patch prefetches 1 B ahead"):
         apply(opts)
     # it was asked about the real export; the new branch is gone and no output claims success
@@ -616,7 +616,7 @@ def test_q4_0_dead_ssse3_branch_is_not_patched(llama_repo: Path, native_build) -
 @pytest.mark.slow
 def test_patch_that_does_not_compile_is_rejected(llama_repo: Path, native_build, tmp_path: Path,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    import amppatch.patch as patch_mod
+    import amppatch.patch.render as patch_mod  # build_changes looks render_site up there
 
     real = patch_mod.render_site
 

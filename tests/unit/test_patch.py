@@ -11,14 +11,13 @@ import jinja2
 import pytest
 
 from amppatch.errors import UsageError
+from amppatch.gate_sites import gate_runtime_args, model_type_for
 from amppatch.patch import (
     DEFAULT_DISTANCE,
     DEFAULT_HINT,
     Edit,
     SiteRequest,
     analyze_requests,
-    gate_runtime_args,
-    model_type_for,
     parse_loop_key,
     parse_site_spec,
     plan_sites,
@@ -119,10 +118,10 @@ def test_render_single_multi_line_and_tunable(tree: Path) -> None:
 
 
 def test_templates_are_strict() -> None:
-    from amppatch.patch import _environment
+    from amppatch.patch import environment
 
     with pytest.raises(jinja2.UndefinedError):
-        _environment().get_template("prefetch_single.c.j2").render(indent="", marker="m", address="p")
+        environment().get_template("prefetch_single.c.j2").render(indent="", marker="m", address="p")
 
 
 def test_splice_applies_edits_in_reverse_order() -> None:
@@ -259,7 +258,7 @@ def test_gate_helpers_route_kernels_to_model_types() -> None:
 def test_line_breakpoints_count_only_where_they_resolved() -> None:
     """gdb moves a breakpoint on a line without code to the next line that has some, possibly in another
     function: such a breakpoint does not count."""
-    from amppatch.patch import line_breakpoint_hits
+    from amppatch.gate_sites import line_breakpoint_hits
 
     info = """Num     Type           Disp Enb Address            What
 1       breakpoint     keep y   <MULTIPLE>

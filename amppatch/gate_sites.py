@@ -1,0 +1,179 @@
+"""The gate of a patch: which synthetic model makes each patched kernel run, and proof (gdb breakpoint
+counts) that it ran in the patched build while B computed exactly what A computed (`amppatch.gate`)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from amppatch.errors import CorrectnessError, UsageError
+from amppatch.gate import GateOptions, kernel_test, run_gate
+from amppatch.proc import progress
+from amppatch.source import split_member
+
+if TYPE_CHECKING:
+    from amppatch.build import Build
+    from amppatch.patch.plan import PlannedSite
+    from amppatch.patch.render import FileChange
+
+
+_KERNEL_TYPES = {"q8_0": "q8_0", "q4_0": "q4_0", "q4_k": "q4_k", "q6_k": "q6_k", "f16": "f16"}
+
+
+def model_type_for(function: str) -> str | None:
+    """The synthetic model type whose weights run `function`: ggml_vec_dot_<type>_..., a repack
+    ggml_gemv_<type>_..., or a specialization over block_<type>x<N> (gemv_..._lut_avx<block_q4_0x8>)."""
+    text = function.lower()
+    owner, _ = split_member(text)
+    if owner is not None:
+        # a GEMM micro-kernel class X<activation, weight, ...>: the weight type is the last block type
+        # (tinygemm_kernel_vnni<block_q8_0, block_q4_0, ...>), F16 weights are ggml_fp16_t
+        blocks = re.findall(r"\bblock_([a-z0-9]+_[0-9a-z]+)\b", owner)
+        if blocks:
+            return _KERNEL_TYPES.get(blocks[-1])
+        return "f16" if re.search(r"\bggml_fp16_t\b", owner) else None
+    m = (re.match(r"ggml_(?:vec_dot|gemv|gemm)_([a-z0-9]+(?:_[0-9a-z]+)?)", text)
+         or re.search(r"<\s*(?:const\s+)?block_([a-z0-9]+_[0-9a-z]+?)x\d+\b", text))
+    if not m:
+        return None
+    name = m.group(1)
+    if name.startswith(("f16", "bf16")):
+        name = name.split("_")[0]
+    return _KERNEL_TYPES.get(name)
+
+
+def gate_runtime_args(functions: list[str]) -> tuple[str, ...]:
+    """vec_dot kernels only run for weights in the plain CPU buffer: turn extra buffers (repack, AMX) off."""
+    return ("-nr",) if any(f.startswith("ggml_vec_dot_") for f in functions) else ()
+
+
+def count_function_hits(build: object, function: str, model: Path, args: tuple[str, ...] = (),
+                        n_predict: int = 2, lines: tuple[str, ...] = ()) -> int:
+    """How often `function` ran in llama-completion of `build` (gdb breakpoint hit count) — or, given
+    `lines` (FILE:LINE of code amppatch inserted), how often the most-run of those lines ran."""
+    from amppatch.build import Build, run_env, runtime_args
+    from amppatch.proc import require_tool, run
+
+    assert isinstance(build, Build)
+    args = (*args, *runtime_args(build, args))
+    gdb = require_tool("gdb", install_hint="install gdb (apt-get install -y gdb) to prove the patched kernel ran")
+    binary = build.binary("llama-completion")
+    specs = list(lines) or [function]
+    breaks: list[str] = []
+    for n, spec in enumerate(specs, 1):
+        breaks += ["-ex", f"break {spec}", "-ex", f"ignore {n} 100000000"]
+    argv = [gdb, "-nx", "-batch", "-ex", "set breakpoint pending on", "-ex", "set pagination off",
+            "-ex", "set confirm off", *breaks, "-ex", "run",
+            "-ex", "info breakpoints", "--args", str(binary), "-m", str(model), "-p", "hello", "-n", str(n_predict),
+            "-t", "1", "-c", "64", "--temp", "0", "--seed", "1", "-no-cnv", "--no-warmup", *args]
+    done = run(argv, env=run_env(build), timeout=900, check=False, what=f"gdb breakpoint count on {function}")
+    if not lines:
+        m = re.search(r"breakpoint already hit (\d+) time", done.stdout)
+        return int(m.group(1)) if m else 0
+    return max(line_breakpoint_hits(done.stdout, specs).values(), default=0)
+
+
+def line_breakpoint_hits(info: str, specs: list[str]) -> dict[str, int]:
+    """Hit counts of gdb's `info breakpoints` for breakpoints 1..N on `specs` (pure). A FILE:LINE counts
+    only if every location it resolved to is the line asked for: on a line without code gdb moves it to
+    the next line that has some, which may be another function's. A function name counts once resolved."""
+    blocks: dict[int, list[str]] = {}
+    current = None
+    for line in info.splitlines():
+        m = re.match(r"^(\d+)\s+breakpoint\s", line)
+        if m:
+            current = int(m.group(1))
+            blocks[current] = [line]
+        elif current is not None and (line.startswith(("\t", " ")) or re.match(r"^\d+\.\d+\s", line)):
+            blocks[current].append(line)
+        else:
+            current = None
+    out: dict[str, int] = {}
+    for n, spec in enumerate(specs, 1):
+        text = "\n".join(blocks.get(n, []))
+        at = re.findall(r" at \S+:(\d+)\s*$", text, re.MULTILINE)
+        hit = re.search(r"breakpoint already hit (\d+) time", text)
+        wanted = re.search(r":(\d+)$", spec)
+        # a FILE:LINE must have resolved to that line; a function name (an inlined helper) to anything
+        if at and (wanted is None or all(a == wanted.group(1) for a in at)):
+            out[spec] = int(hit.group(1)) if hit else 0
+    return out
+
+
+def breakpoint_locations(sites: list[PlannedSite], changes: list[FileChange]) -> dict[str, tuple[str, ...]]:
+    """FILE:LINE of the inserted code lines of each site whose function gdb cannot name: a method of a
+    class template's partial specialization (`X<pattern>::m`) has no symbol of that spelling, and a
+    breakpoint on the inserted lines also proves the prefetch code itself executed. (Several lines:
+    which of them carry a statement boundary in the line table is the compiler's choice.)"""
+    from amppatch.patch.render import marker  # lazily: amppatch.patch re-exports this module's helpers
+
+    out: dict[str, tuple[str, ...]] = {}
+    by_file = {c.relpath: c for c in changes}
+    for site in sites:
+        if split_member(site.function)[0] is None or site.function in out or site.file not in by_file:
+            continue
+        change = by_file[site.file]
+        lines = change.after.decode(errors="replace").splitlines()
+        found = []
+        for n in change.inserted_lines:
+            code = lines[n - 1].split("/*", 1)[0].strip()
+            if f"/* {marker(site)}" in lines[n - 1] and code and not code.startswith(("#", "}", "{")):
+                found.append(f"{site.file}:{n}")
+                if f"amppatch_prefetch_{site.slug}(" in code:  # tunable: the inlined helper is the prefetch
+                    found.append(f"amppatch_prefetch_{site.slug}")
+        if found:
+            out[site.function] = tuple(found)
+    return out
+
+
+def gate_sites(build_a: Build, build_b: Build, sites: list[PlannedSite], *, model: Path | None = None,
+               extra_args: tuple[str, ...] = (), locations: dict[str, tuple[str, ...]] | None = None) -> dict:
+    """B computes exactly what A computes, and every patched function ran in B.
+
+    Sites on kernels of different weight types (a Q4_0 GEMV and a Q4_K GEMV patched at once) cannot all
+    run on one synthetic model: each type gets its own gate run, and kernels of no particular type (flash
+    attention) are counted on the first. The first run's fields stay at the top level (scripts read
+    `passed`, `tokens_a`, ...); every run is in `runs`.
+
+    `model` (apply's --gate-model) replaces the synthetic models; `extra_args` (--gate-arg) go to every run.
+    """
+    functions = sorted({s.function for s in sites})
+    if model is not None:
+        groups: list[tuple[Path, list[str]]] = [(Path(model), functions)]
+    else:
+        from amppatch.model import SynthOptions, synth_model
+
+        by_type: dict[str, list[str]] = {}
+        untyped: list[str] = []
+        for f in functions:
+            t = model_type_for(f)
+            (by_type.setdefault(t, []) if t else untyped).append(f)
+        if not by_type:
+            raise UsageError(f"cannot pick a synthetic model type that runs {', '.join(functions)}",
+                             next_step="pass --gate-model M (a model whose weights run the patched kernels)")
+        groups = []
+        for i, (t, fs) in enumerate(sorted(by_type.items())):
+            synthetic = synth_model(SynthOptions(type=t, build=build_a))
+            groups.append((Path(synthetic), fs + (untyped if i == 0 else [])))
+    runs = []
+    hits: dict[str, int] = {}
+    for gate_model, fs in groups:
+        # per group: a vec_dot site needs extra buffers off (-nr), a repack GEMV needs them on
+        args = tuple(dict.fromkeys((*gate_runtime_args(fs), *extra_args)))
+        progress(f"apply: correctness gate on {gate_model.name} (args: {' '.join(args) or 'none'}) ...")
+        gate = run_gate(build_a, build_b, GateOptions(model=gate_model, mode="identical", extra_args=args))
+        for f in fs:
+            progress(f"apply: checking that {f} runs in B (gdb breakpoint count) ...")
+            hits[f] = count_function_hits(build_b, f, gate_model, args, lines=(locations or {}).get(f, ()))
+            if hits[f] == 0:
+                raise CorrectnessError(
+                    f"{f} never ran in B on {gate_model.name} with {' '.join(args) or 'no extra args'}: the gate "
+                    "compared builds without exercising the patch, so it proves nothing",
+                    next_step="pass --gate-model with weights of the kernel's type, or --gate-arg flags that "
+                              "route them to it")
+        runs.append({**gate.to_json(), "model": str(gate_model), "functions": fs, "args": list(args)})
+    # llama.cpp's own check of every vec_dot against its reference, for the patched kernels it covers
+    return {**runs[0], "function_hits": hits, "runs": runs, "kernel_test": kernel_test(build_a, build_b, functions)}
+
+
