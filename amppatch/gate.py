@@ -23,7 +23,7 @@ import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from amppatch.errors import CorrectnessError, SubprocessError, UsageError
 from amppatch.inputs import check_gguf
@@ -449,11 +449,13 @@ def kernel_test(a: Build, b: Build, functions: Sequence[str], *, timeout: float 
         return {**record, "status": "not available",
                 "reason": f"this llama.cpp tree has no {QUANTIZE_FNS_SOURCE}"}
     traits = cpu_type_traits(source_text(b, CPU_TRAITS_SOURCE) or "")
-    sites = {}
+    sites: dict[str, dict[str, Any]] = {}
+    covered: dict[str, str] = {}
     for f in functions:
         type_, why = quantize_fns_applicability(f, traits)
         sites[f] = {"type": type_, "covered": type_ is not None, "reason": why}
-    covered = {f: s["type"] for f, s in sites.items() if s["covered"]}
+        if type_ is not None:
+            covered[f] = type_
     if not covered:
         return {**record, "status": "not applicable", "reason": "no patched function is one test-quantize-fns "
                 "calls (see sites)", "sites": sites}
