@@ -262,7 +262,7 @@ def _file_digest(path: Path) -> str:
 
 
 def _peak_rss_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # Linux reports KiB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # Linux reports KiB
 
 
 def _check_disk(directory: Path, need: int, what: str) -> None:
