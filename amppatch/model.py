@@ -13,8 +13,8 @@ The mixture-of-experts shapes are Mixtral's layout in the llama architecture —
 ``llama.expert_used_count``, a router ``blk.N.ffn_gate_inp`` and 3-D ``blk.N.ffn_{gate,up,down}_exps``
 tensors — which llama.cpp runs through ``mul_mat_id``. Mixtral's own size (47B parameters) does not fit a
 small machine, so ``moe`` keeps its 8 experts with 2 active per token and scales the rest down until a
-token reads about what the dense ``1b`` shape reads (1.0B active of 3.5B parameters, Q4_K_M ≈ 2 GB):
-runs take as long as the 1b ones, while the file holds 3.5× the weights a token touches, as in a real MoE.
+token reads about what the dense ``1b`` shape reads (1.0B active of 3.5B parameters, F16 7.0 GB):
+runs take as long as the 1b ones, while the file holds over 3× the weights a token touches, as in a real MoE.
 """
 
 from __future__ import annotations
