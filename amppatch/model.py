@@ -14,7 +14,8 @@ The mixture-of-experts shapes are Mixtral's layout in the llama architecture —
 tensors — which llama.cpp runs through ``mul_mat_id``. Mixtral's own size (47B parameters) does not fit a
 small machine, so ``moe`` keeps its 8 experts with 2 active per token and scales the rest down until a
 token reads about what the dense ``1b`` shape reads (1.0B active of 3.5B parameters, F16 7.0 GB):
-runs take as long as the 1b ones, while the file holds over 3× the weights a token touches, as in a real MoE.
+a token should cost what a 1b token does (not measured yet at full size), while the file holds over 3×
+the weights a token touches, as in a real MoE.
 """
 
 from __future__ import annotations
