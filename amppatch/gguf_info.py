@@ -3,13 +3,16 @@
 Token generation is a sequence of matrix-vector products: every weight tensor is streamed whole once per
 token, except the token-embedding table, of which only the row of the current token is gathered. When a
 model has no separate ``output.weight`` (tied embeddings), the output projection multiplies by the
-embedding table, which is then read whole. The KV cache adds K and V rows of every cached position in
-every layer. These counts drive ab-test's achieved-bandwidth figure.
+embedding table, which is then read whole. In a mixture-of-experts model the expert tensors
+(``blk.N.ffn_{gate,up,down}_exps``, one slice per expert) are read only in the slices of the experts the
+router picks: ``expert_used_count`` of ``expert_count`` of their bytes per token (the router and shared
+experts are read whole). The KV cache adds K and V rows of every cached position in every layer. These
+counts drive ab-test's achieved-bandwidth figure and profile's bytes per kernel.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from amppatch.errors import UsageError
@@ -18,6 +21,9 @@ from amppatch.errors import UsageError
 _GATHERED = ("token_embd.weight", "position_embd.weight", "token_types.weight")
 _OUTPUT = "output.weight"
 _TOKEN_EMBD = "token_embd.weight"
+# Tensors with one slice per expert (ggml's last dimension), e.g. blk.0.ffn_up_exps.weight; shared experts
+# are named _shexp and are read whole.
+_EXPERT_MARK = "_exps."
 
 # Bytes per element of the KV-cache types llama-bench accepts for -ctk/-ctv (block types as bytes/element).
 KV_TYPE_BYTES: dict[str, float] = {
@@ -42,6 +48,11 @@ class TensorInfo:
     n_bytes: int
 
     @property
+    def per_expert(self) -> bool:
+        """One slice per expert: mul_mat_id reads only the routed experts' slices."""
+        return _EXPERT_MARK in self.name
+
+    @property
     def row_bytes(self) -> int:
         """Bytes of one row (all dimensions but the first collapsed into rows)."""
         rows = max(1, self.n_elements // max(1, self.shape[0]))
@@ -61,6 +72,8 @@ class GgufInfo:
     head_dim_k: int
     head_dim_v: int
     n_vocab: int | None
+    n_expert: int = 0  # experts per MoE layer (0: dense)
+    n_expert_used: int = 0  # experts the router picks per token
 
     def tensor(self, name: str) -> TensorInfo | None:
         for t in self.tensors:
@@ -95,10 +108,20 @@ class TokenBytes:
     context_len: float  # cached positions assumed (average over the run)
     tied_embeddings: bool
     excluded: tuple[str, ...]  # tables only gathered from
+    experts_read: int = 0  # the routed experts' slices of the per-expert tensors
+    experts_total: int = 0  # all bytes of the per-expert tensors (what the file holds)
+    n_expert: int = 0
+    n_expert_used: int = 0
+    by_type: dict[str, int] = field(default_factory=dict)  # weight bytes read per tensor type (not gathered)
+
+    @property
+    def weights(self) -> int:
+        """Weight bytes the matrix products read: tensors streamed whole plus the routed experts."""
+        return self.weights_whole + self.experts_read
 
     @property
     def total(self) -> int:
-        return self.weights_whole + self.gathered_rows + self.kv
+        return self.weights + self.gathered_rows + self.kv
 
 
 def _field(reader: object, key: str) -> object | None:
@@ -147,6 +170,9 @@ def read_gguf(path: Path) -> GgufInfo:
     vocab = _field(reader, "tokenizer.ggml.tokens")
     embd = next((t for t in tensors if t.name == _TOKEN_EMBD), None)
     n_vocab = len(vocab) if isinstance(vocab, list) else (embd.shape[1] if embd and len(embd.shape) > 1 else None)
+    per_expert = next((t for t in tensors if t.per_expert and len(t.shape) == 3), None)
+    # The expert count is in the KV data; a file without it still says it through its 3-D expert tensors.
+    n_expert = _first_int(_field(reader, f"{arch}.expert_count"), per_expert.shape[2] if per_expert else 0)
     return GgufInfo(
         path=path.resolve(),
         architecture=arch,
@@ -159,6 +185,8 @@ def read_gguf(path: Path) -> GgufInfo:
         head_dim_k=_first_int(_field(reader, f"{arch}.attention.key_length"), head_dim),
         head_dim_v=_first_int(_field(reader, f"{arch}.attention.value_length"), head_dim),
         n_vocab=n_vocab,
+        n_expert=n_expert,
+        n_expert_used=_first_int(_field(reader, f"{arch}.expert_used_count"), 0),
     )
 
 
@@ -183,17 +211,30 @@ def generation_context(depth: int, n_gen: int) -> float:
 def bytes_per_token(
     info: GgufInfo, *, context_len: float = 0.0, type_k: str = "f16", type_v: str = "f16"
 ) -> TokenBytes:
-    """Bytes read per generated token: weights whole (gathered tables one row), plus the KV cache."""
+    """Bytes read per generated token: weights whole (gathered tables one row, per-expert tensors the routed
+    experts' slices), plus the KV cache."""
     whole = 0
     rows = 0
+    experts_read = 0
+    experts_total = 0
+    by_type: dict[str, int] = {}
     excluded: list[str] = []
     tied = info.tied_embeddings
+    # Without a used-expert count the share read is unknown: such tensors count whole (an upper bound).
+    routed = 0 < info.n_expert_used <= info.n_expert
     for t in info.tensors:
         if t.name in _GATHERED and not (tied and t.name == _TOKEN_EMBD):
             rows += t.row_bytes
             excluded.append(t.name)
+            continue
+        if t.per_expert and routed:
+            read = t.n_bytes // info.n_expert * info.n_expert_used
+            experts_read += read
+            experts_total += t.n_bytes
         else:
+            read = t.n_bytes
             whole += t.n_bytes
+        by_type[t.type] = by_type.get(t.type, 0) + read
     if tied:
         # The output projection reads the (whole) embedding table, and the input still gathers one row.
         embd = info.tensor(_TOKEN_EMBD)
@@ -206,4 +247,9 @@ def bytes_per_token(
         context_len=context_len,
         tied_embeddings=tied,
         excluded=tuple(excluded),
+        experts_read=experts_read,
+        experts_total=experts_total,
+        n_expert=info.n_expert if routed else 0,
+        n_expert_used=info.n_expert_used if routed else 0,
+        by_type=by_type,
     )

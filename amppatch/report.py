@@ -131,8 +131,12 @@ def render_markdown(report: dict[str, Any]) -> str:
                      "bandwidth", "% ceiling", "p50/p99 ms"], rows)
     lines.append("")
     tied = " — tied embeddings: the output matmul reads token_embd whole" if bw.get("tied_embeddings") else ""
+    experts = (f"{bw.get('experts_read', 0) / 1e6:.1f} MB of the {bw['n_expert_used']} routed experts of "
+               f"{bw['n_expert']} ({bw.get('experts_total', 0) / 1e6:.1f} MB of expert tensors), "
+               if bw.get("n_expert") else "")
     lines.append(f"Bandwidth: {bw.get('bytes_per_token', 0) / 1e6:.1f} MB read per generated token "
                  f"(weights {bw.get('weights_whole', 0) / 1e6:.1f} MB streamed whole, "
+                 f"{experts}"
                  f"{bw.get('gathered_rows', 0) / 1e3:.1f} kB of gathered embedding rows"
                  f"{tied}"
                  f", KV {bw.get('kv', 0) / 1e6:.2f} MB at {bw.get('context_len', 0):.1f} cached positions on "

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from amppatch.build import load_build
-from amppatch.model import SHAPES, TYPES, SynthOptions, synth_model
+from amppatch.model import ALIASES, PRESETS, SHAPES, SynthOptions, synth_model
 
 NAME = "model"
 HELP = "make synthetic llama-architecture GGUF models (random weights, real shapes and tokenizer)"
@@ -15,9 +15,13 @@ HELP = "make synthetic llama-architecture GGUF models (random weights, real shap
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="model_command", metavar="ACTION", required=True)
     synth = sub.add_parser("synth", help="write (or reuse) a synthetic model and print its path")
-    synth.add_argument("--shape", choices=sorted(SHAPES), default="tiny",
-                       help="tiny (tests, ~1 s), 1b (TinyLlama 1.1B shape), 3b (Llama-3.2-3B-like)")
-    synth.add_argument("--type", choices=sorted(TYPES), default="q8_0", help="weight type (default q8_0)")
+    synth.add_argument("--shape", choices=list(SHAPES), default="tiny",
+                       help="tiny (tests, ~1 s), tiny-moe (tiny with 4 experts, 2 active), 1b (TinyLlama 1.1B "
+                       "shape), 3b (Llama-3.2-3B-like), 8b (Llama-3-8B), moe (Mixtral's layout at 1B active "
+                       "of 3.5B: 8 experts, 2 active) (default tiny)")
+    synth.add_argument("--type", default="q8_0", metavar="TYPE",
+                       help=f"llama-quantize preset, any case: {', '.join(p for p in PRESETS.values())} "
+                       f"({', '.join(a.upper() for a in ALIASES)} are the _M mixes) (default q8_0)")
     synth.add_argument("--seed", type=int, default=0, help="random seed; same seed, same file (default 0)")
     synth.add_argument("-o", "--output", type=Path, help="also copy the model to this path")
     synth.add_argument("--repo", type=Path, help="llama.cpp tree for the tokenizer and llama-quantize "

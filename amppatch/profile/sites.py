@@ -276,12 +276,10 @@ def _model_bytes(model: Path | None) -> tuple[dict[str, int], int, dict]:
 
     info = read_gguf(model)
     tb = bytes_per_token(info)
-    gathered = set(tb.excluded)
-    by_type: dict[str, int] = defaultdict(int)
-    for t in info.tensors:
-        if t.name not in gathered:
-            by_type[t.type.lower()] += t.n_bytes
-    return dict(by_type), tb.weights_whole, {
-        "weights_whole": tb.weights_whole, "gathered_rows": tb.gathered_rows, "excluded": list(tb.excluded),
+    # per type what a token reads: gathered tables excluded, per-expert tensors only the routed experts' share
+    by_type = {name.lower(): n for name, n in tb.by_type.items()}
+    return by_type, tb.weights, {
+        "weights_whole": tb.weights_whole, "experts_read": tb.experts_read, "n_expert": tb.n_expert,
+        "n_expert_used": tb.n_expert_used, "gathered_rows": tb.gathered_rows, "excluded": list(tb.excluded),
         "file_size": info.file_size,
     }

@@ -101,3 +101,74 @@ def test_unreadable_files_are_usage_errors(tmp_path: Path) -> None:
     bad.write_bytes(b"not a gguf at all" * 10)
     with pytest.raises(UsageError):
         gguf_info.read_gguf(bad)
+
+
+N_EXPERT, N_EXPERT_USED = 8, 2
+# Q8_0 expert slices of ffn_up_exps: N_EXPERT × (N_FF rows of N_EMBD)
+EXPS_BYTES = N_EXPERT * N_FF * N_EMBD // 32 * 34
+ROUTER_BYTES = N_EXPERT * N_EMBD * 4
+
+
+def _write_moe(path: Path, *, expert_keys: bool = True, used: int = N_EXPERT_USED) -> Path:
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(N_LAYER)
+    writer.add_embedding_length(N_EMBD)
+    writer.add_head_count(N_HEAD)
+    writer.add_head_count_kv(N_HEAD_KV)
+    if expert_keys:
+        writer.add_expert_count(N_EXPERT)
+        writer.add_expert_used_count(used)
+    writer.add_tensor("token_embd.weight", np.zeros((N_VOCAB, N_EMBD), dtype=np.float16))
+    writer.add_tensor("output.weight", np.zeros((N_VOCAB, N_EMBD), dtype=np.float16))
+    for layer in range(N_LAYER):
+        writer.add_tensor(f"blk.{layer}.ffn_gate_inp.weight", np.zeros((N_EXPERT, N_EMBD), dtype=np.float32))
+        exps = quants.quantize(np.ones((N_EXPERT, N_FF, N_EMBD), dtype=np.float32), gguf.GGMLQuantizationType.Q8_0)
+        writer.add_tensor(f"blk.{layer}.ffn_up_exps.weight", exps, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+        # a shared expert is read whole whatever the router picks
+        writer.add_tensor(f"blk.{layer}.ffn_up_shexp.weight", np.zeros((N_FF, N_EMBD), dtype=np.float16))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+SHEXP_BYTES = N_FF * N_EMBD * 2
+
+
+def test_moe_reads_only_the_routed_experts(tmp_path: Path) -> None:
+    info = gguf_info.read_gguf(_write_moe(tmp_path / "moe.gguf"))
+    assert (info.n_expert, info.n_expert_used) == (N_EXPERT, N_EXPERT_USED)
+    exps = info.tensor("blk.0.ffn_up_exps.weight")
+    assert exps is not None and exps.per_expert and exps.shape == (N_EMBD, N_FF, N_EXPERT)
+    assert not info.tensor("blk.0.ffn_up_shexp.weight").per_expert  # type: ignore[union-attr]
+    assert not info.tensor("blk.0.ffn_gate_inp.weight").per_expert  # type: ignore[union-attr]
+    tb = gguf_info.bytes_per_token(info)
+    assert (tb.n_expert, tb.n_expert_used) == (N_EXPERT, N_EXPERT_USED)
+    assert tb.experts_total == N_LAYER * EXPS_BYTES
+    assert tb.experts_read == N_LAYER * EXPS_BYTES * N_EXPERT_USED // N_EXPERT
+    assert tb.weights_whole == EMBD_BYTES + N_LAYER * (ROUTER_BYTES + SHEXP_BYTES)
+    assert tb.weights == tb.weights_whole + tb.experts_read
+    assert tb.total == tb.weights + ROW_BYTES
+    # per type: what a token reads, so profile attributes a quarter of the Q8_0 experts to its kernel
+    assert tb.by_type == {"Q8_0": tb.experts_read, "F16": EMBD_BYTES + N_LAYER * SHEXP_BYTES,
+                          "F32": N_LAYER * ROUTER_BYTES}
+    # the file still holds every expert
+    assert info.total_tensor_bytes == 2 * EMBD_BYTES + N_LAYER * (ROUTER_BYTES + EXPS_BYTES + SHEXP_BYTES)
+
+
+def test_dense_model_has_no_experts_and_reads_every_weight(tmp_path: Path) -> None:
+    info = gguf_info.read_gguf(_write(tmp_path / "m.gguf", tied=False))
+    tb = gguf_info.bytes_per_token(info)
+    assert (info.n_expert, info.n_expert_used, tb.experts_read, tb.experts_total) == (0, 0, 0, 0)
+    assert tb.weights == tb.weights_whole
+    assert tb.by_type == {"F16": EMBD_BYTES, "Q8_0": N_LAYER * FFN_BYTES, "F32": N_LAYER * NORM_BYTES}
+
+
+def test_expert_count_without_its_keys_comes_from_the_tensor_and_counts_whole(tmp_path: Path) -> None:
+    # without expert_used_count nobody knows how many experts a token reads: the figure stays an upper bound
+    info = gguf_info.read_gguf(_write_moe(tmp_path / "moe.gguf", expert_keys=False))
+    assert (info.n_expert, info.n_expert_used) == (N_EXPERT, 0)
+    tb = gguf_info.bytes_per_token(info)
+    assert tb.experts_read == 0 and tb.n_expert == 0
+    assert tb.weights_whole == EMBD_BYTES + N_LAYER * (ROUTER_BYTES + EXPS_BYTES + SHEXP_BYTES)

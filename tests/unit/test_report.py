@@ -149,3 +149,12 @@ def test_render_slices(tmp_path: Path) -> None:
     assert len(results) == 6  # 3 slices × 2 settings
     assert {r["rounds"][0] for r in results} == {0, 2, 4}
     assert "faster" in text and "slice" in text
+
+
+def test_bandwidth_line_names_the_routed_experts_of_a_moe_model() -> None:
+    data = make_report()
+    dense = report.render_markdown(data)
+    assert "routed experts" not in dense
+    data["bandwidth"].update({"experts_read": 3e8, "experts_total": 1.2e9, "n_expert": 8, "n_expert_used": 2})
+    md = report.render_markdown(data)
+    assert "300.0 MB of the 2 routed experts of 8 (1200.0 MB of expert tensors)" in md
