@@ -23,6 +23,7 @@ Everything here is pure (no subprocess, no files): recordings come in as parsed 
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -145,6 +146,7 @@ def recording_from_probe(probe: dict[str, Any], tune_seed: int, *, id: str, cond
 # A/A replay
 
 
+@functools.lru_cache(maxsize=64)  # every simulated run of a recording replays the same pooled blocks
 def aa_blocks(rec: Recording) -> list[dict[int, np.ndarray]]:
     """Per recorded round: position → samples_ns, both arms on one level (an A/B recording's second arm
     scaled by its ratio of medians)."""

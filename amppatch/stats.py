@@ -3,7 +3,8 @@
 Everything works on raw llama-bench ``samples_ns`` turned into tokens per second, never on llama-bench's
 ``avg_ts`` (a mean of rates). The comparison of two arms is a ratio of medians with a bootstrap confidence
 interval that resamples whole interleaved blocks (so load that drifts across blocks widens the interval,
-as it should; with fewer than five blocks it also resamples samples inside each chosen block); the
+as it should; with fewer than five blocks it also resamples samples inside each chosen block), widened to
+cover a Student t interval over the per-block ratios (few blocks; see block_ratio_interval); the
 Mann–Whitney U p-value is computed here too (exact for small samples without ties, normal approximation
 with tie and continuity corrections otherwise, the same rule scipy's ``method="auto"`` uses), so scipy
 stays a test-only dependency.
@@ -11,6 +12,7 @@ stays a test-only dependency.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -263,6 +265,7 @@ def student_t_cdf(t: float, df: float) -> float:
     return 1.0 - tail if t >= 0 else tail
 
 
+@functools.lru_cache(maxsize=256)  # a handful of (p, df) pairs per run, asked after every round
 def student_t_quantile(p: float, df: float) -> float:
     """The p-quantile of Student's t with df degrees of freedom (bisection on the CDF)."""
     if not 0.0 < p < 1.0:

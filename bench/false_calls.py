@@ -15,24 +15,25 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from amppatch import calibrate
+from amppatch import calibrate, stats
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "tests" / "data" / "abtest-recordings.json"
 
-# The settings of the table: ab-test's defaults, the stop rule short and long, other min-effects.
+# The settings of the table: ab-test's defaults, more and fewer rounds, the stop rule short and long, a
+# smaller min-effect. Each is replayed under both decision rules (stats.INTERVALS).
 PROCEDURES = (
     calibrate.Procedure("defaults (--rounds 6)"),
     calibrate.Procedure("--rounds 12", rounds=12),
-    calibrate.Procedure("--rounds 3", rounds=3),
     calibrate.Procedure("--max-time 120", rounds=None, max_time=120.0),
     calibrate.Procedure("--max-time 600", rounds=None, max_time=600.0),
     calibrate.Procedure("--min-effect 0.02", min_effect=0.02),
-    calibrate.Procedure("--max-time 600 --min-effect 0.02", rounds=None, max_time=600.0, min_effect=0.02),
 )
+POWER_PROCEDURES = (PROCEDURES[0], PROCEDURES[3])
 POWER_EFFECTS = (1.05, 1.08, 1.19)
 
 
@@ -110,28 +111,29 @@ def table(args: argparse.Namespace) -> int:
     groups = {c: [r for r in recs if r.condition == c] for c in calibrate.CONDITIONS}
     started = time.monotonic()
     print(f"recordings: {', '.join(f'{c} {len(g)}' for c, g in groups.items())}; {args.runs} simulated A/A "
-          f"runs per cell, seed {args.seed}\n")
-    print("| setting | data | false faster | false slower | false calls (95 % upper bound) | equivalent | "
+          f"runs per row, seed {args.seed}\n")
+    print("| setting | data | rule | false faster | false slower | false calls (95 % upper bound) | equivalent | "
           "inconclusive | mean rounds |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for proc in PROCEDURES:
         for cond, recs_c in groups.items():
-            if not recs_c:
-                continue
-            rate, rounds = _cell(recs_c, proc, args.runs, args.seed, 1.0)
-            print(f"| {proc.label} | {cond} | {_pct(rate.share('faster'))} | {_pct(rate.share('slower'))} | "
-                  f"{_pct(rate.share(*calibrate.FALSE_CALLS))} ({_pct(rate.upper95(*calibrate.FALSE_CALLS))}) | "
-                  f"{_pct(rate.share('equivalent'))} | {_pct(rate.share('inconclusive'))} | {rounds:.1f} |")
-    print("\nPower: the second arm's speed multiplied by a known ratio (share of runs that say `faster`)\n")
-    print("| setting | data | " + " | ".join(f"{e:.2f}×" for e in POWER_EFFECTS) + " |")
-    print("|---|---|" + "---|" * len(POWER_EFFECTS))
-    for proc in PROCEDURES[:5]:
+            for rule in stats.INTERVALS:
+                rate, rounds = _cell(recs_c, replace(proc, interval=rule), args.runs, args.seed, 1.0)
+                print(f"| {proc.label} | {cond} | {rule} | {_pct(rate.share('faster'))} | "
+                      f"{_pct(rate.share('slower'))} | {_pct(rate.share(*calibrate.FALSE_CALLS))} "
+                      f"({_pct(rate.upper95(*calibrate.FALSE_CALLS))}) | {_pct(rate.share('equivalent'))} | "
+                      f"{_pct(rate.share('inconclusive'))} | {rounds:.1f} |", flush=True)
+    n_power = max(args.runs // 4, 50)
+    print(f"\nPower: the second arm's speed multiplied by a known ratio; share of {n_power} runs per cell that "
+          "say `faster`\n")
+    print("| setting | data | rule | " + " | ".join(f"{e:.2f}×" for e in POWER_EFFECTS) + " |")
+    print("|---|---|---|" + "---|" * len(POWER_EFFECTS))
+    for proc in POWER_PROCEDURES:
         for cond, recs_c in groups.items():
-            if not recs_c:
-                continue
-            cells = [_cell(recs_c, proc, max(args.runs // 4, 50), args.seed + 7, e)[0].share("faster")
-                     for e in POWER_EFFECTS]
-            print(f"| {proc.label} | {cond} | " + " | ".join(_pct(c) for c in cells) + " |")
+            for rule in stats.INTERVALS:
+                cells = [_cell(recs_c, replace(proc, interval=rule), n_power, args.seed + 7, e)[0].share("faster")
+                         for e in POWER_EFFECTS]
+                print(f"| {proc.label} | {cond} | {rule} | " + " | ".join(_pct(c) for c in cells) + " |", flush=True)
     print(f"\n({time.monotonic() - started:.0f} s)", file=sys.stderr)
     return 0
 
@@ -157,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--from-learned", nargs="*", default=[], help="tune learned.json files")
         return extract(p.parse_args(argv[1:]))
     p = argparse.ArgumentParser(prog="python -m bench.false_calls")
-    p.add_argument("--runs", type=int, default=2000, help="simulated A/A runs per table cell (default 2000)")
+    p.add_argument("--runs", type=int, default=1000, help="simulated A/A runs per table row (default 1000)")
     p.add_argument("--seed", type=int, default=1)
     return table(p.parse_args(argv))
 
