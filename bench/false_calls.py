@@ -115,7 +115,7 @@ def table(args: argparse.Namespace) -> int:
     print("| setting | data | rule | false faster | false slower | false calls (95 % upper bound) | equivalent | "
           "inconclusive | mean rounds |")
     print("|---|---|---|---|---|---|---|---|---|")
-    for proc in PROCEDURES:
+    for proc in PROCEDURES if args.only in (None, "calls") else ():
         for cond, recs_c in groups.items():
             for rule in stats.INTERVALS:
                 rate, rounds = _cell(recs_c, replace(proc, interval=rule), args.runs, args.seed, 1.0)
@@ -123,12 +123,12 @@ def table(args: argparse.Namespace) -> int:
                       f"{_pct(rate.share('slower'))} | {_pct(rate.share(*calibrate.FALSE_CALLS))} "
                       f"({_pct(rate.upper95(*calibrate.FALSE_CALLS))}) | {_pct(rate.share('equivalent'))} | "
                       f"{_pct(rate.share('inconclusive'))} | {rounds:.1f} |", flush=True)
-    n_power = max(args.runs // 4, 50)
+    n_power = max(args.runs // 10, 50)
     print(f"\nPower: the second arm's speed multiplied by a known ratio; share of {n_power} runs per cell that "
           "say `faster`\n")
     print("| setting | data | rule | " + " | ".join(f"{e:.2f}×" for e in POWER_EFFECTS) + " |")
     print("|---|---|---|" + "---|" * len(POWER_EFFECTS))
-    for proc in POWER_PROCEDURES:
+    for proc in POWER_PROCEDURES if args.only in (None, "power") else ():
         for cond, recs_c in groups.items():
             for rule in stats.INTERVALS:
                 cells = [_cell(recs_c, replace(proc, interval=rule), n_power, args.seed + 7, e)[0].share("faster")
@@ -161,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.false_calls")
     p.add_argument("--runs", type=int, default=1000, help="simulated A/A runs per table row (default 1000)")
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--only", choices=("calls", "power"), help="only the false-call table or only the power table")
     return table(p.parse_args(argv))
 
 
