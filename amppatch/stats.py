@@ -292,7 +292,7 @@ def block_ratio_interval(a_blocks: Sequence[Sequence[float]], b_blocks: Sequence
     (blocks − 1) degrees of freedom on their logarithms; None with fewer than two shared blocks.
 
     Why next to the bootstrap: a percentile bootstrap over G blocks spreads like the data's variance times
-    (G − 1)/G and takes normal-like quantiles, so with 5–10 blocks its interval is too narrow (in the few-
+    (G − 1)/G and takes normal-like quantiles, so with 5–12 blocks its interval is too narrow (in the few-
     cluster literature it over-rejects; Cameron, Gelbach & Miller 2008 recommend t(G − 1) critical values).
     Each block is a paired comparison (both arms under the same load, in mirror order), and under A/A the
     random mirror order makes its log ratio symmetric about 0, where the t interval is exact for normal data

@@ -161,7 +161,7 @@ def test_the_ci_is_the_union_of_bootstrap_and_block_intervals() -> None:
 
 def test_the_replay_shortcut_gives_the_full_analysis_verdicts(recordings: list[calibrate.Recording]) -> None:
     procs = [calibrate.Procedure("defaults"), calibrate.Procedure("stop rule", rounds=None, max_time=300.0)]
-    for i in range(12):
+    for i in range(8):
         rec = recordings[i % len(recordings)]
         for proc in procs:
             full = calibrate.simulate_run(rec, proc, i, shortcut=False)
