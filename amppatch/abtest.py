@@ -32,7 +32,7 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -57,6 +57,7 @@ GATE_MODES = ("auto", "identical", "tolerance")
 DEFAULT_ROUNDS = 6
 MIN_ROUNDS = 2  # the paired bootstrap needs at least two blocks
 STOP_MIN_ROUNDS = stats.CLUSTER_MIN_BLOCKS  # the stop rule never calls a verdict final before this
+STOP_RULE_N_BOOT = 1000  # bootstrap resamples of the look after each round (the report uses options.n_boot)
 
 # llama-bench flags ab-test sets itself: an arm may not change what is measured or how it is reported.
 _RESERVED_FLAGS = {
@@ -324,14 +325,14 @@ def samples_by_block(samples: Iterable[Sample], arm: str, setting: str, blocks: 
 
 
 def compare_arms(samples: Sequence[Sample], base: str, other: str, setting: str, *, min_effect: float,
-                 seed: int, n_boot: int) -> stats.Comparison | None:
+                 seed: int, n_boot: int, interval: str = stats.DEFAULT_INTERVAL) -> stats.Comparison | None:
     """`other` against `base` at one setting, paired by block; None when either has no samples."""
     blocks = sorted({s.block for s in samples if s.setting == setting})
     a = samples_by_block(samples, base, setting, blocks)
     b = samples_by_block(samples, other, setting, blocks)
     if not any(len(x) and len(y) for x, y in zip(a, b, strict=True)):
         return None
-    return stats.compare(a, b, min_effect=min_effect, n_boot=n_boot, seed=seed)
+    return stats.compare(a, b, min_effect=min_effect, n_boot=n_boot, seed=seed, interval=interval)
 
 
 def per_round_medians(samples: Sequence[Sample], arm: str, setting: str) -> list[float]:
@@ -361,14 +362,22 @@ def comparison_json(arm: str, base: str, setting: Setting, comp: stats.Compariso
         n_blocks=comp.n_blocks,
         paired=comp.paired,
         bootstrap=comp.method,
+        interval=comp.interval,
+        ci95_bootstrap=[comp.boot_low, comp.boot_high],
+        block_ratio=_finite(comp.block_ratio),
+        ci95_blocks=None if math.isnan(comp.block_low) else [comp.block_low, comp.block_high],
         unavailable=None,
     )
     return out
 
 
+def _finite(x: float) -> float | None:
+    return None if math.isnan(x) else x
+
+
 def analyze(samples: Sequence[Sample], arms: Sequence[str], settings: Sequence[Setting],
             failures: dict[tuple[str, str], str], *, min_effect: float, seed: int,
-            n_boot: int) -> list[dict[str, Any]]:
+            n_boot: int, interval: str = stats.DEFAULT_INTERVAL) -> list[dict[str, Any]]:
     """Every arm against the first, at every setting."""
     out = []
     base = arms[0]
@@ -379,7 +388,8 @@ def analyze(samples: Sequence[Sample], arms: Sequence[str], settings: Sequence[S
                 who = base if (base, setting.id) in failures else arm
                 out.append(comparison_json(arm, base, setting, None, f"{who}: {reason}"))
                 continue
-            comp = compare_arms(samples, base, arm, setting.id, min_effect=min_effect, seed=seed, n_boot=n_boot)
+            comp = compare_arms(samples, base, arm, setting.id, min_effect=min_effect, seed=seed, n_boot=n_boot,
+                                interval=interval)
             out.append(comparison_json(arm, base, setting, comp))
     return out
 
@@ -404,6 +414,62 @@ def slice_verdicts(samples: Sequence[Sample], arms: Sequence[str], settings: Seq
             comp["rounds"] = [int(group[0]), int(group[-1])]
             out.append(comp)
     return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# The timed loop's moving parts: measurement (an executor) and the stop rule (pure)
+
+
+class SlotExecutor(Protocol):
+    """Measures one slot of the schedule: returns llama-bench's `samples_ns` for it, or raises
+    `_BenchFailed`. The real one runs llama-bench (`LlamaBenchExecutor`); `amppatch.calibrate` replays
+    recorded samples through the same loop, stop rule and statistics."""
+
+    def __call__(self, slot: Slot, setting: Setting) -> list[int]: ...
+
+
+def play_round(slots: Sequence[Slot], executor: SlotExecutor, arm_names: Sequence[str],
+               settings_by_id: dict[str, Setting], samples: list[Sample],
+               failures: dict[tuple[str, str], str]) -> None:
+    """Measure every slot of one round, appending to `samples`; an arm that fails at a setting is recorded
+    in `failures` and skipped for the rest of the run."""
+    for slot in slots:
+        name = arm_names[slot.arm]
+        setting = settings_by_id[slot.setting]
+        if (name, setting.id) in failures:
+            continue
+        try:
+            samples_ns = executor(slot, setting)
+        except _BenchFailed as exc:
+            failures[(name, setting.id)] = f"failed during round {slot.round + 1}: {exc.reason}"
+            progress(f"ab-test: {name} failed ({setting.label}): {exc.reason}")
+            continue
+        for rep, ns in enumerate(samples_ns):
+            samples.append(Sample(slot.round, slot.block, slot.slot, name, setting.id, rep, int(ns),
+                                  setting.n_tokens))
+
+
+def stop_rule(rounds_done: int, comps: Sequence[dict[str, Any]], *, all_failed: bool, rounds: int | None,
+              max_time: float | None, elapsed: float, round_seconds: float) -> str | None:
+    """Why the timed loop stops after `rounds_done` rounds, or None to run another round.
+
+    `rounds` is the fixed round count (None under `max_time`); `elapsed` the seconds since ab-test started
+    and `round_seconds` what the last round took (the estimate for the next one)."""
+    if all_failed and not any(c["ratio"] is not None for c in comps):
+        return "every candidate arm failed"
+    if rounds is not None:
+        return f"{rounds} rounds done" if rounds_done >= rounds else None
+    assert max_time is not None
+    decisive = [c for c in comps if c["ratio"] is not None]
+    # Stopping as soon as a verdict looks decisive inflates false calls (optional stopping); waiting for
+    # enough blocks, and a verdict that needs the block-level t interval too (stats.compare), keeps that in
+    # check — measured by amppatch.calibrate.
+    if rounds_done >= STOP_MIN_ROUNDS and decisive and all(c["verdict"] != "inconclusive" for c in decisive):
+        return f"every comparison decisive after {rounds_done} rounds"
+    if rounds_done >= MIN_ROUNDS and elapsed + round_seconds > max_time:
+        return (f"time limit: another round (~{round_seconds:.0f} s) would pass "
+                f"--max-time {max_time:.0f} s after {rounds_done} rounds")
+    return None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -714,6 +780,45 @@ def _run_bench(argv: list[str], env: dict[str, str], timeout: float, label: str)
     return records[0]
 
 
+class LlamaBenchExecutor:
+    """The real measurement: one `llama-bench -o jsonl -r R` call per slot, with the tracer's token hooks
+    when latency is on (per-token latencies collect in `traces`)."""
+
+    def __init__(self, arms: Sequence[_Arm], options: AbTestOptions, tracer: _Tracer | None, latency_note: str,
+                 trace_dir: Path) -> None:
+        self.arms = arms
+        self.options = options
+        self.tracer = tracer
+        self.latency_note = latency_note
+        self.trace_dir = trace_dir
+        self.traces: dict[tuple[str, str], list[float]] = {}
+        self.trace_errors: list[str] = []
+
+    def __call__(self, slot: Slot, setting: Setting) -> list[int]:
+        arm = self.arms[slot.arm]
+        env = dict(arm.env)
+        trace_path = self.trace_dir / f"r{slot.round}-b{slot.block}-s{slot.slot}.trace"
+        if self.tracer is not None:
+            try:
+                env.update(self.tracer.env_for(trace_path))
+            except AmppatchError as exc:
+                self.trace_errors.append(str(exc))
+                self.tracer, self.latency_note = None, f"per-token latency unavailable ({exc.message})"
+        argv = _bench_argv(arm, self.options, setting, self.options.reps)
+        record = _run_bench(argv, env, self.options.bench_timeout, arm.spec.name)
+        arm.bench_meta.setdefault("first_record", {k: v for k, v in record.items()
+                                                   if k not in ("samples_ns", "samples_ts")})
+        # Per-token latency is a generation figure; a prompt is one decode call, not a token.
+        if self.tracer is not None and setting.test == "tg" and trace_path.exists():
+            try:
+                token_ns = list(self.tracer.read(trace_path).token_ns)
+                self.traces.setdefault((arm.spec.name, setting.id), []).extend(float(t) for t in token_ns)
+            except (AmppatchError, OSError, ValueError) as exc:
+                self.trace_errors.append(f"{trace_path.name}: {exc}")
+            trace_path.unlink(missing_ok=True)
+        return [int(ns) for ns in record["samples_ns"]]
+
+
 def _progress_line(round_index: int, total: str, comps: list[dict[str, Any]], elapsed: float) -> str:
     parts = []
     for c in comps:
@@ -773,16 +878,19 @@ def _gate_pairs(arms: list[_Arm], options: AbTestOptions) -> list[dict[str, Any]
     return records
 
 
-def run_abtest(options: AbTestOptions) -> Path:
+def run_abtest(options: AbTestOptions, executor: SlotExecutor | None = None) -> Path:
     """Run the whole ab-test and write report.md/.json/.png; returns the report directory. Ctrl-C during
-    the rounds writes the report of the rounds done, then re-raises KeyboardInterrupt."""
+    the rounds writes the report of the rounds done, then re-raises KeyboardInterrupt.
+
+    `executor` measures one slot of the schedule (default: llama-bench through `LlamaBenchExecutor`); a
+    replay of recorded samples can stand in for it."""
     validate(options)
     out = Path(options.out or _default_out()).expanduser().resolve()
     with creating_dir(out):  # a run that fails before its report leaves no empty directory
-        return _run_abtest(options, out)
+        return _run_abtest(options, out, executor)
 
 
-def _run_abtest(options: AbTestOptions, out: Path) -> Path:
+def _run_abtest(options: AbTestOptions, out: Path, executor: SlotExecutor | None) -> Path:
     from amppatch.build import load_build, run_env
     from amppatch.gguf_info import bytes_per_token, generation_context, read_gguf
     from amppatch.report import write_report
@@ -834,9 +942,8 @@ def _run_abtest(options: AbTestOptions, out: Path) -> Path:
     timed_start = time.monotonic()
     rng = np.random.default_rng(options.seed)
     samples: list[Sample] = []
-    traces: dict[tuple[str, str], list[float]] = {}
-    trace_errors: list[str] = []
     trace_dir = Path(tempfile.mkdtemp(prefix="amppatch-abtest-traces-"))
+    bench = executor if executor is not None else LlamaBenchExecutor(arms, options, tracer, latency_note, trace_dir)
     n_rounds_target = options.rounds if options.max_time is None else None
     if n_rounds_target is None and options.max_time is None:
         n_rounds_target = DEFAULT_ROUNDS
@@ -848,67 +955,19 @@ def _run_abtest(options: AbTestOptions, out: Path) -> Path:
         while True:
             round_start = time.monotonic()
             slots = round_slots(round_index, setting_ids, len(arms), rng, round_index * len(setting_ids))
-            for slot in slots:
-                arm = arms[slot.arm]
-                setting = by_id[slot.setting]
-                if (arm.spec.name, setting.id) in failures:
-                    continue
-                env = dict(arm.env)
-                trace_path = trace_dir / f"r{slot.round}-b{slot.block}-s{slot.slot}.trace"
-                if tracer is not None:
-                    try:
-                        env.update(tracer.env_for(trace_path))
-                    except AmppatchError as exc:
-                        trace_errors.append(str(exc))
-                        tracer, latency_note = None, f"per-token latency unavailable ({exc.message})"
-                argv = _bench_argv(arm, options, setting, options.reps)
-                try:
-                    record = _run_bench(argv, env, options.bench_timeout, arm.spec.name)
-                except _BenchFailed as exc:
-                    failures[(arm.spec.name, setting.id)] = f"failed during round {round_index + 1}: {exc.reason}"
-                    progress(f"ab-test: {arm.spec.name} failed ({setting.label}): {exc.reason}")
-                    continue
-                arm.bench_meta.setdefault("first_record", {k: v for k, v in record.items()
-                                                           if k not in ("samples_ns", "samples_ts")})
-                for rep, ns in enumerate(record["samples_ns"]):
-                    samples.append(Sample(slot.round, slot.block, slot.slot, arm.spec.name, setting.id, rep,
-                                          int(ns), setting.n_tokens))
-                # Per-token latency is a generation figure; a prompt is one decode call, not a token.
-                if tracer is not None and setting.test == "tg" and trace_path.exists():
-                    try:
-                        token_ns = list(tracer.read(trace_path).token_ns)
-                        traces.setdefault((arm.spec.name, setting.id), []).extend(float(t) for t in token_ns)
-                    except (AmppatchError, OSError, ValueError) as exc:
-                        trace_errors.append(f"{trace_path.name}: {exc}")
-                    trace_path.unlink(missing_ok=True)
+            play_round(slots, bench, names, by_id, samples, failures)
             round_seconds = time.monotonic() - round_start
             comps = analyze(samples, names, settings, failures, min_effect=options.min_effect,
-                            seed=options.seed, n_boot=1000)
+                            seed=options.seed, n_boot=STOP_RULE_N_BOOT)
             elapsed = time.monotonic() - t0
             total = f"/{n_rounds_target}" if n_rounds_target else ""
             progress(_progress_line(round_index, total, comps, elapsed))
             round_index += 1
-            if not any(c["ratio"] is not None for c in comps) and all(
-                (arm.spec.name, sid) in failures for arm in arms[1:] for sid in setting_ids
-            ):
-                stopped_because = "every candidate arm failed"
-                break
-            if n_rounds_target is not None:
-                if round_index >= n_rounds_target:
-                    stopped_because = f"{n_rounds_target} rounds done"
-                    break
-                continue
-            assert options.max_time is not None
-            decisive = [c for c in comps if c["ratio"] is not None]
-            # Stopping as soon as a verdict looks decisive inflates false calls (optional stopping); waiting
-            # for enough blocks that the cluster bootstrap applies keeps that in check.
-            if (round_index >= STOP_MIN_ROUNDS and decisive
-                    and all(c["verdict"] != "inconclusive" for c in decisive)):
-                stopped_because = f"every comparison decisive after {round_index} rounds"
-                break
-            if round_index >= MIN_ROUNDS and elapsed + round_seconds > options.max_time:
-                stopped_because = (f"time limit: another round (~{round_seconds:.0f} s) would pass "
-                                   f"--max-time {options.max_time:.0f} s after {round_index} rounds")
+            stop = stop_rule(round_index, comps, all_failed=all(
+                (arm.spec.name, sid) in failures for arm in arms[1:] for sid in setting_ids),
+                rounds=n_rounds_target, max_time=options.max_time, elapsed=elapsed, round_seconds=round_seconds)
+            if stop is not None:
+                stopped_because = stop
                 break
     except KeyboardInterrupt:
         stopped_because = f"interrupted after {round_index} rounds"
@@ -916,6 +975,9 @@ def _run_abtest(options: AbTestOptions, out: Path) -> Path:
         progress("ab-test: interrupted; writing the report of the rounds done so far")
     finally:
         shutil.rmtree(trace_dir, ignore_errors=True)
+    traces = getattr(bench, "traces", {})
+    trace_errors: list[str] = getattr(bench, "trace_errors", [])
+    latency_note = getattr(bench, "latency_note", latency_note)
     timed_seconds = time.monotonic() - timed_start
     ticks_after = _proc_cpu_ticks()
     usage = cpu_usage(cpu_before, read_cpu_times(), own_cpu_ticks() - own_before)

@@ -3,7 +3,8 @@
 Everything works on raw llama-bench ``samples_ns`` turned into tokens per second, never on llama-bench's
 ``avg_ts`` (a mean of rates). The comparison of two arms is a ratio of medians with a bootstrap confidence
 interval that resamples whole interleaved blocks (so load that drifts across blocks widens the interval,
-as it should; with fewer than five blocks it also resamples samples inside each chosen block); the
+as it should; with fewer than five blocks it also resamples samples inside each chosen block), widened to
+cover a Student t interval over the per-block ratios (few blocks; see block_ratio_interval); the
 Mann–Whitney U p-value is computed here too (exact for small samples without ties, normal approximation
 with tie and continuity corrections otherwise, the same rule scipy's ``method="auto"`` uses), so scipy
 stays a test-only dependency.
@@ -11,6 +12,7 @@ stays a test-only dependency.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,6 +20,12 @@ from dataclasses import dataclass
 import numpy as np
 
 VERDICTS = ("faster", "slower", "equivalent", "inconclusive")
+
+# How the CI behind a verdict is made (see compare()). "bootstrap": the percentile block bootstrap alone
+# (before 2026-12); "bootstrap+blocks": the union of that and a Student t interval over the per-block
+# ratios, so a verdict needs both to agree.
+INTERVALS = ("bootstrap", "bootstrap+blocks")
+DEFAULT_INTERVAL = "bootstrap+blocks"
 
 # From this many shared blocks on, the bootstrap resamples whole blocks only (see compare()).
 CLUSTER_MIN_BLOCKS = 5
@@ -171,6 +179,12 @@ class Comparison:
     n_blocks: int  # blocks holding both arms (the bootstrap's resampling unit)
     paired: bool  # True when the bootstrap resampled whole blocks
     method: str = ""  # "cluster" (blocks only), "two-stage" (blocks, then samples in them) or "unpaired"
+    interval: str = DEFAULT_INTERVAL  # how ci_low/ci_high were made (INTERVALS)
+    boot_low: float = math.nan  # the percentile bootstrap's own interval
+    boot_high: float = math.nan
+    block_ratio: float = math.nan  # geometric mean of the per-block ratios, and its t interval (nan: < 2 blocks)
+    block_low: float = math.nan
+    block_high: float = math.nan
 
 
 def _padded(blocks: Sequence[Sequence[float]]) -> tuple[np.ndarray, np.ndarray]:
@@ -191,12 +205,108 @@ def _resampled_medians(
     c = counts[chosen]  # n_boot × n_blocks
     if within:
         pick = np.floor(rng.random((n_boot, n_blocks, width)) * c[..., None]).astype(int)
+        if np.all(counts == width):
+            # Blocks of equal size (the usual case) need no padding: the same medians, several times faster.
+            return np.median(data[chosen[..., None], pick].reshape(n_boot, -1), axis=1)
+    elif np.all(counts == width):
+        return np.median(data[chosen].reshape(n_boot, -1), axis=1)
     else:
         pick = np.broadcast_to(np.arange(width), (n_boot, n_blocks, width))
     values = data[chosen[..., None], pick]
     # Positions beyond the block's own size are not part of the replicate.
     values[np.arange(width)[None, None, :] >= c[..., None]] = np.nan
     return np.nanmedian(values.reshape(n_boot, -1), axis=1)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Student t quantiles (no scipy at run time)
+
+
+def _betacf(a: float, b: float, x: float) -> float:
+    """Continued fraction of the regularized incomplete beta function (modified Lentz)."""
+    tiny = 1e-300
+    qab, qap, qam = a + b, a + 1.0, a - 1.0
+    c, d = 1.0, 1.0 - qab * x / qap
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    h = d
+    for m in range(1, 300):
+        m2 = 2 * m
+        aa = m * (b - m) * x / ((qam + m2) * (a + m2))
+        d = 1.0 + aa * d
+        d = 1.0 / (d if abs(d) > tiny else tiny)
+        c = 1.0 + aa / c
+        c = c if abs(c) > tiny else tiny
+        h *= d * c
+        aa = -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))
+        d = 1.0 + aa * d
+        d = 1.0 / (d if abs(d) > tiny else tiny)
+        c = 1.0 + aa / c
+        c = c if abs(c) > tiny else tiny
+        delta = d * c
+        h *= delta
+        if abs(delta - 1.0) < 1e-15:
+            break
+    return h
+
+
+def _betai(a: float, b: float, x: float) -> float:
+    if x <= 0.0:
+        return 0.0
+    if x >= 1.0:
+        return 1.0
+    ln_front = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
+    if x < (a + 1.0) / (a + b + 2.0):
+        return math.exp(ln_front) * _betacf(a, b, x) / a
+    return 1.0 - math.exp(ln_front) * _betacf(b, a, 1.0 - x) / b
+
+
+def student_t_cdf(t: float, df: float) -> float:
+    tail = 0.5 * _betai(df / 2.0, 0.5, df / (df + t * t))
+    return 1.0 - tail if t >= 0 else tail
+
+
+@functools.lru_cache(maxsize=256)  # a handful of (p, df) pairs per run, asked after every round
+def student_t_quantile(p: float, df: float) -> float:
+    """The p-quantile of Student's t with df degrees of freedom (bisection on the CDF)."""
+    if not 0.0 < p < 1.0:
+        raise ValueError("p must lie in (0, 1)")
+    if p < 0.5:
+        return -student_t_quantile(1.0 - p, df)
+    lo, hi = 0.0, 1.0
+    while student_t_cdf(hi, df) < p:
+        hi *= 2.0
+    for _ in range(200):
+        mid = (lo + hi) / 2.0
+        if student_t_cdf(mid, df) < p:
+            lo = mid
+        else:
+            hi = mid
+        if hi - lo < 1e-12 * max(1.0, hi):
+            break
+    return (lo + hi) / 2.0
+
+
+def block_ratio_interval(a_blocks: Sequence[Sequence[float]], b_blocks: Sequence[Sequence[float]], *,
+                         confidence: float = 0.95) -> tuple[float, float, float] | None:
+    """(geometric mean, low, high) of the per-block ratios median(B)/median(A): a Student t interval with
+    (blocks − 1) degrees of freedom on their logarithms; None with fewer than two shared blocks.
+
+    Why next to the bootstrap: a percentile bootstrap over G blocks spreads like the data's variance times
+    (G − 1)/G and takes normal-like quantiles, so with 5–12 blocks its interval is too narrow (in the few-
+    cluster literature it over-rejects; Cameron, Gelbach & Miller 2008 recommend t(G − 1) critical values).
+    Each block is a paired comparison (both arms under the same load, in mirror order), and under A/A the
+    random mirror order makes its log ratio symmetric about 0, where the t interval is exact for normal data
+    and conservative for heavier tails. A block hit by a neighbour's burst becomes an outlier ratio, which
+    widens this interval instead of moving it — a noise gate that needs no threshold."""
+    logs = [math.log(float(np.median(b)) / float(np.median(a)))
+            for a, b in zip(a_blocks, b_blocks, strict=True) if len(a) and len(b)]
+    g = len(logs)
+    if g < 2:
+        return None
+    x = np.asarray(logs)
+    mean = float(x.mean())
+    half = student_t_quantile(0.5 + confidence / 2.0, g - 1) * float(x.std(ddof=1)) / math.sqrt(g)
+    return math.exp(mean), math.exp(mean - half), math.exp(mean + half)
 
 
 def decide(ci_low: float, ci_high: float, min_effect: float) -> str:
@@ -219,13 +329,20 @@ def compare(
     n_boot: int = 4000,
     seed: int = 0,
     confidence: float = 0.95,
+    interval: str = DEFAULT_INTERVAL,
 ) -> Comparison:
     """Compare B with A from per-block samples (tokens per second).
 
     `a_blocks[i]` and `b_blocks[i]` were measured in the same interleaved block i; blocks missing either
     arm are left out of the pairing. With two or more shared blocks the bootstrap resamples whole blocks
     (paired) and then samples within them; with a single block it resamples each arm on its own.
+
+    With `interval="bootstrap+blocks"` (the default) the CI is the union of the bootstrap's interval and
+    the t interval over per-block ratios (block_ratio_interval), so a verdict needs both to be decisive;
+    amppatch.calibrate measures what that does to false calls and power on recorded runs.
     """
+    if interval not in INTERVALS:
+        raise ValueError(f"interval must be one of {INTERVALS}")
     if len(a_blocks) != len(b_blocks):
         raise ValueError("a_blocks and b_blocks must list the same blocks")
     shared = [(a, b) for a, b in zip(a_blocks, b_blocks, strict=True) if len(a) and len(b)]
@@ -249,7 +366,11 @@ def compare(
     med_b = _resampled_medians(b_data, b_counts, chosen, rng, within=within)
     ratios = med_b / med_a
     alpha = 1.0 - confidence
-    low, high = (float(v) for v in np.quantile(ratios, [alpha / 2.0, 1.0 - alpha / 2.0]))
+    boot_low, boot_high = (float(v) for v in np.quantile(ratios, [alpha / 2.0, 1.0 - alpha / 2.0]))
+    blocks = block_ratio_interval([a for a, _ in shared], [b for _, b in shared], confidence=confidence)
+    low, high = boot_low, boot_high
+    if interval == "bootstrap+blocks" and blocks is not None:
+        low, high = min(low, blocks[1]), max(high, blocks[2])
     mw = mann_whitney_u(b_all, a_all)
     return Comparison(
         ratio=ratio,
@@ -265,6 +386,12 @@ def compare(
         n_blocks=n_blocks,
         paired=paired,
         method="unpaired" if not paired else ("two-stage" if within else "cluster"),
+        interval=interval,
+        boot_low=boot_low,
+        boot_high=boot_high,
+        block_ratio=blocks[0] if blocks else math.nan,
+        block_low=blocks[1] if blocks else math.nan,
+        block_high=blocks[2] if blocks else math.nan,
     )
 
 
