@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import SupportsInt
 
 from amppatch.errors import UsageError
 
@@ -137,7 +138,9 @@ def _first_int(value: object | None, default: int) -> int:
         return default
     if isinstance(value, list):
         return int(value[0]) if value else default
-    return int(value)  # type: ignore[arg-type]
+    if not isinstance(value, (SupportsInt, str)):  # numpy scalars from the reader are SupportsInt
+        raise TypeError(f"not a number: {value!r}")
+    return int(value)
 
 
 def read_gguf(path: Path) -> GgufInfo:

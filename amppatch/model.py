@@ -29,12 +29,16 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from amppatch.errors import UsageError
 from amppatch.paths import FileLock, cache_dir
 from amppatch.proc import progress, run
+
+if TYPE_CHECKING:
+    from gguf import GGUFReader, ReaderField
 
 VOCAB_SPM = "models/ggml-vocab-llama-spm.gguf"  # Llama-2's 32000-token SentencePiece vocabulary
 VOCAB_BPE = "models/ggml-vocab-llama-bpe.gguf"  # Llama-3's 128256-token BPE vocabulary
@@ -202,8 +206,8 @@ def _vocab_size(reader: object) -> int:
     return len(reader.fields["tokenizer.ggml.tokens"].data)  # type: ignore[attr-defined]
 
 
-def _tokenizer_fields(reader: object) -> Iterator[tuple[str, object]]:
-    for key, fld in reader.fields.items():  # type: ignore[attr-defined]
+def _tokenizer_fields(reader: GGUFReader) -> Iterator[tuple[str, ReaderField]]:
+    for key, fld in reader.fields.items():
         if key.startswith("tokenizer."):
             yield key, fld
 
