@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from amppatch.abtest.analysis import samples_from_report, settings_from_report, slice_verdicts
 from amppatch.errors import UnmeasuredError, UsageError
 from amppatch.inputs import REPORT, read_json, write_error
 from amppatch.paths import write_text_atomic
@@ -337,11 +338,8 @@ def render_all(directory: Path) -> Path:
 
 def render_slices(report: dict[str, Any], n_slices: int, *, n_boot: int = 4000) -> tuple[str, list[dict[str, Any]]]:
     """Verdicts of `n_slices` disjoint consecutive slices of the run's rounds (A/A false-positive check)."""
-    from amppatch.abtest import Sample, Setting, slice_verdicts
-
-    fields = {"round", "block", "slot", "arm", "setting", "rep", "ns", "n_tokens"}
-    samples = [Sample(**{k: v for k, v in s.items() if k in fields}) for s in report["samples"]]
-    settings = [Setting(s["test"], s["threads"], s["n_tokens"], s.get("depth", 0)) for s in report["settings"]]
+    samples = samples_from_report(report)
+    settings = settings_from_report(report)
     arms = [a["name"] for a in report["arms"]]
     opts = report["options"]
     results = slice_verdicts(samples, arms, settings, n_slices, min_effect=opts["min_effect"], seed=opts["seed"],
