@@ -94,7 +94,7 @@ def busy_processes(before: dict[int, tuple[str, int]], after: dict[int, tuple[st
                    *, exclude: set[int], threshold: float = 0.05) -> list[dict[str, Any]]:
     """Processes that used more than `threshold` of a CPU between two snapshots (ours excluded)."""
     hz = os.sysconf("SC_CLK_TCK")
-    busy = []
+    busy: list[dict[str, Any]] = []
     for pid, (comm, ticks) in after.items():
         if pid in exclude:
             continue

@@ -4,7 +4,10 @@ misses). Each reports why it is unavailable instead of failing the run."""
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from amppatch.errors import AmppatchError, UsageError
@@ -14,7 +17,7 @@ from amppatch.proc import run
 def stream_ceiling() -> tuple[dict[int, float] | None, str, str | None]:
     """(ceiling GB/s by thread count, note, cpu model) from the machine probe, if that module exists."""
     try:
-        from amppatch import machine  # type: ignore[attr-defined]
+        from amppatch import machine
     except ImportError:
         return None, "not measured (run amppatch profile / machine probe)", None
     probe = getattr(machine, "probe_machine", None)
@@ -44,16 +47,19 @@ def ceiling_for(ceiling: dict[int, float] | None, threads: int) -> tuple[float |
 
 @dataclass
 class _Tracer:
-    env_for: Any  # callable(out_path) -> dict[str, str]
-    read: Any  # callable(path) -> Trace
+    """The tracer's two entry points, looked up by name so an install without the tracer still runs."""
+
+    env_for: Callable[[Path], dict[str, str]]  # environment that traces a child into this file
+    read: Callable[[Path], Any]  # a parsed trace (its token_ns are the per-token latencies)
 
 
 def load_tracer(mode: str) -> tuple[_Tracer | None, str]:
     if mode == "off":
         return None, "per-token latency off (--latency off)"
+    tracer: ModuleType | None
     try:
-        from amppatch import tracer  # type: ignore[attr-defined]
-    except ImportError:
+        from amppatch import tracer
+    except ImportError:  # an install without the tracer measures no latency (auto) or refuses (on)
         tracer = None
     env_for = getattr(tracer, "tracer_env", None)
     read = getattr(tracer, "read_trace", None)
