@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from amppatch.abtest.analysis import samples_from_report, settings_from_report, slice_verdicts
 from amppatch.errors import UnmeasuredError, UsageError
 from amppatch.inputs import REPORT, read_json, write_error
 from amppatch.paths import write_text_atomic
@@ -66,13 +67,11 @@ def _comparison(report: dict[str, Any], arm: str, setting: str) -> dict[str, Any
     return None
 
 
-def render_markdown(report: dict[str, Any]) -> str:
+def _md_header(report: dict[str, Any]) -> list[str]:
+    """Title, run summary line and the headline verdict."""
     opts = report["options"]
     env = report.get("environment", {})
     diag = report.get("diagnostics", {})
-    bw = report.get("bandwidth", {})
-    settings = report.get("settings", [])
-    base = report["arms"][0]["name"]
     lines: list[str] = ["# amppatch ab-test report", ""]
     model = env.get("model", {})
     types = ", ".join(f"{t} {_size(b)}" for t, b in (model.get("types") or {}).items()) or "?"
@@ -94,39 +93,46 @@ def render_markdown(report: dict[str, Any]) -> str:
     else:
         lines.append(f"**Verdict: {report.get('verdict', 'unavailable')}**")
     lines.append("")
-    lines.append("## Results")
-    lines.append("")
-    rows = []
-    for s in settings:
-        for a in report["arms"]:
-            st = a.get("by_setting", {}).get(s["id"], {})
-            comp = _comparison(report, a["name"], s["id"])
-            if st.get("median_tok_s") is None:
-                rows.append([s["label"], _arm_label(a), "failed", "", "", "", st.get("failed") or "no samples",
-                             "", "", "", ""])
-                continue
-            bwe = st.get("bandwidth") or {}
-            share = bwe.get("share_of_ceiling")
-            lat = st.get("latency_ms")
-            if a["name"] == base:
-                ratio, ci, verdict, p = "1 (baseline)", "", "", ""
-            elif comp is None or comp.get("ratio") is None:
-                ratio, ci, verdict, p = "—", "", (comp or {}).get("unavailable") or "unavailable", ""
-            else:
-                lo, hi = comp["ci95"]
-                ratio = f"{comp['ratio']:.3f}"
-                ci = f"[{lo:.3f}, {hi:.3f}]"
-                verdict = f"{comp['verdict']} (±{comp['resolution']:.1%})"
-                p = _f(comp.get("p_value"), ".3g")
-            rows.append([
-                s["label"], _arm_label(a),
-                f"{st['median_tok_s']:.2f}",
-                f"{st['iqr_tok_s']:.2f}",
-                ratio, ci, verdict, p,
-                (f"{bwe['gb_per_s']:.2f} GB/s" if bwe else "n/a (pp)") if s["test"] == "tg" else "n/a (pp)",
-                _f(share, ".0%", "not measured") if s["test"] == "tg" else "",
-                (f"{lat['p50']:.2f}/{lat['p99']:.2f}" if lat else "unavailable") if s["test"] == "tg" else "n/a (pp)",
-            ])
+    return lines
+
+
+def _result_row(report: dict[str, Any], s: dict[str, Any], a: dict[str, Any], base: str) -> list[str]:
+    """One row of the results table: an arm at a setting."""
+    st = a.get("by_setting", {}).get(s["id"], {})
+    comp = _comparison(report, a["name"], s["id"])
+    if st.get("median_tok_s") is None:
+        return [s["label"], _arm_label(a), "failed", "", "", "", st.get("failed") or "no samples", "", "", "", ""]
+    bwe = st.get("bandwidth") or {}
+    share = bwe.get("share_of_ceiling")
+    lat = st.get("latency_ms")
+    if a["name"] == base:
+        ratio, ci, verdict, p = "1 (baseline)", "", "", ""
+    elif comp is None or comp.get("ratio") is None:
+        ratio, ci, verdict, p = "—", "", (comp or {}).get("unavailable") or "unavailable", ""
+    else:
+        lo, hi = comp["ci95"]
+        ratio = f"{comp['ratio']:.3f}"
+        ci = f"[{lo:.3f}, {hi:.3f}]"
+        verdict = f"{comp['verdict']} (±{comp['resolution']:.1%})"
+        p = _f(comp.get("p_value"), ".3g")
+    return [
+        s["label"], _arm_label(a),
+        f"{st['median_tok_s']:.2f}",
+        f"{st['iqr_tok_s']:.2f}",
+        ratio, ci, verdict, p,
+        (f"{bwe['gb_per_s']:.2f} GB/s" if bwe else "n/a (pp)") if s["test"] == "tg" else "n/a (pp)",
+        _f(share, ".0%", "not measured") if s["test"] == "tg" else "",
+        (f"{lat['p50']:.2f}/{lat['p99']:.2f}" if lat else "unavailable") if s["test"] == "tg" else "n/a (pp)",
+    ]
+
+
+def _md_results(report: dict[str, Any]) -> list[str]:
+    """The results table, then bandwidth, latency and LLC notes."""
+    settings = report.get("settings", [])
+    base = report["arms"][0]["name"]
+    bw = report.get("bandwidth", {})
+    lines = ["## Results", ""]
+    rows = [_result_row(report, s, a, base) for s in settings for a in report["arms"]]
     lines += _table(["setting", "arm", "median tok/s", "IQR", "ratio", "95% CI", "verdict", "p",
                      "bandwidth", "% ceiling", "p50/p99 ms"], rows)
     lines.append("")
@@ -152,18 +158,27 @@ def render_markdown(report: dict[str, Any]) -> str:
     else:
         lines.append(f"LLC misses: {llc.get('note', 'unavailable on this machine')}.")
     lines.append("")
-    lines.append("## Correctness")
-    lines.append("")
+    return lines
+
+
+def _md_correctness(report: dict[str, Any]) -> list[str]:
+    lines = ["## Correctness", ""]
     crow = []
     for c in report.get("correctness", []):
         result = "not checked" if c.get("passed") is None else ("passed" if c["passed"] else "FAILED")
         crow.append([f"{c['arm']} vs {c['baseline']}", c.get("mode") or "—", result, c.get("detail", "")])
     lines += _table(["pair", "check", "result", "detail"], crow) if crow else ["(no pairs)"]
     lines.append("")
-    lines.append("## Noise diagnostics")
-    lines.append("")
+    return lines
+
+
+def _md_noise(report: dict[str, Any]) -> list[str]:
+    """Per-arm noise and drift, host load, failures and warnings."""
+    env = report.get("environment", {})
+    diag = report.get("diagnostics", {})
+    lines = ["## Noise diagnostics", ""]
     for a in report["arms"]:
-        for s in settings:
+        for s in report.get("settings", []):
             st = a.get("by_setting", {}).get(s["id"], {})
             if st.get("median_tok_s") is None:
                 continue
@@ -194,8 +209,12 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines.append("Warnings:")
         lines += [f"- ⚠ {w}" for w in warnings]
     lines.append("")
-    lines.append("## Environment")
-    lines.append("")
+    return lines
+
+
+def _md_environment(report: dict[str, Any]) -> list[str]:
+    env = report.get("environment", {})
+    lines = ["## Environment", ""]
     lines.append(f"- CPU: {env.get('cpu_model', '?')} ({env.get('cpus', '?')} CPUs); kernel {env.get('kernel', '?')}")
     lines.append(f"- compiler: {', '.join(env.get('compilers', [])) or '?'}")
     for a in report["arms"]:
@@ -204,6 +223,12 @@ def render_markdown(report: dict[str, Any]) -> str:
                      f"{' (dirty ' + str(a['dirty_hash'])[:8] + ')' if a.get('dirty_hash') else ''}"
                      f"{' · ' + extra if extra else ''}")
     lines.append("")
+    return lines
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    lines = [*_md_header(report), *_md_results(report), *_md_correctness(report), *_md_noise(report),
+             *_md_environment(report)]
     lines.append(f"Raw samples: {len(report.get('samples', []))} in {REPORT_JSON}. Schema: docs/report-schema.md.")
     return "\n".join(lines) + "\n"
 
@@ -337,11 +362,8 @@ def render_all(directory: Path) -> Path:
 
 def render_slices(report: dict[str, Any], n_slices: int, *, n_boot: int = 4000) -> tuple[str, list[dict[str, Any]]]:
     """Verdicts of `n_slices` disjoint consecutive slices of the run's rounds (A/A false-positive check)."""
-    from amppatch.abtest import Sample, Setting, slice_verdicts
-
-    fields = {"round", "block", "slot", "arm", "setting", "rep", "ns", "n_tokens"}
-    samples = [Sample(**{k: v for k, v in s.items() if k in fields}) for s in report["samples"]]
-    settings = [Setting(s["test"], s["threads"], s["n_tokens"], s.get("depth", 0)) for s in report["settings"]]
+    samples = samples_from_report(report)
+    settings = settings_from_report(report)
     arms = [a["name"] for a in report["arms"]]
     opts = report["options"]
     results = slice_verdicts(samples, arms, settings, n_slices, min_effect=opts["min_effect"], seed=opts["seed"],

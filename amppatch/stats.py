@@ -27,6 +27,9 @@ VERDICTS = ("faster", "slower", "equivalent", "inconclusive")
 INTERVALS = ("bootstrap", "bootstrap+blocks")
 DEFAULT_INTERVAL = "bootstrap+blocks"
 
+# What the rank tests accept: plain sequences from callers, arrays from the bootstrap (both go through np.asarray).
+Floats = Sequence[float] | np.ndarray
+
 # From this many shared blocks on, the bootstrap resamples whole blocks only (see compare()).
 CLUSTER_MIN_BLOCKS = 5
 
@@ -130,7 +133,7 @@ def _u_distribution(m: int, n: int) -> np.ndarray:
     return coeffs
 
 
-def mann_whitney_u(x: Sequence[float], y: Sequence[float]) -> MannWhitney:
+def mann_whitney_u(x: Floats, y: Floats) -> MannWhitney:
     """Two-sided Mann–Whitney U test of x against y."""
     a = np.asarray(x, dtype=float)
     b = np.asarray(y, dtype=float)
@@ -409,7 +412,7 @@ class Drift:
     slope_per_round: float  # least-squares slope relative to the overall median (0.01 = +1 % per round)
 
 
-def spearman(x: Sequence[float], y: Sequence[float]) -> float:
+def spearman(x: Floats, y: Floats) -> float:
     """Spearman's rank correlation (average ranks for ties); nan when either side is constant."""
     rx, _ = _rank_with_ties(np.asarray(x, dtype=float))
     ry, _ = _rank_with_ties(np.asarray(y, dtype=float))

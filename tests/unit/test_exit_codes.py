@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from amppatch import abtest
+from amppatch.abtest import execute, runner
 from amppatch.cli import main
 from amppatch.errors import UnmeasuredError
 
@@ -43,7 +44,7 @@ class _FakeBench:
 def ab_args(tmp_path: Path, small_gguf: Path, monkeypatch: pytest.MonkeyPatch) -> list[str]:
     build = _fake_build(tmp_path / "build")
     # nothing here may start a process: no machine probe, no tracer, no perf
-    monkeypatch.setattr(abtest, "stream_ceiling", lambda: (None, "not measured (test)", None))
+    monkeypatch.setattr(runner, "stream_ceiling", lambda: (None, "not measured (test)", None))
     return ["ab-test", "--a", str(build), "--b", str(build), "-m", str(small_gguf), "--rounds", "2",
             "--reps", "1", "--skip-correctness", "--latency", "off", "--no-llc", "-o", str(tmp_path / "out")]
 
@@ -52,7 +53,7 @@ def test_ab_test_interrupted_writes_the_partial_report_and_exits_130(
         ab_args: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str]) -> None:
     # 2 warmups, then round 1's four slots (A B B A), then Ctrl-C in round 2
-    monkeypatch.setattr(abtest, "_run_bench", _FakeBench(interrupt_at=7))
+    monkeypatch.setattr(execute, "_run_bench", _FakeBench(interrupt_at=7))
     assert main(ab_args) == 130
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["diagnostics"]["stopped_because"] == "interrupted after 1 rounds"
@@ -62,7 +63,7 @@ def test_ab_test_interrupted_writes_the_partial_report_and_exits_130(
 
 def test_ab_test_interrupted_before_any_sample_leaves_no_directory(
         ab_args: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(abtest, "_run_bench", _FakeBench(interrupt_at=1))  # during the warmup
+    monkeypatch.setattr(execute, "_run_bench", _FakeBench(interrupt_at=1))  # during the warmup
     assert main(ab_args) == 130
     assert not (tmp_path / "out").exists()
 
@@ -70,7 +71,7 @@ def test_ab_test_interrupted_before_any_sample_leaves_no_directory(
 def test_ab_test_with_an_unmeasured_arm_exits_non_zero_after_the_report(
         ab_args: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str]) -> None:
-    monkeypatch.setattr(abtest, "_run_bench", _FakeBench(fail_arm="B"))
+    monkeypatch.setattr(execute, "_run_bench", _FakeBench(fail_arm="B"))
     assert main(ab_args) == UnmeasuredError.exit_code == 9
     err = capsys.readouterr().err.strip()
     assert "could not measure arm B at tg64-t1" in err and "--frobnicate" in err
@@ -82,7 +83,7 @@ def test_ab_test_with_an_unmeasured_arm_exits_non_zero_after_the_report(
 def test_ab_test_with_every_arm_measured_exits_0(ab_args: list[str], tmp_path: Path,
                                                   monkeypatch: pytest.MonkeyPatch,
                                                   capsys: pytest.CaptureFixture[str]) -> None:
-    monkeypatch.setattr(abtest, "_run_bench", _FakeBench())
+    monkeypatch.setattr(execute, "_run_bench", _FakeBench())
     assert main(ab_args) == 0
     assert capsys.readouterr().out.strip().splitlines()[-1] == str(tmp_path / "out")
 

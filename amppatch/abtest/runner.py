@@ -1,0 +1,238 @@
+"""ab-test's run: setup, correctness gate and warmup, the timed rounds with the stop rule, then the report.
+
+`run_abtest` is the entry point; each phase is its own function so the order of events (see the package
+docstring) reads top to bottom in `_run_abtest`."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from amppatch.abtest.analysis import Sample, analyze
+from amppatch.abtest.assemble import Timed, build_report
+from amppatch.abtest.execute import LlamaBenchExecutor, SlotExecutor, page_cache, play_round, warmup
+from amppatch.abtest.gating import _gate_pairs
+from amppatch.abtest.hostload import (
+    _proc_cpu_ticks,
+    cpu_usage,
+    own_cpu_ticks,
+    read_cpu_times,
+    read_cpufreq,
+    read_loadavg,
+)
+from amppatch.abtest.options import (
+    DEFAULT_ROUNDS,
+    MIN_ROUNDS,
+    STOP_MIN_ROUNDS,
+    STOP_RULE_N_BOOT,
+    AbTestOptions,
+    Setting,
+    _Arm,
+    settings_for,
+    validate,
+)
+from amppatch.abtest.probes import _Tracer, llc_counter_status, load_tracer, stream_ceiling
+from amppatch.abtest.schedule import round_slots
+from amppatch.errors import RegressionError, UnmeasuredError
+from amppatch.inputs import creating_dir
+from amppatch.proc import progress
+
+if TYPE_CHECKING:
+    from amppatch.gguf_info import GgufInfo
+
+
+def stop_rule(rounds_done: int, comps: Sequence[dict[str, Any]], *, all_failed: bool, rounds: int | None,
+              max_time: float | None, elapsed: float, round_seconds: float) -> str | None:
+    """Why the timed loop stops after `rounds_done` rounds, or None to run another round.
+
+    `rounds` is the fixed round count (None under `max_time`); `elapsed` the seconds since ab-test started
+    and `round_seconds` what the last round took (the estimate for the next one)."""
+    if all_failed and not any(c["ratio"] is not None for c in comps):
+        return "every candidate arm failed"
+    if rounds is not None:
+        return f"{rounds} rounds done" if rounds_done >= rounds else None
+    assert max_time is not None
+    decisive = [c for c in comps if c["ratio"] is not None]
+    # Stopping as soon as a verdict looks decisive inflates false calls (optional stopping); waiting for
+    # enough blocks, and a verdict that needs the block-level t interval too (stats.compare), keeps that in
+    # check — measured by amppatch.calibrate.
+    if rounds_done >= STOP_MIN_ROUNDS and decisive and all(c["verdict"] != "inconclusive" for c in decisive):
+        return f"every comparison decisive after {rounds_done} rounds"
+    if rounds_done >= MIN_ROUNDS and elapsed + round_seconds > max_time:
+        return (f"time limit: another round (~{round_seconds:.0f} s) would pass "
+                f"--max-time {max_time:.0f} s after {rounds_done} rounds")
+    return None
+
+
+
+
+def _progress_line(round_index: int, total: str, comps: list[dict[str, Any]], elapsed: float) -> str:
+    parts = []
+    for c in comps:
+        if c["ratio"] is None:
+            parts.append(f"{c['arm']}/{c['baseline']} {c['setting']}: unavailable")
+        else:
+            lo, hi = c["ci95"]
+            parts.append(f"{c['arm']}/{c['baseline']} {c['setting']}: {c['ratio']:.3f} [{lo:.3f}, {hi:.3f}] "
+                         f"{c['verdict']}")
+    return f"ab-test: round {round_index + 1}{total} done ({elapsed:.0f} s): " + "; ".join(parts)
+
+
+def _default_out() -> Path:
+    return Path.cwd() / time.strftime("abtest-%Y%m%d-%H%M%S")
+
+
+def run_abtest(options: AbTestOptions, executor: SlotExecutor | None = None) -> Path:
+    """Run the whole ab-test and write report.md/.json/.png; returns the report directory. Ctrl-C during
+    the rounds writes the report of the rounds done, then re-raises KeyboardInterrupt.
+
+    `executor` measures one slot of the schedule (default: llama-bench through `LlamaBenchExecutor`); a
+    replay of recorded samples can stand in for it."""
+    validate(options)
+    out = Path(options.out or _default_out()).expanduser().resolve()
+    with creating_dir(out):  # a run that fails before its report leaves no empty directory
+        return _run_abtest(options, out, executor)
+
+
+@dataclass
+class Setup:
+    """What the run knows before timing: loaded arms, settings, the model and the optional collaborators."""
+
+    t0: float
+    options: AbTestOptions  # with the model path resolved and `out` set
+    arms: list[_Arm]
+    settings: tuple[Setting, ...]
+    info: GgufInfo
+    ceiling: dict[int, float] | None
+    ceiling_note: str
+    probe_cpu: str | None
+    tracer: _Tracer | None
+    latency_note: str
+    llc_ok: bool
+    llc_note: str
+    names: list[str] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.names = [a.spec.name for a in self.arms]
+
+
+def _setup(options: AbTestOptions, out: Path) -> Setup:
+    from amppatch.build import load_build, run_env
+    from amppatch.gguf_info import read_gguf
+
+    t0 = time.monotonic()
+    arms = []
+    for spec in options.arms:
+        build = load_build(spec.build)
+        build.binary("llama-bench")
+        arms.append(_Arm(spec, build, {**run_env(build), **dict(spec.env)}))
+    settings = settings_for(options)
+    model = Path(options.model).resolve()
+    options = replace(options, model=model, out=out)
+    info = read_gguf(model)
+    ceiling, ceiling_note, probe_cpu = stream_ceiling()
+    tracer, latency_note = load_tracer(options.latency)
+    llc_ok, llc_note = llc_counter_status() if options.llc else (False, "not measured (--no-llc)")
+    return Setup(t0, options, arms, settings, info, ceiling, ceiling_note, probe_cpu, tracer, latency_note,
+                 llc_ok, llc_note)
+
+
+def _run_abtest(options: AbTestOptions, out: Path, executor: SlotExecutor | None) -> Path:
+    from amppatch.report import write_report
+
+    setup = _setup(options, out)
+    options = setup.options
+    # 1. correctness first
+    correctness = _gate_pairs(setup.arms, options)
+    # 2. page cache and warmup
+    progress(f"ab-test: reading {options.model.name} into the page cache ...")
+    cache_seconds = page_cache(options.model)
+    failures: dict[tuple[str, str], str] = {}
+    warmup(setup.arms, options, setup.settings, failures)
+    # 3. timed rounds
+    timed = _timed_rounds(setup, executor, failures)
+    timed.correctness, timed.cache_seconds = correctness, cache_seconds
+    if not timed.samples and timed.interrupted:
+        raise KeyboardInterrupt
+    if not timed.samples:
+        reasons = "; ".join(f"{a} {s}: {r}" for (a, s), r in failures.items())
+        raise UnmeasuredError(
+            f"ab-test collected no samples: {reasons or 'nothing ran'}",
+            next_step="run the arms' llama-bench by hand to see why (command in the error above)",
+        )
+    # 4. statistics, diagnostics, report
+    comps = analyze(timed.samples, setup.names, setup.settings, failures, min_effect=options.min_effect,
+                    seed=options.seed, n_boot=options.n_boot)
+    write_report(out, build_report(setup, timed, comps))
+    if timed.interrupted:
+        progress(f"ab-test: partial report of {timed.rounds} rounds in {out}")
+        raise KeyboardInterrupt  # the exit status says the run did not finish (130), the report is kept
+    if options.fail_on_regression:
+        slower = [c for c in comps if c["verdict"] == "slower"]
+        if slower:
+            listed = ", ".join(f"{c['arm']} {c['setting']} ({c['ratio']:.3f}×)" for c in slower)
+            raise RegressionError(f"measurably slower than {setup.names[0]}: {listed}; report in {out}",
+                                  next_step="see report.md; drop --fail-on-regression to only report")
+    return out
+
+
+def _timed_rounds(setup: Setup, executor: SlotExecutor | None, failures: dict[tuple[str, str], str]) -> Timed:
+    """The timed loop: rounds until the stop rule says stop (or Ctrl-C), with host load read around it."""
+    options, arms, settings = setup.options, setup.arms, setup.settings
+    setting_ids = [s.id for s in settings]
+    by_id = {s.id: s for s in settings}
+    timed = Timed(failures=failures, loadavg_start=read_loadavg(), cpufreq=read_cpufreq(),
+                  ticks_before=_proc_cpu_ticks(), latency_note=setup.latency_note)
+    cpu_before = read_cpu_times()
+    own_before = own_cpu_ticks()
+    timed_start = time.monotonic()
+    rng = np.random.default_rng(options.seed)
+    samples: list[Sample] = timed.samples
+    trace_dir = Path(tempfile.mkdtemp(prefix="amppatch-abtest-traces-"))
+    bench = executor if executor is not None else LlamaBenchExecutor(arms, options, setup.tracer,
+                                                                     setup.latency_note, trace_dir)
+    n_rounds_target = options.rounds if options.max_time is None else None
+    if n_rounds_target is None and options.max_time is None:
+        n_rounds_target = DEFAULT_ROUNDS
+    round_index = 0
+    try:
+        while True:
+            round_start = time.monotonic()
+            slots = round_slots(round_index, setting_ids, len(arms), rng, round_index * len(setting_ids))
+            play_round(slots, bench, setup.names, by_id, samples, failures)
+            round_seconds = time.monotonic() - round_start
+            comps = analyze(samples, setup.names, settings, failures, min_effect=options.min_effect,
+                            seed=options.seed, n_boot=STOP_RULE_N_BOOT)
+            elapsed = time.monotonic() - setup.t0
+            total = f"/{n_rounds_target}" if n_rounds_target else ""
+            progress(_progress_line(round_index, total, comps, elapsed))
+            round_index += 1
+            stop = stop_rule(round_index, comps, all_failed=all(
+                (arm.spec.name, sid) in failures for arm in arms[1:] for sid in setting_ids),
+                rounds=n_rounds_target, max_time=options.max_time, elapsed=elapsed, round_seconds=round_seconds)
+            if stop is not None:
+                timed.stopped_because = stop
+                break
+    except KeyboardInterrupt:
+        timed.stopped_because = f"interrupted after {round_index} rounds"
+        timed.interrupted = True
+        progress("ab-test: interrupted; writing the report of the rounds done so far")
+    finally:
+        shutil.rmtree(trace_dir, ignore_errors=True)
+    timed.rounds = round_index
+    # A replaying executor has no traces; the real one may have switched latency off mid-run.
+    timed.traces = getattr(bench, "traces", {})
+    timed.trace_errors = getattr(bench, "trace_errors", [])
+    timed.latency_note = getattr(bench, "latency_note", setup.latency_note)
+    timed.timed_seconds = time.monotonic() - timed_start
+    timed.ticks_after = _proc_cpu_ticks()
+    timed.usage = cpu_usage(cpu_before, read_cpu_times(), own_cpu_ticks() - own_before)
+    timed.loadavg_end = read_loadavg()
+    return timed
