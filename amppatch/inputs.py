@@ -58,6 +58,9 @@ REPORT = JsonKind("report.json", "`amppatch ab-test`", 1, (
     "settings[].id", "settings[].label", "settings[].test", "settings[].threads", "settings[].n_tokens",
     "arms[0].name", "arms[].name", "arms[].build_dir", "comparisons[].arm", "comparisons[].setting",
     "comparisons[].baseline", "samples[]",
+    # every field of a raw sample: `report --slices` rebuilds each one
+    "samples[].round", "samples[].block", "samples[].slot", "samples[].arm", "samples[].setting",
+    "samples[].rep", "samples[].ns", "samples[].n_tokens",
 ))
 RUN_STATE = JsonKind("run-state.json", "`amppatch run`", 1, ("stages{}",),
                      advice="it records an earlier `amppatch run` in that directory: pass another -o, or delete "

@@ -457,3 +457,19 @@ def test_report_given_a_file_that_is_not_report_json(tmp_path: Path) -> None:
     other.write_text("{}")
     with pytest.raises(UsageError, match="is a file, not an ab-test directory"):
         _read_report(other)
+
+
+def test_report_samples_without_their_fields_are_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # `report --slices` rebuilds every raw sample: a sample cut short was a TypeError traceback
+    from amppatch.cli import main
+
+    report = {"schema_version": 1, "verdict": "faster",
+              "options": {"model": "m", "reps": 3, "seed": 0, "min_effect": 0.05},
+              "settings": [{"id": "s", "label": "l", "test": "tg", "threads": 1, "n_tokens": 64}],
+              "arms": [{"name": "A", "build_dir": "/x"}, {"name": "B", "build_dir": "/y"}],
+              "comparisons": [{"arm": "B", "setting": "s", "baseline": "A"}],
+              "samples": [{"arm": "A"}, 5]}
+    (tmp_path / "report.json").write_text(json.dumps(report))
+    assert main(["report", str(tmp_path), "--slices", "3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "lacks `samples[0].round`" in err and len(err.splitlines()) == 1
