@@ -328,9 +328,11 @@ def _walk_gguf(buf: mmap.mmap, path: Path, size: int) -> GgufHeader:
     return GgufHeader(path, version, n_tensors, n_kv, alignment, data_offset, data_end, size)
 
 
-def check_gguf(path: Path, *, what: str = "model") -> GgufHeader:
+def check_gguf(path: Path, *, what: str = "model", weights: bool = True) -> GgufHeader:
     """A structural check of a GGUF model (milliseconds: the tensor data is not read, only its extent is
-    compared with the file size). Raises one UsageError line saying what is wrong and what to do."""
+    compared with the file size). Raises one UsageError line saying what is wrong and what to do. With
+    `weights` (every model amppatch runs), a file without tensors — a vocabulary-only GGUF such as llama.cpp's
+    models/ggml-vocab-*.gguf — is refused too: llama.cpp cannot load it as a model."""
     path = Path(path).expanduser()
     step = "pass a whole .gguf file (re-download or re-copy it, or make one with `amppatch model synth`)"
     if not path.exists():
@@ -344,13 +346,17 @@ def check_gguf(path: Path, *, what: str = "model") -> GgufHeader:
                 raise UsageError(f"{what} {path} is not a GGUF file: {size} bytes are too few for a GGUF header",
                                  next_step=step)
             with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-                return _walk_gguf(buf, path.resolve(), size)
+                header = _walk_gguf(buf, path.resolve(), size)
     except OSError as exc:
         raise UsageError(f"cannot read {what} {path}: {exc.strerror or exc}", next_step=step) from None
     except _Truncated as exc:
         raise UsageError(f"{what} {path} is truncated: {exc}", next_step=step) from None
     except _Bad as exc:
         raise UsageError(f"{what} {path} is not a usable GGUF file: {exc}", next_step=step) from None
+    if weights and header.n_tensors == 0:
+        raise UsageError(f"{what} {path} holds no tensors (a vocabulary-only GGUF?), so llama.cpp cannot run it",
+                         next_step=step)
+    return header
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ import ctypes
 import errno
 import json
 import os
+import struct
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -473,3 +474,12 @@ def test_report_samples_without_their_fields_are_refused(tmp_path: Path, capsys:
     assert main(["report", str(tmp_path), "--slices", "3"]) == 2
     err = capsys.readouterr().err.strip()
     assert "lacks `samples[0].round`" in err and len(err.splitlines()) == 1
+
+
+def test_a_gguf_without_tensors_is_not_a_model(tmp_path: Path) -> None:
+    # structurally whole, but llama-bench fails on it: refused before a profile or an ab-test runs it
+    path = tmp_path / "vocab.gguf"
+    path.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 0, 0))
+    with pytest.raises(UsageError, match="holds no tensors"):
+        inputs.check_gguf(path)
+    assert inputs.check_gguf(path, weights=False).n_tensors == 0
