@@ -115,6 +115,11 @@ class RunState:
         if path.is_file():
             # A record this amppatch cannot read is refused, not overwritten: it may be another version's run.
             self.data = read_json(path, RUN_STATE)
+            for name, rec in self.data["stages"].items():
+                if not isinstance(rec, dict) or not isinstance(rec.get("outputs", {}), dict) \
+                        or not isinstance(rec.get("outputs", {}).get("paths", []), list):
+                    raise UsageError(f"{path} is damaged: its record of stage {name!r} is not a stage record",
+                                     next_step=RUN_STATE.next_step)
         self.data["options"] = options
 
     def reusable(self, name: str, key: str) -> dict[str, Any] | None:
