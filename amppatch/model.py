@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from amppatch.errors import UsageError
+from amppatch.inputs import write_error
 from amppatch.paths import FileLock, cache_dir
 from amppatch.proc import progress, run
 
@@ -146,6 +147,9 @@ def synth_model(options: SynthOptions) -> Path:
     if options.repo is not None:
         repo = check_llama_tree(options.repo)
     elif isinstance(bld, Build):
+        if not bld.manifest.get("repo"):
+            raise UsageError(f"build {bld.dir}'s manifest names no repository to take the tokenizer from",
+                             next_step="pass --repo DIR too, or a build made by `amppatch build`")
         repo = Path(bld.manifest["repo"])
     else:
         repo = fetch_llama(FetchOptions())
@@ -172,6 +176,9 @@ def synth_model(options: SynthOptions) -> Path:
         if not isinstance(bld, Build):
             bld = build(BuildOptions(repo=repo, targets=("llama-quantize",)))
         quantize = bld.binary("llama-quantize")
+        if not isinstance(bld.manifest.get("commit"), str):
+            raise UsageError(f"build {bld.dir}'s manifest names no commit (it keys the quantized model)",
+                             next_step="pass a build made by `amppatch build`")
         target = models / f"{f16.stem.replace('-f16-', f'-{options.type}-')}-{bld.manifest['commit'][:12]}.gguf"
         with FileLock(models / f".{target.name}.lock"):
             if not target.is_file():
@@ -179,13 +186,21 @@ def synth_model(options: SynthOptions) -> Path:
 
                 progress(f"quantizing to {options.type} with llama-quantize ...")
                 tmp_q = target.with_name(target.name + ".tmp")
-                run([quantize, f16, tmp_q, TYPES[options.type], str(os.cpu_count() or 1)], env=run_env(bld),
-                    timeout=3600, what="llama-quantize")
-                os.replace(tmp_q, target)
+                try:
+                    run([quantize, f16, tmp_q, TYPES[options.type], str(os.cpu_count() or 1)], env=run_env(bld),
+                        timeout=3600, what="llama-quantize")
+                    os.replace(tmp_q, target)
+                finally:  # a failed or interrupted quantization leaves no partial model in the cache
+                    tmp_q.unlink(missing_ok=True)
         result = target
     if options.out is None:
         return result
-    tmp_out = out.with_name(f".{out.name}.tmp")
-    shutil.copyfile(result, tmp_out)
-    os.replace(tmp_out, out)
+    tmp_out = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    try:
+        shutil.copyfile(result, tmp_out)
+        os.replace(tmp_out, out)
+    except OSError as exc:  # disk full, read-only: one line, and no partial copy left behind
+        raise write_error(out, exc, "copy the model to") from None
+    finally:
+        tmp_out.unlink(missing_ok=True)
     return out
