@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from amppatch.cli import add_flag_argument
-from amppatch.cli.cmd_build import add_build_arguments, build_options_from_args
+from amppatch.cli.cmd_build import add_build_arguments, build_options_from_args, load_like
 from amppatch.errors import UsageError
 from amppatch.tune import DEFAULT_GRID_MAX, DEFAULT_GRID_MIN, TuneOptions, tune
 
@@ -75,7 +75,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> Path:
-    from amppatch.build import load_build, with_options
+    from amppatch.build import with_options
     from amppatch.inputs import check_out_dir
 
     args.out = check_out_dir(args.out or Path.cwd() / "amppatch-tune")
@@ -83,7 +83,7 @@ def run(args: argparse.Namespace) -> Path:
     if args.like is not None and (args.cflags or args.kernel_cflags or args.define or args.pgo or args.amx_batch1):
         raise UsageError("--like copies an existing build's options; it cannot be combined with build flags",
                          next_step="drop --like or the --cflags/--define/--pgo options")
-    build_options = (with_options(load_build(args.like), repo=args.repo) if args.like is not None
+    build_options = (with_options(load_like(args.like), repo=args.repo) if args.like is not None
                      else build_options_from_args(args))
     options = TuneOptions(
         repo=args.repo,
@@ -96,7 +96,7 @@ def run(args: argparse.Namespace) -> Path:
         budget_minutes=args.budget,
         out=args.out,
         build_options=build_options,
-        like=load_build(args.like).dir if args.like is not None else None,
+        like=load_like(args.like).dir if args.like is not None else None,
         bench_args=tuple(args.bench_arg) if args.bench_arg else None,
         grid_min=args.grid_min,
         grid_max=args.grid_max,

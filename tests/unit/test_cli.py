@@ -46,3 +46,22 @@ def test_the_unit_tier_cannot_start_processes():
 
     with pytest.raises(RuntimeError, match="unit tests may not start processes"):
         subprocess.run(["true"], check=False)
+
+
+@pytest.mark.parametrize("manifest, message", [
+    ({"schema_version": 1, "source_dir": "/s"}, "lacks `repo`"),  # was KeyError: 'repo'
+    ({"schema_version": 1, "source_dir": "/s", "repo": "/r", "cmake_options": "x"}, "cmake_options (an object)"),
+    ({"schema_version": 1, "source_dir": "/s", "repo": "/r", "cmake_options": {}, "cflags": 5}, "`cflags` is not"),
+])
+@pytest.mark.parametrize("command", ["apply", "tune"])
+def test_like_a_build_whose_manifest_lacks_its_options_is_one_line(tmp_path, capsys, manifest, message, command):
+    import json
+
+    like = tmp_path / "build"
+    like.mkdir()
+    (like / "manifest.json").write_text(json.dumps(manifest))
+    (tmp_path / "m.gguf").write_bytes(b"")
+    extra = ["--dry-run"] if command == "apply" else ["--model", str(tmp_path / "m.gguf"), "-o", str(tmp_path / "o")]
+    assert main([command, "--repo", str(tmp_path), "--site", "f", "--like", str(like), *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
