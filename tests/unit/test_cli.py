@@ -65,3 +65,14 @@ def test_like_a_build_whose_manifest_lacks_its_options_is_one_line(tmp_path, cap
     assert main([command, "--repo", str(tmp_path), "--site", "f", "--like", str(like), *extra]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("extra", [["--gate-args", "-ub '1"], ["--b", "/b::-p 'x"], ["--arm", "C=/b::--repack \"0"]])
+def test_ab_test_unbalanced_quotes_are_one_usage_line(tmp_path, capsys, extra):
+    # were ValueError("No closing quotation") tracebacks from shlex
+    (tmp_path / "m.gguf").write_bytes(b"")
+    argv = ["ab-test", "--a", "/a", "--b", "/b", "-m", str(tmp_path / "m.gguf"), "-o", str(tmp_path / "o"), *extra]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "is not valid shell words" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "o").exists()
