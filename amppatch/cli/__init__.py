@@ -99,8 +99,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        # Ctrl-C while the command modules are still importing (a second or more on a loaded machine) is an
+        # interruption like any other, not a KeyboardInterrupt traceback from inside an import.
+        parser = build_parser()
+        args = parser.parse_args(argv)
+    except KeyboardInterrupt:
+        print("amppatch: interrupted", file=sys.stderr)
+        return 130
     try:
         result = args._run(args)
     except AmppatchError as error:

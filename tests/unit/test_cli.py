@@ -76,3 +76,14 @@ def test_ab_test_unbalanced_quotes_are_one_usage_line(tmp_path, capsys, extra):
     err = capsys.readouterr().err.strip()
     assert "is not valid shell words" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "o").exists()
+
+
+def test_ctrl_c_while_the_commands_import_is_130_without_a_traceback(monkeypatch, capsys):
+    import amppatch.cli as cli
+
+    def interrupted():
+        raise KeyboardInterrupt  # as when SIGINT arrives during `from amppatch.patch import ...`
+
+    monkeypatch.setattr(cli, "_command_modules", interrupted)
+    assert main(["doctor"]) == 130
+    assert capsys.readouterr().err.strip() == "amppatch: interrupted"
