@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import time
 from collections.abc import Callable
@@ -78,8 +79,10 @@ def resolve_options(options: RunOptions) -> RunOptions:
         threads = tuple(dict.fromkeys((1, ncpu)))
     if not threads or any(t < 1 for t in threads):
         raise UsageError("--threads must list positive thread counts", next_step="e.g. --threads 1,2")
-    if budget <= 0 or final <= 0:
+    if not (0 < budget < math.inf and 0 < final < math.inf):  # nan and inf too: they never run out
         raise UsageError("--budget and --final-minutes must be positive", next_step="e.g. --budget 20")
+    if options.profile_tokens < 1:  # else found by the profile stage, after fetch, build and model
+        raise UsageError("--profile-tokens must be at least 1", next_step="e.g. --profile-tokens 32")
     lock = options.lock
     if lock is None and os.environ.get("AMPPATCH_MEASURE_LOCK"):
         lock = Path(os.environ["AMPPATCH_MEASURE_LOCK"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 from amppatch.cli import add_flag_argument
@@ -74,10 +75,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_build_arguments(parser)
 
 
+def check_numbers(args: argparse.Namespace) -> None:
+    """The search numbers tune's own checks let through (nan compares false with everything), refused before
+    the tunable build and the output directory exist."""
+    for flag, value in (("--budget", args.budget), ("--probe-seconds", args.probe_seconds)):
+        if not 0 < value < math.inf:
+            raise UsageError(f"{flag} must be a positive number, not {value}", next_step=f"e.g. {flag} 20")
+    if args.refine_levels < 0:
+        raise UsageError(f"--refine-levels must be 0 or more, not {args.refine_levels}",
+                         next_step="e.g. --refine-levels 3")
+    if not 0 <= args.min_gain < math.inf:
+        raise UsageError(f"--min-gain must be 0 or a positive fraction, not {args.min_gain}",
+                         next_step="e.g. --min-gain 0.02 (keep a site only when its CI clears 1.02)")
+    if not 0 <= args.loss_tolerance < 1:
+        raise UsageError(f"--loss-tolerance must be a fraction in [0, 1), not {args.loss_tolerance}",
+                         next_step="e.g. --loss-tolerance 0.01")
+
+
 def run(args: argparse.Namespace) -> Path:
     from amppatch.build import with_options
     from amppatch.inputs import check_out_dir
 
+    check_numbers(args)
     args.out = check_out_dir(args.out or Path.cwd() / "amppatch-tune")
 
     if args.like is not None and (args.cflags or args.kernel_cflags or args.define or args.pgo or args.amx_batch1):

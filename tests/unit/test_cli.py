@@ -87,3 +87,31 @@ def test_ctrl_c_while_the_commands_import_is_130_without_a_traceback(monkeypatch
     monkeypatch.setattr(cli, "_command_modules", interrupted)
     assert main(["doctor"]) == 130
     assert capsys.readouterr().err.strip() == "amppatch: interrupted"
+
+
+@pytest.mark.parametrize("extra", [["--budget", "nan"], ["--budget", "inf"], ["--budget", "-5"],
+                                   ["--probe-seconds", "nan"], ["--probe-seconds", "0"], ["--refine-levels", "-1"],
+                                   ["--min-gain", "-1"], ["--min-gain", "nan"], ["--loss-tolerance", "2"],
+                                   ["--loss-tolerance", "nan"]])
+def test_tune_refuses_numbers_its_search_cannot_use(tmp_path, capsys, extra):
+    # nan passed tune's `<= 0` checks and went on to the tunable build
+    (tmp_path / "m.gguf").write_bytes(b"")
+    argv = ["tune", "--repo", str(tmp_path), "--model", str(tmp_path / "m.gguf"), "--site", "f",
+            "-o", str(tmp_path / "o"), *extra]
+    assert main(argv) == 2
+    assert "must be" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("extra, message", [(["--budget", "nan"], "--budget and --final-minutes"),
+                                            (["--final-minutes", "inf"], "--budget and --final-minutes"),
+                                            (["--profile-tokens", "0"], "--profile-tokens must be")])
+def test_run_refuses_numbers_before_any_stage(tmp_path, extra, message):
+    from amppatch.errors import UsageError
+    from amppatch.run import RunOptions, resolve_options
+
+    kwargs = {"budget": "budget_minutes", "final-minutes": "final_minutes", "profile-tokens": "profile_tokens"}
+    field = kwargs[extra[0].lstrip("-")]
+    value = float(extra[1]) if field != "profile_tokens" else int(extra[1])
+    with pytest.raises(UsageError, match=message):
+        resolve_options(RunOptions(out=tmp_path, **{field: value}))
