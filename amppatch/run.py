@@ -91,6 +91,14 @@ def resolve_options(options: RunOptions) -> RunOptions:
         from amppatch.workspace import check_llama_tree
 
         check_llama_tree(options.repo)
+        from amppatch.build import dirty_files
+
+        dirty = dirty_files(Path(options.repo).expanduser())
+        if dirty:  # the apply stage refuses it too — but only after the build, the model and the profile
+            shown = ", ".join(dirty[:5]) + (f" and {len(dirty) - 5} more" if len(dirty) > 5 else "")
+            raise UsageError(f"{options.repo} has uncommitted changes: {shown}",
+                             next_step="commit or stash them first: run's apply stage commits on its own branch "
+                                       "from a clean tree")
     repo = Path(options.repo).expanduser().resolve() if options.repo else None
     return replace(options, repo=repo, out=out, shape=shape, threads=tuple(threads), budget_minutes=budget,
                    final_minutes=final, lock=lock)

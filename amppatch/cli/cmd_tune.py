@@ -94,10 +94,12 @@ def check_numbers(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> Path:
     from amppatch.build import with_options
-    from amppatch.inputs import check_out_dir
+    from amppatch.inputs import check_out_dir, check_out_file
 
     check_numbers(args)
     args.out = check_out_dir(args.out or Path.cwd() / "amppatch-tune")
+    if args.lock is not None:  # else a lock under /proc or on a directory fails at the first timed probe
+        args.lock = check_out_file(args.lock, flag="--lock", example="measure.lock")
 
     if args.like is not None and (args.cflags or args.kernel_cflags or args.define or args.pgo or args.amx_batch1):
         raise UsageError("--like copies an existing build's options; it cannot be combined with build flags",

@@ -115,3 +115,29 @@ def test_run_refuses_numbers_before_any_stage(tmp_path, extra, message):
     value = float(extra[1]) if field != "profile_tokens" else int(extra[1])
     with pytest.raises(UsageError, match=message):
         resolve_options(RunOptions(out=tmp_path, **{field: value}))
+
+
+def test_run_refuses_a_dirty_repo_before_building(tmp_path, monkeypatch):
+    # its apply stage refused it only after the build, the model and the profile (minutes to an hour)
+    from amppatch import build, workspace
+    from amppatch.errors import UsageError
+    from amppatch.run import RunOptions, resolve_options
+
+    monkeypatch.setattr(workspace, "check_llama_tree", lambda p: Path(p))
+    monkeypatch.setattr(build, "dirty_files", lambda repo: ["ggml/src/ggml-cpu/ops.cpp"])
+    with pytest.raises(UsageError, match="has uncommitted changes: ggml/src/ggml-cpu/ops.cpp"):
+        resolve_options(RunOptions(repo=tmp_path, out=tmp_path / "o"))
+    monkeypatch.setattr(build, "dirty_files", lambda repo: [])
+    assert resolve_options(RunOptions(repo=tmp_path, out=tmp_path / "o")).repo == tmp_path.resolve()
+
+
+@pytest.mark.parametrize("command", ["run", "tune"])
+@pytest.mark.parametrize("lock", ["/proc/self/amppatch.lock", "DIR"])
+def test_an_unusable_lock_is_refused_before_any_work(tmp_path, capsys, command, lock):
+    lock = str(tmp_path) if lock == "DIR" else lock
+    (tmp_path / "m.gguf").write_bytes(b"")
+    extra = ["--repo", str(tmp_path), "--model", str(tmp_path / "m.gguf"), "--site", "f"] if command == "tune" else []
+    assert main([command, "-o", str(tmp_path / "o"), "--lock", lock, *extra]) == 2
+    err = capsys.readouterr().err
+    assert "--lock" in err and ("virtual filesystem" in err or "is a directory" in err)
+    assert not (tmp_path / "o").exists()
