@@ -141,3 +141,14 @@ def test_an_unusable_lock_is_refused_before_any_work(tmp_path, capsys, command, 
     err = capsys.readouterr().err
     assert "--lock" in err and ("virtual filesystem" in err or "is a directory" in err)
     assert not (tmp_path / "o").exists()
+
+
+def test_report_checks_slices_before_rendering(tmp_path, capsys, monkeypatch):
+    from amppatch import report
+
+    def rendered(*a, **k):
+        raise AssertionError("rendered before --slices was checked")
+
+    monkeypatch.setattr(report, "render_all", rendered)
+    assert main(["report", str(tmp_path), "--slices", "0"]) == 2
+    assert "--slices must be at least 1" in capsys.readouterr().err
