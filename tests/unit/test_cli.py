@@ -152,3 +152,16 @@ def test_report_checks_slices_before_rendering(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(report, "render_all", rendered)
     assert main(["report", str(tmp_path), "--slices", "0"]) == 2
     assert "--slices must be at least 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("dest", ["FILE", "FILE/sub", "/proc/self/llama"])
+def test_llama_fetch_refuses_an_unusable_dest_before_fetching(tmp_path, capsys, monkeypatch, dest):
+    # --dest on an existing file was a NotADirectoryError traceback; under a file, git's own error (exit 4)
+    from amppatch.cli import cmd_llama
+
+    monkeypatch.setattr(cmd_llama, "fetch_llama", lambda options: pytest.fail("fetched before --dest was checked"))
+    (tmp_path / "f").write_text("x")
+    dest = dest.replace("FILE", str(tmp_path / "f"))
+    assert main(["llama", "fetch", "--dest", dest]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("amppatch: error: --dest") and len(err.splitlines()) == 1
