@@ -186,6 +186,9 @@ _STRING, _ARRAY = 8, 9
 _U64 = struct.Struct("<Q")
 _MAX_DIMS = 4
 _DEFAULT_ALIGNMENT = 32
+# Counts a real model's header can have (a 405B model has ~1.1k tensors, MoE models some 10k): a file with
+# such counts and too few bytes for them is a cut download, larger counts are garbage.
+_PLAUSIBLE_KV, _PLAUSIBLE_TENSORS = 1 << 16, 1 << 20
 
 
 @dataclass(frozen=True)
@@ -285,6 +288,9 @@ def _walk_gguf(buf: mmap.mmap, path: Path, size: int) -> GgufHeader:
     n_tensors, n_kv = cur.take("<Q"), cur.take("<Q")
     # Each key/value pair takes at least 12 bytes and each tensor entry at least 24: larger counts are garbage.
     if n_kv * 12 > size or n_tensors * 24 > size:
+        if n_kv <= _PLAUSIBLE_KV and n_tensors <= _PLAUSIBLE_TENSORS:  # a real model's header, cut short
+            raise _Truncated(f"its header lists {n_tensors} tensors and {n_kv} metadata keys, but the file ends "
+                             f"at byte {size}")
         raise _Bad(f"its header claims {n_tensors} tensors and {n_kv} metadata keys, more than "
                    f"{size} bytes can hold")
     alignment = _DEFAULT_ALIGNMENT

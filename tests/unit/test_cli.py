@@ -125,7 +125,7 @@ def test_run_refuses_a_dirty_repo_before_building(tmp_path, monkeypatch):
 
     monkeypatch.setattr(workspace, "check_llama_tree", lambda p: Path(p))
     monkeypatch.setattr(build, "dirty_files", lambda repo: ["ggml/src/ggml-cpu/ops.cpp"])
-    with pytest.raises(UsageError, match="has uncommitted changes: ggml/src/ggml-cpu/ops.cpp"):
+    with pytest.raises(UsageError, match=r"has uncommitted changes: ggml/src/ggml-cpu/ops\.cpp"):
         resolve_options(RunOptions(repo=tmp_path, out=tmp_path / "o"))
     monkeypatch.setattr(build, "dirty_files", lambda repo: [])
     assert resolve_options(RunOptions(repo=tmp_path, out=tmp_path / "o")).repo == tmp_path.resolve()

@@ -483,3 +483,14 @@ def test_a_gguf_without_tensors_is_not_a_model(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="holds no tensors"):
         inputs.check_gguf(path)
     assert inputs.check_gguf(path, weights=False).n_tensors == 0
+
+
+def test_a_header_cut_right_after_its_counts_is_called_truncated(small_gguf: Path, tmp_path: Path) -> None:
+    # was "not a usable GGUF file: its header claims 3 tensors ... more than 100 bytes can hold" for a cut download
+    small_gguf.write_bytes(small_gguf.read_bytes()[:30])
+    with pytest.raises(UsageError, match="is truncated: its header lists"):
+        check_gguf(small_gguf)
+    garbage = tmp_path / "garbage.gguf"
+    garbage.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 2**62, 2**62))
+    with pytest.raises(UsageError, match="not a usable GGUF file: its header claims"):
+        check_gguf(garbage)
