@@ -403,11 +403,21 @@ def _check_writable(directory: Path, flag: str, target: Path) -> None:
                          next_step=f"free some space, or pass an {flag} on another filesystem")
 
 
+def _resolve_out(path: Path, flag: str) -> Path:
+    """`path` made absolute with symlinks resolved; a symlink loop (RuntimeError before Python 3.13, OSError
+    after) is one usage line."""
+    try:
+        return Path(path).expanduser().resolve()
+    except (RuntimeError, OSError) as exc:
+        raise UsageError(f"{flag} {path} cannot be resolved: {getattr(exc, 'strerror', None) or exc}",
+                         next_step=f"pass another {flag} (is it a symlink that points to itself?)") from None
+
+
 def check_out_dir(path: Path, *, flag: str = "-o", result_file: str | None = None, force: bool = False,
                   command: str = "") -> Path:
     """An output directory, resolved and checked before any work: not an existing regular file, creatable and
     writable, and — with `result_file` — not an earlier result (the file there) unless `force`."""
-    path = Path(path).expanduser().resolve()
+    path = _resolve_out(path, flag)
     if path.exists() and not path.is_dir():
         raise UsageError(f"{flag} {path} is an existing file; {flag} names a directory",
                          next_step=f"pass a new or existing directory as {flag}")
@@ -421,7 +431,7 @@ def check_out_dir(path: Path, *, flag: str = "-o", result_file: str | None = Non
 def check_out_file(path: Path, *, flag: str = "-o", example: str = "NAME.json") -> Path:
     """An output file path, resolved and checked before any work: not a directory, its directory creatable
     and writable."""
-    path = Path(path).expanduser().resolve()
+    path = _resolve_out(path, flag)
     if path.is_dir():
         raise UsageError(f"{flag} {path} is a directory; {flag} names the file to write",
                          next_step=f"pass a file path, e.g. {flag} {path / example}")

@@ -494,3 +494,11 @@ def test_a_header_cut_right_after_its_counts_is_called_truncated(small_gguf: Pat
     garbage.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 2**62, 2**62))
     with pytest.raises(UsageError, match="not a usable GGUF file: its header claims"):
         check_gguf(garbage)
+
+
+@pytest.mark.parametrize("check", [check_out_dir, check_out_file])
+def test_an_output_that_is_a_symlink_loop_is_one_usage_line(tmp_path: Path, check: Callable[..., Path]) -> None:
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)  # was a RuntimeError("Symlink loop") traceback
+    with pytest.raises(UsageError, match="cannot be resolved"):
+        check(loop)
