@@ -165,3 +165,22 @@ def test_llama_fetch_refuses_an_unusable_dest_before_fetching(tmp_path, capsys, 
     assert main(["llama", "fetch", "--dest", dest]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("amppatch: error: --dest") and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("argv", [
+    ["clean", "--repo", "LOOP", "--dry-run"],
+    ["profile", "--repo", "TMP", "--model", "M", "--build", "LOOP", "-o", "TMP/p.json"],
+    ["tune", "--repo", "TMP", "--model", "M", "--tunable-manifest", "LOOP", "-o", "TMP/o"],
+])
+def test_a_path_argument_that_is_a_symlink_loop_is_a_usage_error(tmp_path, small_gguf, capsys, argv):
+    # Path.resolve() in clean/profile/tune raised RuntimeError("Symlink loop from ...") as a traceback
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)
+    for rel in ("CMakeLists.txt", "include/llama.h", "ggml/src/ggml-cpu/x.c"):  # a tree check_llama_tree accepts
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text("")
+    names = {"LOOP": str(loop), "M": str(small_gguf)}
+    argv = [names.get(a, a.replace("TMP", str(tmp_path))) for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "symlink that points to itself" in err and len(err.splitlines()) == 1
