@@ -54,7 +54,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> Path | str | None:
     from amppatch.build import with_options
-    from amppatch.inputs import check_gguf, check_out_dir
+    from amppatch.inputs import check_gguf, check_out_dir, creating_dir
     from amppatch.source.compiledb import load_compile_db
 
     # Checked before anything is committed or built: a bad -o or input file would otherwise surface only
@@ -92,7 +92,13 @@ def run(args: argparse.Namespace) -> Path | str | None:
         gate_model=args.gate_model,
         gate_args=tuple(args.gate_arg),
     )
-    result = apply(options)
+    if args.dry_run:
+        result = apply(options)
+    else:
+        # A failed apply (disk full while writing the manifest, a patch that does not build, Ctrl-C) removes its
+        # branch and files; the -o directory it needed is removed too when it created it and it stayed empty.
+        with creating_dir(args.out):
+            result = apply(options)
     summary = format_summary(result)
     if summary:
         progress(summary)
