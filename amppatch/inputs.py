@@ -58,6 +58,9 @@ REPORT = JsonKind("report.json", "`amppatch ab-test`", 1, (
     "settings[].id", "settings[].label", "settings[].test", "settings[].threads", "settings[].n_tokens",
     "arms[0].name", "arms[].name", "arms[].build_dir", "comparisons[].arm", "comparisons[].setting",
     "comparisons[].baseline", "samples[]",
+    # every field of a raw sample: `report --slices` rebuilds each one
+    "samples[].round", "samples[].block", "samples[].slot", "samples[].arm", "samples[].setting",
+    "samples[].rep", "samples[].ns", "samples[].n_tokens",
 ))
 RUN_STATE = JsonKind("run-state.json", "`amppatch run`", 1, ("stages{}",),
                      advice="it records an earlier `amppatch run` in that directory: pass another -o, or delete "
@@ -183,6 +186,9 @@ _STRING, _ARRAY = 8, 9
 _U64 = struct.Struct("<Q")
 _MAX_DIMS = 4
 _DEFAULT_ALIGNMENT = 32
+# Counts a real model's header can have (a 405B model has ~1.1k tensors, MoE models some 10k): a file with
+# such counts and too few bytes for them is a cut download, larger counts are garbage.
+_PLAUSIBLE_KV, _PLAUSIBLE_TENSORS = 1 << 16, 1 << 20
 
 
 @dataclass(frozen=True)
@@ -282,6 +288,9 @@ def _walk_gguf(buf: mmap.mmap, path: Path, size: int) -> GgufHeader:
     n_tensors, n_kv = cur.take("<Q"), cur.take("<Q")
     # Each key/value pair takes at least 12 bytes and each tensor entry at least 24: larger counts are garbage.
     if n_kv * 12 > size or n_tensors * 24 > size:
+        if n_kv <= _PLAUSIBLE_KV and n_tensors <= _PLAUSIBLE_TENSORS:  # a real model's header, cut short
+            raise _Truncated(f"its header lists {n_tensors} tensors and {n_kv} metadata keys, but the file ends "
+                             f"at byte {size}")
         raise _Bad(f"its header claims {n_tensors} tensors and {n_kv} metadata keys, more than "
                    f"{size} bytes can hold")
     alignment = _DEFAULT_ALIGNMENT
@@ -325,9 +334,11 @@ def _walk_gguf(buf: mmap.mmap, path: Path, size: int) -> GgufHeader:
     return GgufHeader(path, version, n_tensors, n_kv, alignment, data_offset, data_end, size)
 
 
-def check_gguf(path: Path, *, what: str = "model") -> GgufHeader:
+def check_gguf(path: Path, *, what: str = "model", weights: bool = True) -> GgufHeader:
     """A structural check of a GGUF model (milliseconds: the tensor data is not read, only its extent is
-    compared with the file size). Raises one UsageError line saying what is wrong and what to do."""
+    compared with the file size). Raises one UsageError line saying what is wrong and what to do. With
+    `weights` (every model amppatch runs), a file without tensors — a vocabulary-only GGUF such as llama.cpp's
+    models/ggml-vocab-*.gguf — is refused too: llama.cpp cannot load it as a model."""
     path = Path(path).expanduser()
     step = "pass a whole .gguf file (re-download or re-copy it, or make one with `amppatch model synth`)"
     if not path.exists():
@@ -341,13 +352,17 @@ def check_gguf(path: Path, *, what: str = "model") -> GgufHeader:
                 raise UsageError(f"{what} {path} is not a GGUF file: {size} bytes are too few for a GGUF header",
                                  next_step=step)
             with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-                return _walk_gguf(buf, path.resolve(), size)
+                header = _walk_gguf(buf, path.resolve(), size)
     except OSError as exc:
         raise UsageError(f"cannot read {what} {path}: {exc.strerror or exc}", next_step=step) from None
     except _Truncated as exc:
         raise UsageError(f"{what} {path} is truncated: {exc}", next_step=step) from None
     except _Bad as exc:
         raise UsageError(f"{what} {path} is not a usable GGUF file: {exc}", next_step=step) from None
+    if weights and header.n_tensors == 0:
+        raise UsageError(f"{what} {path} holds no tensors (a vocabulary-only GGUF?), so llama.cpp cannot run it",
+                         next_step=step)
+    return header
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -388,11 +403,21 @@ def _check_writable(directory: Path, flag: str, target: Path) -> None:
                          next_step=f"free some space, or pass an {flag} on another filesystem")
 
 
+def _resolve_out(path: Path, flag: str) -> Path:
+    """`path` made absolute with symlinks resolved; a symlink loop (RuntimeError before Python 3.13, OSError
+    after) is one usage line."""
+    try:
+        return Path(path).expanduser().resolve()
+    except (RuntimeError, OSError) as exc:
+        raise UsageError(f"{flag} {path} cannot be resolved: {getattr(exc, 'strerror', None) or exc}",
+                         next_step=f"pass another {flag} (is it a symlink that points to itself?)") from None
+
+
 def check_out_dir(path: Path, *, flag: str = "-o", result_file: str | None = None, force: bool = False,
                   command: str = "") -> Path:
     """An output directory, resolved and checked before any work: not an existing regular file, creatable and
     writable, and — with `result_file` — not an earlier result (the file there) unless `force`."""
-    path = Path(path).expanduser().resolve()
+    path = _resolve_out(path, flag)
     if path.exists() and not path.is_dir():
         raise UsageError(f"{flag} {path} is an existing file; {flag} names a directory",
                          next_step=f"pass a new or existing directory as {flag}")
@@ -406,7 +431,7 @@ def check_out_dir(path: Path, *, flag: str = "-o", result_file: str | None = Non
 def check_out_file(path: Path, *, flag: str = "-o", example: str = "NAME.json") -> Path:
     """An output file path, resolved and checked before any work: not a directory, its directory creatable
     and writable."""
-    path = Path(path).expanduser().resolve()
+    path = _resolve_out(path, flag)
     if path.is_dir():
         raise UsageError(f"{flag} {path} is a directory; {flag} names the file to write",
                          next_step=f"pass a file path, e.g. {flag} {path / example}")

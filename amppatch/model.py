@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from amppatch.errors import UsageError
+from amppatch.inputs import write_error
 from amppatch.paths import FileLock, cache_dir
 from amppatch.proc import progress, run
 
@@ -326,6 +327,9 @@ def synth_model(options: SynthOptions) -> Path:
     if options.repo is not None:
         repo = check_llama_tree(options.repo)
     elif isinstance(bld, Build):
+        if not bld.manifest.get("repo"):
+            raise UsageError(f"build {bld.dir}'s manifest names no repository to take the tokenizer from",
+                             next_step="pass --repo DIR too, or a build made by `amppatch build`")
         repo = Path(bld.manifest["repo"])
     else:
         repo = fetch_llama(FetchOptions())
@@ -346,6 +350,9 @@ def synth_model(options: SynthOptions) -> Path:
         if not isinstance(bld, Build):
             bld = build(BuildOptions(repo=repo, targets=("llama-quantize",)))
         quantize = bld.binary("llama-quantize")
+        if not isinstance(bld.manifest.get("commit"), str):
+            raise UsageError(f"build {bld.dir}'s manifest names no commit (it keys the quantized model)",
+                             next_step="pass a build made by `amppatch build`")
         target = models / f"{stem.format(type_key)}-{bld.manifest['commit'][:12]}.gguf"
         with FileLock(models / f".{target.name}.lock"):
             if not target.is_file():
@@ -374,7 +381,12 @@ def synth_model(options: SynthOptions) -> Path:
         result = target
     if options.out is None:
         return result
-    tmp_out = out.with_name(f".{out.name}.tmp")
-    shutil.copyfile(result, tmp_out)
-    os.replace(tmp_out, out)
+    tmp_out = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    try:
+        shutil.copyfile(result, tmp_out)
+        os.replace(tmp_out, out)
+    except OSError as exc:  # disk full, read-only: one line, and no partial copy left behind
+        raise write_error(out, exc, "copy the model to") from None
+    finally:
+        tmp_out.unlink(missing_ok=True)
     return out

@@ -77,7 +77,7 @@ def validate(options: RooflineOptions) -> None:
         raise UsageError(f"threads must be at least 1, not {options.threads}")
     if options.repeats < 3:
         raise UsageError(f"repeats must be at least 3 (a median and a spread), not {options.repeats}")
-    if not options.seconds > 0:
+    if not 0 < options.seconds < float("inf"):
         raise UsageError(f"seconds per measurement must be positive, not {options.seconds}")
     for name, value in (("cache bytes", options.cache_bytes), ("stream bytes", options.stream_bytes)):
         if value is not None and value < MIB // 4:

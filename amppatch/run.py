@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import time
 from collections.abc import Callable
@@ -81,8 +82,10 @@ def resolve_options(options: RunOptions) -> RunOptions:
         threads = tuple(dict.fromkeys((1, ncpu)))
     if not threads or any(t < 1 for t in threads):
         raise UsageError("--threads must list positive thread counts", next_step="e.g. --threads 1,2")
-    if budget <= 0 or final <= 0:
+    if not (0 < budget < math.inf and 0 < final < math.inf):  # nan and inf too: they never run out
         raise UsageError("--budget and --final-minutes must be positive", next_step="e.g. --budget 20")
+    if options.profile_tokens < 1:  # else found by the profile stage, after fetch, build and model
+        raise UsageError("--profile-tokens must be at least 1", next_step="e.g. --profile-tokens 32")
     lock = options.lock
     if lock is None and os.environ.get("AMPPATCH_MEASURE_LOCK"):
         lock = Path(os.environ["AMPPATCH_MEASURE_LOCK"])
@@ -91,6 +94,14 @@ def resolve_options(options: RunOptions) -> RunOptions:
         from amppatch.workspace import check_llama_tree
 
         check_llama_tree(options.repo)
+        from amppatch.build import dirty_files
+
+        dirty = dirty_files(Path(options.repo).expanduser())
+        if dirty:  # the apply stage refuses it too — but only after the build, the model and the profile
+            shown = ", ".join(dirty[:5]) + (f" and {len(dirty) - 5} more" if len(dirty) > 5 else "")
+            raise UsageError(f"{options.repo} has uncommitted changes: {shown}",
+                             next_step="commit or stash them first: run's apply stage commits on its own branch "
+                                       "from a clean tree")
     repo = Path(options.repo).expanduser().resolve() if options.repo else None
     return replace(options, repo=repo, out=out, shape=shape, threads=tuple(threads), budget_minutes=budget,
                    final_minutes=final, lock=lock)
@@ -118,6 +129,11 @@ class RunState:
         if path.is_file():
             # A record this amppatch cannot read is refused, not overwritten: it may be another version's run.
             self.data = read_json(path, RUN_STATE)
+            for name, rec in self.data["stages"].items():
+                if not isinstance(rec, dict) or not isinstance(rec.get("outputs", {}), dict) \
+                        or not isinstance(rec.get("outputs", {}).get("paths", []), list):
+                    raise UsageError(f"{path} is damaged: its record of stage {name!r} is not a stage record",
+                                     next_step=RUN_STATE.next_step)
         self.data["options"] = options
 
     def reusable(self, name: str, key: str) -> dict[str, Any] | None:

@@ -99,9 +99,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _is_symlink_loop(exc: BaseException) -> bool:
+    import errno
+
+    if isinstance(exc, OSError):
+        return exc.errno == errno.ELOOP
+    return str(exc).startswith("Symlink loop")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        # Ctrl-C while the command modules are still importing (a second or more on a loaded machine) is an
+        # interruption like any other, not a KeyboardInterrupt traceback from inside an import.
+        parser = build_parser()
+        args = parser.parse_args(argv)
+    except KeyboardInterrupt:
+        print("amppatch: interrupted", file=sys.stderr)
+        return 130
     try:
         result = args._run(args)
     except AmppatchError as error:
@@ -110,6 +124,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("amppatch: interrupted", file=sys.stderr)
         return 130
+    except (RuntimeError, OSError) as exc:
+        # A path argument that is a symlink loop fails in Path.resolve() wherever a stage resolves it
+        # (RuntimeError before Python 3.13, OSError ELOOP after): a usage error, not a traceback.
+        if not _is_symlink_loop(exc):
+            raise
+        print(f"amppatch: error: {exc} — a path given on the command line is a symlink that points to itself; "
+              "pass another path", file=sys.stderr)
+        return 2
     if result is not None:
         print(result)
     return 0

@@ -68,9 +68,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="exit with an error when any arm is measurably slower than the first")
 
 
+def _split_flags(text: str, what: str) -> list[str]:
+    """Shell words of a flags value; an unbalanced quote is one usage line, not a ValueError traceback."""
+    try:
+        return shlex.split(text)
+    except ValueError as exc:
+        raise UsageError(f"{what} {text!r} is not valid shell words ({exc})",
+                         next_step="close the quote, or escape it with a backslash") from None
+
+
+def _check_arm_flags(spec: str, what: str) -> None:
+    """The llama-bench flags segments of an arm split as the arm parser will split them."""
+    for seg in spec.split("::")[1:]:
+        if seg.strip().startswith("-"):
+            _split_flags(seg.strip(), f"{what}: segment")
+
+
 def options_from_args(args: argparse.Namespace) -> AbTestOptions:
     from amppatch.abtest import AbTestOptions, parse_arm
 
+    for flag, specs in (("--a", [args.a] if args.a else []), ("--b", [args.b] if args.b else []),
+                        ("--arm", args.arm)):
+        for spec in specs:
+            _check_arm_flags(spec, f"{flag} {spec!r}")
     arms = []
     if args.a:
         arms.append(parse_arm(args.a, name="A"))
@@ -98,7 +118,7 @@ def options_from_args(args: argparse.Namespace) -> AbTestOptions:
         skip_correctness=args.skip_correctness,
         gate_mode=args.gate,
         gate_model=args.gate_model,
-        gate_args=tuple(shlex.split(args.gate_args)),
+        gate_args=tuple(_split_flags(args.gate_args, "--gate-args")),
         ppl_tolerance=args.ppl_tolerance,
         latency=args.latency,
         llc=not args.no_llc,

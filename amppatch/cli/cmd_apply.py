@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from amppatch.cli import add_flag_argument
-from amppatch.cli.cmd_build import add_build_arguments, build_options_from_args
+from amppatch.cli.cmd_build import add_build_arguments, build_options_from_args, load_like
 from amppatch.errors import UsageError
 from amppatch.patch import DEFAULT_DISTANCE, DEFAULT_HINT, ApplyOptions, apply, format_summary
 from amppatch.proc import progress
@@ -53,8 +53,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> Path | str | None:
-    from amppatch.build import load_build, with_options
-    from amppatch.inputs import check_gguf, check_out_dir
+    from amppatch.build import with_options
+    from amppatch.inputs import check_gguf, check_out_dir, creating_dir
     from amppatch.source.compiledb import load_compile_db
 
     # Checked before anything is committed or built: a bad -o or input file would otherwise surface only
@@ -71,7 +71,7 @@ def run(args: argparse.Namespace) -> Path | str | None:
                          next_step="drop --like or the --cflags/--define/--pgo options")
     # Also without building: the options decide which #if branches are live (through their compile commands).
     if args.like is not None:
-        build_options = with_options(load_build(args.like), repo=args.repo)
+        build_options = with_options(load_like(args.like), repo=args.repo)
     else:
         build_options = build_options_from_args(args)
     options = ApplyOptions(
@@ -85,14 +85,20 @@ def run(args: argparse.Namespace) -> Path | str | None:
         dry_run=args.dry_run,
         build=not args.no_build,
         build_options=build_options,
-        like=load_build(args.like).dir if args.like is not None else None,
+        like=load_like(args.like).dir if args.like is not None else None,
         out=args.out,
         compile_db=args.compile_db,
         gate=not args.no_gate,
         gate_model=args.gate_model,
         gate_args=tuple(args.gate_arg),
     )
-    result = apply(options)
+    if args.dry_run:
+        result = apply(options)
+    else:
+        # A failed apply (disk full while writing the manifest, a patch that does not build, Ctrl-C) removes its
+        # branch and files; the -o directory it needed is removed too when it created it and it stayed empty.
+        with creating_dir(args.out):
+            result = apply(options)
     summary = format_summary(result)
     if summary:
         progress(summary)

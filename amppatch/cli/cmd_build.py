@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from amppatch.build import DEFAULT_TARGETS, BuildOptions, build
+from amppatch.build import DEFAULT_TARGETS, Build, BuildOptions, build
 from amppatch.cli import add_flag_argument
 from amppatch.errors import UsageError
 
@@ -62,6 +62,22 @@ def build_options_from_args(args: argparse.Namespace, **overrides: object) -> Bu
     )
     values.update(overrides)
     return BuildOptions(**values)
+
+
+def load_like(path: Path) -> Build:
+    """The build `--like BUILD` names, with the manifest keys its options are copied from (a manifest that
+    passes load_build's check but lacks them was a KeyError/AttributeError traceback deep in the build)."""
+    from amppatch.build import load_build
+    from amppatch.inputs import BUILD_MANIFEST, check_json
+
+    bld = load_build(path)
+    where = bld.dir / "manifest.json"
+    check_json(bld.manifest, where, BUILD_MANIFEST, require=("repo", "cmake_options{}"))
+    for key in ("cflags", "kernel_cflags"):
+        if not isinstance(bld.manifest.get(key, ""), str):
+            raise UsageError(f"{where}: `{key}` is not a string of compiler flags",
+                             next_step="pass a build made by `amppatch build` as --like")
+    return bld
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

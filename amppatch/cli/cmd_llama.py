@@ -20,4 +20,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> Path:
+    from amppatch.inputs import check_out_dir
+
+    if args.dest is not None:  # a file, a read-only or full filesystem: refused before the download and clone
+        args.dest = check_out_dir(args.dest, flag="--dest")
     return fetch_llama(FetchOptions(version=args.version, dest=args.dest))

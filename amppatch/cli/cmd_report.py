@@ -23,11 +23,11 @@ def run(args: argparse.Namespace) -> Path:
     from amppatch.paths import write_text_atomic
     from amppatch.report import load_report, render_all, render_slices
 
+    if args.slices is not None and args.slices < 1:  # before seconds of rendering, not after
+        raise UsageError("--slices must be at least 1", next_step="e.g. --slices 10")
     md = render_all(args.dir)
     if args.slices is None:
         return md
-    if args.slices < 1:
-        raise UsageError("--slices must be at least 1", next_step="e.g. --slices 10")
     text, results = render_slices(load_report(md.parent), args.slices)
     print(text, end="")
     out = md.parent / "slices.json"

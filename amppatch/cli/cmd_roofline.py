@@ -51,6 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> Path:
+    from amppatch.inputs import check_out_file
     from amppatch.paths import write_text_atomic
     from amppatch.roofline import (
         RooflineOptions,
@@ -63,6 +64,9 @@ def run(args: argparse.Namespace) -> Path:
     )
 
     mib = 1 << 20
+    for flag, value in (("--cache-mib", args.cache_mib), ("--stream-mib", args.stream_mib)):
+        if value is not None and not 0 < value < float("inf"):  # nan and inf cannot become a byte count
+            raise UsageError(f"{flag} must be a positive number of MiB, not {value}")
     plans = [RooflineOptions(build=args.build, type=t, width=args.width, threads=n, buffer=args.buffer,
                              cache_bytes=int(args.cache_mib * mib) if args.cache_mib else None,
                              stream_bytes=int(args.stream_mib * mib) if args.stream_mib else None,
@@ -70,8 +74,11 @@ def run(args: argparse.Namespace) -> Path:
              for t in args.type for n in args.threads]
     for plan in plans:
         validate(plan)
-    if args.ceiling is not None and args.ceiling <= 0:
-        raise UsageError(f"--ceiling must be positive, not {args.ceiling}")
+    if args.ceiling is not None and not 0 < args.ceiling < float("inf"):  # also refuses nan
+        raise UsageError(f"--ceiling must be a positive number of GB/s, not {args.ceiling}")
+    # checked before minutes of measuring: a result that cannot be written is known now
+    out = check_out_file(args.output or Path(f"roofline-{time.strftime('%Y%m%d-%H%M%S')}.json"),
+                         example="roofline.json")
     ceilings: dict[int, float | None] = {n: args.ceiling for n in args.threads}
     if args.ceiling is None:
         from amppatch.machine import probe_machine
@@ -84,6 +91,5 @@ def run(args: argparse.Namespace) -> Path:
     print(format_table(results))
     for line in contention_warnings(results):
         print(f"warning: {line}", file=sys.stderr)
-    out = args.output or Path(f"roofline-{time.strftime('%Y%m%d-%H%M%S')}.json")
     write_text_atomic(out, json.dumps(results_to_json(results), indent=1) + "\n")
-    return out.resolve()
+    return out

@@ -39,10 +39,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> Path:
-    from amppatch.inputs import check_out_dir
+    from amppatch.inputs import check_out_dir, check_out_file
 
     # Resuming into an earlier run's directory is what -o is for; only an unusable path is refused.
     args.out = check_out_dir(args.out or Path.cwd() / "amppatch-run")
+    if args.lock is not None:  # else a lock under /proc or on a directory fails at the first timed probe
+        args.lock = check_out_file(args.lock, flag="--lock", example="measure.lock")
     build_options = None
     if args.cflags or args.kernel_cflags or args.define or args.pgo or args.allow_faulting_isa or args.amx_batch1:
         # repo is filled in by the fetch stage; a placeholder keeps BuildOptions' type

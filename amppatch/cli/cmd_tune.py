@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 from amppatch.cli import add_flag_argument
-from amppatch.cli.cmd_build import add_build_arguments, build_options_from_args
+from amppatch.cli.cmd_build import add_build_arguments, build_options_from_args, load_like
 from amppatch.errors import UsageError
 from amppatch.tune import DEFAULT_GRID_MAX, DEFAULT_GRID_MIN, TuneOptions, tune
 
@@ -74,16 +75,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_build_arguments(parser)
 
 
-def run(args: argparse.Namespace) -> Path:
-    from amppatch.build import load_build, with_options
-    from amppatch.inputs import check_out_dir
+def check_numbers(args: argparse.Namespace) -> None:
+    """The search numbers tune's own checks let through (nan compares false with everything), refused before
+    the tunable build and the output directory exist."""
+    for flag, value in (("--budget", args.budget), ("--probe-seconds", args.probe_seconds)):
+        if not 0 < value < math.inf:
+            raise UsageError(f"{flag} must be a positive number, not {value}", next_step=f"e.g. {flag} 20")
+    if args.refine_levels < 0:
+        raise UsageError(f"--refine-levels must be 0 or more, not {args.refine_levels}",
+                         next_step="e.g. --refine-levels 3")
+    if not 0 <= args.min_gain < math.inf:
+        raise UsageError(f"--min-gain must be 0 or a positive fraction, not {args.min_gain}",
+                         next_step="e.g. --min-gain 0.02 (keep a site only when its CI clears 1.02)")
+    if not 0 <= args.loss_tolerance < 1:
+        raise UsageError(f"--loss-tolerance must be a fraction in [0, 1), not {args.loss_tolerance}",
+                         next_step="e.g. --loss-tolerance 0.01")
 
+
+def run(args: argparse.Namespace) -> Path:
+    from amppatch.build import with_options
+    from amppatch.inputs import check_out_dir, check_out_file
+
+    check_numbers(args)
     args.out = check_out_dir(args.out or Path.cwd() / "amppatch-tune")
+    if args.lock is not None:  # else a lock under /proc or on a directory fails at the first timed probe
+        args.lock = check_out_file(args.lock, flag="--lock", example="measure.lock")
 
     if args.like is not None and (args.cflags or args.kernel_cflags or args.define or args.pgo or args.amx_batch1):
         raise UsageError("--like copies an existing build's options; it cannot be combined with build flags",
                          next_step="drop --like or the --cflags/--define/--pgo options")
-    build_options = (with_options(load_build(args.like), repo=args.repo) if args.like is not None
+    build_options = (with_options(load_like(args.like), repo=args.repo) if args.like is not None
                      else build_options_from_args(args))
     options = TuneOptions(
         repo=args.repo,
@@ -96,7 +117,7 @@ def run(args: argparse.Namespace) -> Path:
         budget_minutes=args.budget,
         out=args.out,
         build_options=build_options,
-        like=load_build(args.like).dir if args.like is not None else None,
+        like=load_like(args.like).dir if args.like is not None else None,
         bench_args=tuple(args.bench_arg) if args.bench_arg else None,
         grid_min=args.grid_min,
         grid_max=args.grid_max,

@@ -159,3 +159,19 @@ def test_tune_refused_after_creating_its_out_leaves_no_directory(tmp_path: Path,
                  "--tunable-manifest", str(manifest), "-o", str(out)]) == 2
     assert "is not a tunable apply manifest" in capsys.readouterr().err
     assert not (tmp_path / "tune-out").exists()
+
+
+def test_apply_failing_to_write_leaves_no_empty_out_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # apply removed its branch and files on a full disk but left the -o directory it had created, empty
+    import errno
+
+    from amppatch.cli import cmd_apply
+    from amppatch.inputs import write_error
+
+    def disk_full(options: object) -> None:
+        raise write_error(tmp_path / "o" / "deeper" / "x.json", OSError(errno.ENOSPC, "No space left on device"))
+
+    monkeypatch.setattr(cmd_apply, "apply", disk_full)
+    out = tmp_path / "o" / "deeper"
+    assert main(["apply", "--repo", str(tmp_path), "--site", "f", "--no-build", "-o", str(out)]) == 10
+    assert not (tmp_path / "o").exists()

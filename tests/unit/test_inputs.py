@@ -6,6 +6,7 @@ import ctypes
 import errno
 import json
 import os
+import struct
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -457,3 +458,47 @@ def test_report_given_a_file_that_is_not_report_json(tmp_path: Path) -> None:
     other.write_text("{}")
     with pytest.raises(UsageError, match="is a file, not an ab-test directory"):
         _read_report(other)
+
+
+def test_report_samples_without_their_fields_are_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # `report --slices` rebuilds every raw sample: a sample cut short was a TypeError traceback
+    from amppatch.cli import main
+
+    report = {"schema_version": 1, "verdict": "faster",
+              "options": {"model": "m", "reps": 3, "seed": 0, "min_effect": 0.05},
+              "settings": [{"id": "s", "label": "l", "test": "tg", "threads": 1, "n_tokens": 64}],
+              "arms": [{"name": "A", "build_dir": "/x"}, {"name": "B", "build_dir": "/y"}],
+              "comparisons": [{"arm": "B", "setting": "s", "baseline": "A"}],
+              "samples": [{"arm": "A"}, 5]}
+    (tmp_path / "report.json").write_text(json.dumps(report))
+    assert main(["report", str(tmp_path), "--slices", "3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "lacks `samples[0].round`" in err and len(err.splitlines()) == 1
+
+
+def test_a_gguf_without_tensors_is_not_a_model(tmp_path: Path) -> None:
+    # structurally whole, but llama-bench fails on it: refused before a profile or an ab-test runs it
+    path = tmp_path / "vocab.gguf"
+    path.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 0, 0))
+    with pytest.raises(UsageError, match="holds no tensors"):
+        inputs.check_gguf(path)
+    assert inputs.check_gguf(path, weights=False).n_tensors == 0
+
+
+def test_a_header_cut_right_after_its_counts_is_called_truncated(small_gguf: Path, tmp_path: Path) -> None:
+    # was "not a usable GGUF file: its header claims 3 tensors ... more than 100 bytes can hold" for a cut download
+    small_gguf.write_bytes(small_gguf.read_bytes()[:30])
+    with pytest.raises(UsageError, match="is truncated: its header lists"):
+        check_gguf(small_gguf)
+    garbage = tmp_path / "garbage.gguf"
+    garbage.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 2**62, 2**62))
+    with pytest.raises(UsageError, match="not a usable GGUF file: its header claims"):
+        check_gguf(garbage)
+
+
+@pytest.mark.parametrize("check", [check_out_dir, check_out_file])
+def test_an_output_that_is_a_symlink_loop_is_one_usage_line(tmp_path: Path, check: Callable[..., Path]) -> None:
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)  # was a RuntimeError("Symlink loop") traceback
+    with pytest.raises(UsageError, match="cannot be resolved"):
+        check(loop)

@@ -236,3 +236,44 @@ def test_disk_check_refuses_before_writing(tmp_path: Path, monkeypatch: pytest.M
     monkeypatch.setattr(model.shutil, "disk_usage", lambda _p: type("U", (), {"free": 10})())
     with pytest.raises(UsageError, match=r"the 8b model needs 1\.0 GB in .* 0\.0 GB free"):
         model._check_disk(tmp_path, 1_000_000_000, "the 8b model")
+
+
+def _tiny_tree(tmp_path: Path, vocab: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    from amppatch import model, workspace
+
+    repo = tmp_path / "tree"
+    (repo / "models").mkdir(parents=True)
+    (repo / model.VOCAB_FILE).write_bytes(vocab.read_bytes())
+    monkeypatch.setenv("AMPPATCH_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(workspace, "check_llama_tree", lambda p: Path(p))
+    monkeypatch.setitem(model.SHAPES, "tiny", MICRO)
+    return repo
+
+
+def test_a_copy_that_fills_the_disk_is_one_write_error_and_leaves_no_temp(tmp_path: Path, vocab: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch):
+    import errno
+    import shutil
+
+    from amppatch.errors import WriteError
+
+    repo = _tiny_tree(tmp_path, vocab, monkeypatch)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+
+    def full(src, dst):
+        Path(dst).write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(shutil, "copyfile", full)
+    with pytest.raises(WriteError, match="disk full"):
+        synth_model(SynthOptions(shape="tiny", type="f16", repo=repo, out=out_dir / "m.gguf"))
+    assert list(out_dir.iterdir()) == []  # was: an OSError traceback and a .m.gguf.tmp left behind
+
+
+def test_a_build_whose_manifest_names_no_repo_is_refused(tmp_path: Path):
+    from amppatch.build import Build
+
+    bld = Build(tmp_path, {"schema_version": 1, "source_dir": str(tmp_path)}, tmp_path)  # was a KeyError
+    with pytest.raises(UsageError, match="names no repository"):
+        synth_model(SynthOptions(shape="tiny", type="q8_0", build=bld))

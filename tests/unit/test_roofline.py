@@ -164,3 +164,29 @@ def test_contention_warnings_name_the_starved_measurements():
     quiet = Rate(bytes=10, rows=1, gbps=(1.0, 1.0, 1.0), cpu_share=(0.99, 1.0, 0.97))
     r = _result()
     assert contention_warnings([replace(r, in_cache=quiet, streaming=quiet)]) == []
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--ceiling", "nan"], "--ceiling must be a positive number"),
+    (["--ceiling", "inf"], "--ceiling must be a positive number"),
+    (["--cache-mib", "nan"], "--cache-mib must be a positive number"),  # was a ValueError traceback
+    (["--stream-mib", "inf"], "--stream-mib must be a positive number"),  # was an OverflowError traceback
+    (["--seconds", "inf"], "seconds per measurement must be positive"),  # would never finish
+])
+def test_cli_refuses_non_finite_numbers(tmp_path, capsys, extra, message):
+    from amppatch.cli import main
+
+    assert main(["roofline", "--build", str(tmp_path), "--ceiling", "10", *extra]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_cli_checks_the_output_before_measuring(tmp_path, capsys, monkeypatch):
+    from amppatch import roofline
+    from amppatch.cli import main
+
+    def measured(*a, **k):
+        raise AssertionError("measured before -o was checked")
+
+    monkeypatch.setattr(roofline, "measure_roofline", measured)
+    assert main(["roofline", "--build", str(tmp_path), "--ceiling", "10", "-o", str(tmp_path)]) == 2
+    assert "is a directory" in capsys.readouterr().err
