@@ -119,7 +119,11 @@ def parse_arm(text: str, name: str | None = None) -> ArmSpec:
         if not seg:
             continue
         if seg.startswith("-"):
-            bench_args.extend(shlex.split(seg))
+            try:
+                bench_args.extend(shlex.split(seg))
+            except ValueError as exc:  # an unbalanced quote
+                raise UsageError(f"arm {arm_name!r}: llama-bench flags {seg!r} are not valid shell words ({exc})",
+                                 next_step="close the quote, or escape it with a backslash") from None
             continue
         m = _ENV_RE.match(seg)
         if not m:

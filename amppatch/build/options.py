@@ -69,7 +69,7 @@ class Build:
         if not path.is_file():
             raise UsageError(
                 f"build {self.dir} has no {name}",
-                next_step=f"rebuild with that target (amppatch build --repo {self.manifest.get('repo')} ...)",
+                next_step=f"rebuild with that target (amppatch build --repo {self.manifest.get('repo') or 'DIR'} ...)",
             )
         return path
 

@@ -4,6 +4,7 @@ trace → hot functions, lines and sites (sites.py) → profile.json and its sum
 
 from __future__ import annotations
 
+import shutil
 from typing import TYPE_CHECKING
 
 from amppatch.profile.derive import bandwidth, in_spans, summarize_regions, token_stats
@@ -15,6 +16,7 @@ from amppatch.profile.workload import (
     prepare_workload,
     resolve_options,
     run_workload,
+    trace_dir_for,
 )
 
 if TYPE_CHECKING:
@@ -34,7 +36,13 @@ def profile(options: ProfileOptions) -> ProfileResult:
     assert options.out is not None
     build, argv, linkage = prepare_workload(options)
     machine = probe_machine()
-    run = run_workload(options, build, argv, linkage)
+    trace_dir = trace_dir_for(options.out)
+    try:
+        run = run_workload(options, build, argv, linkage)
+    except BaseException:
+        # no profile.json will name the trace: a failed or interrupted run leaves no partial trace behind
+        shutil.rmtree(trace_dir, ignore_errors=True)
+        raise
     files = trace_files(run.trace_path)
     data = new_document(options, machine, run, tracer_loaded=bool(files))
     if not files:

@@ -269,7 +269,7 @@ def run_workload(options: ProfileOptions, build: Build | None, argv: list[str], 
         from amppatch.build import run_env
 
         env.update(run_env(build))
-    workdir = options.out.parent / (options.out.stem + ".trace")
+    workdir = trace_dir_for(options.out)
     workdir.mkdir(parents=True, exist_ok=True)
     trace_path = workdir / "trace.bin"
     env.update(tracer_env(trace_path, sample_hz=options.hz, base_env=env))  # keeps the build's own preload
@@ -292,3 +292,8 @@ def run_workload(options: ProfileOptions, build: Build | None, argv: list[str], 
         "stderr_tail": done.stderr[-2000:] if done.returncode != 0 else "",
     }
     return Workload(build, argv, linkage, trace_path, done, record, extra)
+
+
+def trace_dir_for(out: Path) -> Path:
+    """Where the tracer writes the workload's trace: beside profile.json, named after it."""
+    return out.parent / (out.stem + ".trace")

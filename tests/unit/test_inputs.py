@@ -502,3 +502,28 @@ def test_an_output_that_is_a_symlink_loop_is_one_usage_line(tmp_path: Path, chec
     loop.symlink_to(loop)  # was a RuntimeError("Symlink loop") traceback
     with pytest.raises(UsageError, match="cannot be resolved"):
         check(loop)
+
+
+def test_an_arm_with_an_unbalanced_quote_is_one_usage_line() -> None:
+    from amppatch.abtest import parse_arm
+
+    with pytest.raises(UsageError, match="not valid shell words"):
+        parse_arm("/b::-p 'x", name="B")
+
+
+def test_an_interrupted_profile_leaves_no_partial_trace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from amppatch.profile import ProfileOptions, profile, stage
+
+    out = tmp_path / "p.json"
+
+    def interrupted(options: object, build: object, argv: object, linkage: object) -> None:
+        (tmp_path / "p.trace").mkdir()
+        (tmp_path / "p.trace" / "trace.bin").write_bytes(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(stage, "prepare_workload", lambda options: (None, ["prog"], "dynamic"))
+    monkeypatch.setattr("amppatch.machine.probe_machine", lambda: object())
+    monkeypatch.setattr(stage, "run_workload", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        profile(ProfileOptions(command=("prog",), out=out))
+    assert list(tmp_path.iterdir()) == []
