@@ -29,10 +29,10 @@ from typing import TYPE_CHECKING, Any
 
 from amppatch import __version__
 from amppatch.errors import AmppatchError, UsageError
-from amppatch.inputs import LEARNED, REPORT, RUN_STATE, creating_dir, read_json
+from amppatch.inputs import LEARNED, RUN_STATE, creating_dir, read_json
 from amppatch.paths import FileLock, options_json, write_text_atomic
 from amppatch.proc import progress
-from amppatch.report import require_measured, unmeasured
+from amppatch.report import REPORT_JSON, require_measured
 
 if TYPE_CHECKING:
     from amppatch.build import BuildOptions
@@ -311,16 +311,18 @@ class _Runner:
         if o.lock is not None:
             progress(f"run: waiting for the measurement lock {o.lock} ...")
             with FileLock(o.lock):
-                report_dir = run_abtest(options)
+                report = run_abtest(options)
         else:
-            report_dir = run_abtest(options)
-        report = read_json(report_dir / "report.json", REPORT)
-        comps = [{k: c.get(k) for k in ("setting", "setting_label", "ratio", "ci95", "verdict")}
-                 for c in report["comparisons"]]
-        return "done", {"report": str(report_dir), "paths": [str(report_dir / "report.json")],
-                        "verdict": report.get("verdict"), "ratio": report.get("ratio"), "ci95": report.get("ci95"),
-                        "comparisons": comps, "failures": unmeasured(report),
-                        "median_tok_s": {a["name"]: a.get("median_tok_s") for a in report["arms"]}}
+            report = run_abtest(options)
+        assert report.path is not None
+        comps = [{"setting": c.setting, "setting_label": c.setting_label, "ratio": c.ratio,
+                  "ci95": None if c.ci95 is None else list(c.ci95), "verdict": c.verdict}
+                 for c in report.comparisons]
+        return "done", {"report": str(report.path), "paths": [str(report.path / REPORT_JSON)],
+                        "verdict": report.verdict, "ratio": report.ratio,
+                        "ci95": None if report.ci95 is None else list(report.ci95),
+                        "comparisons": comps, "failures": report.failures,
+                        "median_tok_s": {a.name: a.median_tok_s for a in report.arms}}
 
     def report(self) -> tuple[str, dict[str, Any]]:
         path = self.out / REPORT_FILE

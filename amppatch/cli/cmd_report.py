@@ -28,7 +28,7 @@ def run(args: argparse.Namespace) -> Path:
         return md
     if args.slices < 1:
         raise UsageError("--slices must be at least 1", next_step="e.g. --slices 10")
-    text, results = render_slices(load_report(md.parent), args.slices)
+    text, results = render_slices(load_report(md.parent).to_json(), args.slices)
     print(text, end="")
     out = md.parent / "slices.json"
     write_text_atomic(out, json.dumps({"schema_version": 1, "slices": args.slices, "comparisons": results},
