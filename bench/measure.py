@@ -14,6 +14,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from amppatch.abtest.result import AbTestResult
 from amppatch.errors import CorrectnessError
 from amppatch.proc import progress
 from bench.options import BenchOptions
@@ -85,8 +86,9 @@ def read_json(path: Path) -> Any:
 
 
 def race(arms: Sequence[RaceArm], model: Path, threads: tuple[int, ...], out: Path, options: BenchOptions, *,
-         gate_model: Path | None, max_time: float | None, rounds: int | None) -> dict[str, Any]:
-    """One interleaved ab-test run under the measurement lock; returns its report document."""
+         gate_model: Path | None, max_time: float | None, rounds: int | None) -> tuple[AbTestResult, str | None]:
+    """One interleaved ab-test run under the measurement lock; returns its result and, when the arms were
+    re-gated with the perplexity tolerance, why."""
     from amppatch.abtest import AbTestOptions, ArmSpec, run_abtest
 
     ab = AbTestOptions(
@@ -106,6 +108,4 @@ def race(arms: Sequence[RaceArm], model: Path, threads: tuple[int, ...], out: Pa
             gate_note = f"identical-output gate failed ({exc.message}); re-gated with --gate tolerance"
             progress(f"bench: {gate_note}")
             result = run_abtest(replace(ab, gate_mode="tolerance"))
-    report = result.to_json()
-    report["bench_gate_note"] = gate_note
-    return report
+    return result, gate_note

@@ -84,16 +84,17 @@ class ArmResult:
     by_setting: dict[str, dict[str, Any]]
     build_dir: str | None = None
     bench_args: tuple[str, ...] = ()
+    env: dict[str, str] = field(default_factory=dict)
     order: tuple[str, ...] = ()
     rest: dict[str, Any] = field(default_factory=dict)
 
-    _TYPED = ("name", "median_tok_s", "samples_ns", "by_setting", "build_dir", "bench_args")
+    _TYPED = ("name", "median_tok_s", "samples_ns", "by_setting", "build_dir", "bench_args", "env")
 
     @classmethod
     def from_json(cls, doc: Mapping[str, Any]) -> ArmResult:
         return cls(doc["name"], doc.get("median_tok_s"), tuple(doc.get("samples_ns") or ()),
                    dict(doc.get("by_setting") or {}), doc.get("build_dir"), tuple(doc.get("bench_args") or ()),
-                   tuple(doc), _rest(doc, cls._TYPED))
+                   dict(doc.get("env") or {}), tuple(doc), _rest(doc, cls._TYPED))
 
     def at(self, setting: str) -> dict[str, Any]:
         """This arm's statistics at `setting` ({} when it has none)."""
@@ -102,7 +103,8 @@ class ArmResult:
     def to_json(self) -> dict[str, Any]:
         return _ordered(self.order, {"name": self.name, "median_tok_s": self.median_tok_s,
                                      "samples_ns": list(self.samples_ns), "by_setting": self.by_setting,
-                                     "build_dir": self.build_dir, "bench_args": list(self.bench_args)}, self.rest)
+                                     "build_dir": self.build_dir, "bench_args": list(self.bench_args),
+                                     "env": self.env}, self.rest)
 
 
 @dataclass(frozen=True)
@@ -133,6 +135,19 @@ class Comparison:
                                      "setting_label": self.setting_label, "verdict": self.verdict,
                                      "ratio": self.ratio, "ci95": None if self.ci95 is None else list(self.ci95),
                                      "n_blocks": self.n_blocks}, self.rest)
+
+    @property
+    def unavailable(self) -> str | None:
+        """Why the comparison could not be measured (an arm failed), or None."""
+        return self.rest.get("unavailable")
+
+    @property
+    def resolution(self) -> float | None:
+        return self.rest.get("resolution")
+
+    @property
+    def p_value(self) -> float | None:
+        return self.rest.get("p_value")
 
 
 @dataclass(frozen=True)
@@ -233,6 +248,10 @@ class AbTestResult:
     def failures(self) -> list[dict[str, Any]]:
         """The (arm, setting, reason) records of every arm that could not be measured at some setting."""
         return [f for f in self.diagnostics.get("failures") or [] if isinstance(f, dict)]
+
+    @property
+    def min_effect(self) -> float | None:
+        return self.options.get("min_effect")
 
     @property
     def warnings(self) -> list[str]:
