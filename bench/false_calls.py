@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from amppatch import calibrate, stats
+from amppatch.abtest.result import AbTestResult
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "tests" / "data" / "abtest-recordings.json"
@@ -55,22 +56,21 @@ def extract(args: argparse.Namespace) -> int:
     new: list[calibrate.Recording] = []
     for item in args.reports:
         path = Path(item)
-        report_path = path / "report.json" if path.is_dir() else path
-        report = json.loads(report_path.read_text())
-        opts = report["options"]
+        result = AbTestResult.read(path)
+        report = result.to_json()
         builds = {a["build"] + "|" + " ".join(a["bench_args"]) + "|" + json.dumps(a["env"], sort_keys=True)
-                  for a in opts["arms"]}
+                  for a in result.options["arms"]}
         kind = "aa" if len(builds) == 1 else "ab"
-        label = args.label or _rel(report_path.parent)
-        for setting in report["settings"]:
-            rid = f"{label} {setting['id']}"
+        label = args.label or _rel(path if path.is_dir() else path.parent)
+        for setting in result.settings:
+            rid = f"{label} {setting.id}"
             if rid in have:
                 continue
-            diag = report.get("diagnostics", {})
+            diag = result.diagnostics
             usage = diag.get("cpu_usage") or {}
             note = (f"{report['environment']['model']['path'].rsplit('/', 1)[-1]}; "
                     f"load {diag.get('loadavg_start', {}).get('1min')}, others' CPU share {usage.get('others')}")
-            new.append(calibrate.recording_from_report(report, setting["id"], id=rid, condition=args.condition,
+            new.append(calibrate.recording_from_report(report, setting.id, id=rid, condition=args.condition,
                                                        kind=kind, note=note))
     for learned_path in args.from_learned:
         learned = json.loads(Path(learned_path).read_text())
