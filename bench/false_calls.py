@@ -21,6 +21,7 @@ from typing import Any
 
 from amppatch import calibrate, stats
 from amppatch.abtest.result import AbTestResult
+from amppatch.learned import Learned
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "tests" / "data" / "abtest-recordings.json"
@@ -73,10 +74,10 @@ def extract(args: argparse.Namespace) -> int:
             new.append(calibrate.recording_from_report(report, setting.id, id=rid, condition=args.condition,
                                                        kind=kind, note=note))
     for learned_path in args.from_learned:
-        learned = json.loads(Path(learned_path).read_text())
-        seed = int(learned["options"].get("seed", 0))
+        learned = Learned.read(Path(learned_path))
+        seed = int(learned.options.get("seed", 0))
         reports: dict[str, list[dict[str, Any]]] = {}
-        for p in learned["probes"]:
+        for p in learned.probes:
             reports.setdefault(p["report"], []).append(p)
         for report_dir, probes in reports.items():
             if len(probes) != 1 or not probes[0].get("samples_ns"):

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from amppatch.errors import UsageError
+from amppatch.learned import Learned
 from amppatch.paths import write_text_atomic
 from amppatch.proc import progress
 from bench.builds import Context, build_options_for, locked_build
@@ -176,8 +177,7 @@ def learned_amx_types(paths: Sequence[Path]) -> set[str]:
 
     types: set[str] = set()
     for path in paths:
-        data = read_json(Path(path)) or {}
-        for site in data.get("sites", []):
+        for site in Learned.read(Path(path)).sites:
             if site.get("kept") and "/amx/" in str(site.get("file") or ""):
                 types.add(model_type_for(str(site.get("function") or "")) or "?")
     return types

@@ -10,42 +10,20 @@ readers use are typed, the rest of each object rides along unchanged.
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from amppatch.inputs import REPORT, check_json, read_json
+from amppatch.jsondoc import jsonable, ordered, rest_of
 
 REPORT_JSON = "report.json"
 Ci95 = tuple[float, float] | None
 
 
-def jsonable(value: Any) -> Any:
-    """NaN/inf are not JSON: store them as null (tuples become lists)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [jsonable(v) for v in value]
-    return value
-
-
 def _ci(value: Any) -> Ci95:
     return None if value is None else (value[0], value[1])
-
-
-def _rest(doc: Mapping[str, Any], typed: tuple[str, ...]) -> dict[str, Any]:
-    return {k: v for k, v in doc.items() if k not in typed}
-
-
-def _ordered(order: tuple[str, ...], typed: dict[str, Any], rest: dict[str, Any]) -> dict[str, Any]:
-    """The object with the keys it was read with, in that order (typed values replace the read ones)."""
-    values = {**rest, **typed}
-    order = order or tuple(values)
-    return {k: values[k] for k in order if k in values}
 
 
 @dataclass(frozen=True)
@@ -66,10 +44,10 @@ class SettingRecord:
     @classmethod
     def from_json(cls, doc: Mapping[str, Any]) -> SettingRecord:
         return cls(doc["id"], doc["label"], doc["test"], doc["threads"], doc["n_tokens"], doc.get("depth", 0),
-                   tuple(doc), _rest(doc, cls._TYPED))
+                   tuple(doc), rest_of(doc, cls._TYPED))
 
     def to_json(self) -> dict[str, Any]:
-        return _ordered(self.order, {"id": self.id, "label": self.label, "test": self.test,
+        return ordered(self.order, {"id": self.id, "label": self.label, "test": self.test,
                                      "threads": self.threads, "n_tokens": self.n_tokens, "depth": self.depth},
                         self.rest)
 
@@ -94,14 +72,14 @@ class ArmResult:
     def from_json(cls, doc: Mapping[str, Any]) -> ArmResult:
         return cls(doc["name"], doc.get("median_tok_s"), tuple(doc.get("samples_ns") or ()),
                    dict(doc.get("by_setting") or {}), doc.get("build_dir"), tuple(doc.get("bench_args") or ()),
-                   dict(doc.get("env") or {}), tuple(doc), _rest(doc, cls._TYPED))
+                   dict(doc.get("env") or {}), tuple(doc), rest_of(doc, cls._TYPED))
 
     def at(self, setting: str) -> dict[str, Any]:
         """This arm's statistics at `setting` ({} when it has none)."""
         return self.by_setting.get(setting) or {}
 
     def to_json(self) -> dict[str, Any]:
-        return _ordered(self.order, {"name": self.name, "median_tok_s": self.median_tok_s,
+        return ordered(self.order, {"name": self.name, "median_tok_s": self.median_tok_s,
                                      "samples_ns": list(self.samples_ns), "by_setting": self.by_setting,
                                      "build_dir": self.build_dir, "bench_args": list(self.bench_args),
                                      "env": self.env}, self.rest)
@@ -128,10 +106,10 @@ class Comparison:
     def from_json(cls, doc: Mapping[str, Any]) -> Comparison:
         return cls(doc["arm"], doc["baseline"], doc["setting"], doc.get("setting_label"),
                    doc.get("verdict", "unavailable"), doc.get("ratio"), _ci(doc.get("ci95")), doc.get("n_blocks"),
-                   tuple(doc), _rest(doc, cls._TYPED))
+                   tuple(doc), rest_of(doc, cls._TYPED))
 
     def to_json(self) -> dict[str, Any]:
-        return _ordered(self.order, {"arm": self.arm, "baseline": self.baseline, "setting": self.setting,
+        return ordered(self.order, {"arm": self.arm, "baseline": self.baseline, "setting": self.setting,
                                      "setting_label": self.setting_label, "verdict": self.verdict,
                                      "ratio": self.ratio, "ci95": None if self.ci95 is None else list(self.ci95),
                                      "n_blocks": self.n_blocks}, self.rest)
@@ -167,10 +145,10 @@ class GateRecord:
     @classmethod
     def from_json(cls, doc: Mapping[str, Any]) -> GateRecord:
         return cls(doc.get("arm", ""), doc.get("baseline", ""), doc.get("mode"), doc.get("passed"),
-                   doc.get("detail", ""), tuple(doc), _rest(doc, cls._TYPED))
+                   doc.get("detail", ""), tuple(doc), rest_of(doc, cls._TYPED))
 
     def to_json(self) -> dict[str, Any]:
-        return _ordered(self.order, {"arm": self.arm, "baseline": self.baseline, "mode": self.mode,
+        return ordered(self.order, {"arm": self.arm, "baseline": self.baseline, "mode": self.mode,
                                      "passed": self.passed, "detail": self.detail}, self.rest)
 
 
@@ -212,7 +190,7 @@ class AbTestResult:
                    tuple(Comparison.from_json(c) for c in doc.get("comparisons") or ()),
                    tuple(GateRecord.from_json(g) for g in doc.get("correctness") or ()),
                    dict(doc.get("diagnostics") or {}), tuple(doc["samples"]), path, tuple(doc),
-                   _rest(doc, cls._TYPED))
+                   rest_of(doc, cls._TYPED))
 
     @classmethod
     def read(cls, path: Path) -> AbTestResult:
@@ -231,7 +209,7 @@ class AbTestResult:
             "correctness": [g.to_json() for g in self.correctness], "diagnostics": self.diagnostics,
             "samples": list(self.samples),
         }
-        return _ordered(self.order, typed, self.rest)
+        return ordered(self.order, typed, self.rest)
 
     def dumps(self) -> str:
         """report.json's text."""

@@ -293,9 +293,9 @@ def test_huge_page_arms_are_not_held_to_the_4k_ceiling_and_amx_tunes_are_recogni
     compare.add_page_ceiling(rows, {1: 34.0})
     assert [r["ceiling_4k_pct"] is None for r in rows] == [False, True]
     vec, amx = tmp_path / "vec.json", tmp_path / "amx.json"
-    vec.write_text(json.dumps({"sites": [{"kept": True, "file": "ggml/src/ggml-cpu/arch/x86/quants.c",
-                                          "function": "ggml_vec_dot_q8_0_q8_0"}]}))
-    amx.write_text(json.dumps({"sites": [
+    vec.write_text(json.dumps({"schema_version": 1, "winners": [], "sites": [
+        {"kept": True, "file": "ggml/src/ggml-cpu/arch/x86/quants.c", "function": "ggml_vec_dot_q8_0_q8_0"}]}))
+    amx.write_text(json.dumps({"schema_version": 1, "winners": [], "sites": [
         {"kept": True, "file": "ggml/src/ggml-cpu/amx/mmq.cpp",
          "function": "tinygemm_kernel_vnni<block_q8_0, block_q4_0, float, BLOCK_M, BLOCK_N, BLOCK_K>::apply"},
         {"kept": False, "file": "ggml/src/ggml-cpu/amx/mmq.cpp",
