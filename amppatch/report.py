@@ -1,9 +1,9 @@
 """ab-test reports: report.json (the record), report.md (for a terminal) and report.png (for a glance).
 
 report.json is read and written only through `amppatch.abtest.result.AbTestResult`; the renderers take its
-document (`to_json()`). report.md and report.png are pure functions of report.json, so `amppatch report DIR`
-re-renders them from the JSON alone (after editing, on another machine, or with a newer amppatch). The JSON layout is
-documented in docs/report-schema.md.
+document (`to_json()`). report.md and report.png are pure functions of report.json, so `amppatch report
+DIR` re-renders them from the JSON alone (after editing, on another machine, or with a newer amppatch). The
+JSON layout is documented in docs/report-schema.md.
 """
 
 from __future__ import annotations

@@ -92,8 +92,8 @@ def _default_out() -> Path:
 
 def run_abtest(options: AbTestOptions, executor: SlotExecutor | None = None) -> AbTestResult:
     """Run the whole ab-test and write report.md/.json/.png; returns the result (its `path` is the report
-    directory). Ctrl-C during
-    the rounds writes the report of the rounds done, then re-raises KeyboardInterrupt.
+    directory). Ctrl-C during the rounds writes the report of the rounds done, then re-raises
+    KeyboardInterrupt.
 
     `executor` measures one slot of the schedule (default: llama-bench through `LlamaBenchExecutor`); a
     replay of recorded samples can stand in for it."""
