@@ -1,24 +1,24 @@
 """ab-test reports: report.json (the record), report.md (for a terminal) and report.png (for a glance).
 
-report.md and report.png are pure functions of report.json, so `amppatch report DIR` re-renders them
-from the JSON alone (after editing, on another machine, or with a newer amppatch). The JSON layout is
-documented in docs/report-schema.md.
+report.json is read and written only through `amppatch.abtest.result.AbTestResult`; the renderers take its
+document (`to_json()`). report.md and report.png are pure functions of report.json, so `amppatch report
+DIR` re-renders them from the JSON alone (after editing, on another machine, or with a newer amppatch). The
+JSON layout is documented in docs/report-schema.md.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from amppatch.abtest.analysis import samples_from_report, settings_from_report, slice_verdicts
+from amppatch.abtest.result import REPORT_JSON, AbTestResult
 from amppatch.errors import UnmeasuredError, UsageError
-from amppatch.inputs import REPORT, read_json, write_error
+from amppatch.inputs import REPORT, write_error
 from amppatch.paths import write_text_atomic
 
-REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
 REPORT_PNG = "report.png"
 SUPPORTED_SCHEMA = REPORT.schema_version
@@ -302,24 +302,15 @@ def render_png(report: dict[str, Any], path: Path) -> None:
         plt.close(fig)
 
 
-def _jsonable(value: Any) -> Any:
-    """NaN/inf are not JSON: store them as null."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
-    return value
-
-
-def write_report(out: Path, report: dict[str, Any]) -> None:
+def write_report(out: Path, result: AbTestResult) -> None:
+    """Write report.json (the result's document), then render report.md and report.png from it."""
     out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out / REPORT_JSON, json.dumps(_jsonable(report), indent=1) + "\n")
+    write_text_atomic(out / REPORT_JSON, result.dumps())
     render_all(out)
 
 
-def load_report(directory: Path) -> dict[str, Any]:
+def load_report(directory: Path) -> AbTestResult:
+    """The ab-test result in `directory` (or its report.json), read through `AbTestResult.from_json`."""
     directory = Path(directory).expanduser()
     path = directory if directory.name == REPORT_JSON else directory / REPORT_JSON
     if directory.is_file() and directory.name != REPORT_JSON:
@@ -327,16 +318,18 @@ def load_report(directory: Path) -> dict[str, Any]:
                          next_step="pass the directory ab-test printed (or its report.json)")
     if not path.is_file():
         raise UsageError(f"{path} does not exist", next_step="pass the directory ab-test printed")
-    return read_json(path, REPORT)
+    return AbTestResult.read(path)
 
 
-def unmeasured(report: dict[str, Any]) -> list[dict[str, Any]]:
+def unmeasured(report: dict[str, Any] | AbTestResult) -> list[dict[str, Any]]:
     """The (arm, setting, reason) records of every arm that could not be measured at some setting."""
+    if isinstance(report, AbTestResult):
+        return report.failures
     failures = (report.get("diagnostics") or {}).get("failures") or []
     return [f for f in failures if isinstance(f, dict)]
 
 
-def require_measured(report: dict[str, Any], directory: Path, what: str = "ab-test") -> None:
+def require_measured(report: dict[str, Any] | AbTestResult, directory: Path, what: str = "ab-test") -> None:
     """Raise UnmeasuredError (after the report is written) when an arm could not be measured: a verdict
     with an arm missing is not the answer that was asked for, so the exit status must say so."""
     failed = unmeasured(report)
@@ -353,7 +346,7 @@ def render_all(directory: Path) -> Path:
     directory = Path(directory).expanduser()
     if directory.name == REPORT_JSON:
         directory = directory.parent
-    report = load_report(directory)
+    report = load_report(directory).to_json()
     md = directory / REPORT_MD
     write_text_atomic(md, render_markdown(report))
     render_png(report, directory / REPORT_PNG)

@@ -30,10 +30,11 @@ from typing import TYPE_CHECKING, Any
 
 from amppatch import __version__
 from amppatch.errors import AmppatchError, UsageError
-from amppatch.inputs import LEARNED, REPORT, RUN_STATE, creating_dir, read_json
+from amppatch.inputs import RUN_STATE, creating_dir, read_json
+from amppatch.learned import Learned
 from amppatch.paths import FileLock, options_json, write_text_atomic
 from amppatch.proc import progress
-from amppatch.report import require_measured, unmeasured
+from amppatch.report import REPORT_JSON, require_measured
 
 if TYPE_CHECKING:
     from amppatch.build import BuildOptions
@@ -289,10 +290,10 @@ class _Runner:
             tunable_manifest=Path(self.outputs["apply"]["manifest"]), threads=o.threads[0],
             verify_threads=tuple(o.threads[1:]), budget_minutes=o.budget_minutes, out=self.out / "tune",
             bench_args=self.bench_args(), lock=o.lock, seed=o.seed, **quick))
-        winners = result.learned["winners"]
+        winners = result.learned.winners
         return "done", {"learned": str(result.path), "paths": [str(result.path)], "kept": len(winners),
-                        "dropped": len(result.learned["dropped"]),
-                        "winners": [f"{w['key']} d={w['distance_bytes']} h={w['hint']}" for w in winners]}
+                        "dropped": len(result.learned.dropped),
+                        "winners": [f"{w.key} d={w.distance_bytes} h={w.hint}" for w in winners]}
 
     def bake(self) -> tuple[str, dict[str, Any]]:
         from amppatch.patch import ApplyOptions, apply
@@ -327,16 +328,18 @@ class _Runner:
         if o.lock is not None:
             progress(f"run: waiting for the measurement lock {o.lock} ...")
             with FileLock(o.lock):
-                report_dir = run_abtest(options)
+                report = run_abtest(options)
         else:
-            report_dir = run_abtest(options)
-        report = read_json(report_dir / "report.json", REPORT)
-        comps = [{k: c.get(k) for k in ("setting", "setting_label", "ratio", "ci95", "verdict")}
-                 for c in report["comparisons"]]
-        return "done", {"report": str(report_dir), "paths": [str(report_dir / "report.json")],
-                        "verdict": report.get("verdict"), "ratio": report.get("ratio"), "ci95": report.get("ci95"),
-                        "comparisons": comps, "failures": unmeasured(report),
-                        "median_tok_s": {a["name"]: a.get("median_tok_s") for a in report["arms"]}}
+            report = run_abtest(options)
+        assert report.path is not None
+        comps = [{"setting": c.setting, "setting_label": c.setting_label, "ratio": c.ratio,
+                  "ci95": None if c.ci95 is None else list(c.ci95), "verdict": c.verdict}
+                 for c in report.comparisons]
+        return "done", {"report": str(report.path), "paths": [str(report.path / REPORT_JSON)],
+                        "verdict": report.verdict, "ratio": report.ratio,
+                        "ci95": None if report.ci95 is None else list(report.ci95),
+                        "comparisons": comps, "failures": report.failures,
+                        "median_tok_s": {a.name: a.median_tok_s for a in report.arms}}
 
     def report(self) -> tuple[str, dict[str, Any]]:
         path = self.out / REPORT_FILE
@@ -366,12 +369,12 @@ def render_summary(o: RunOptions, outputs: dict[str, dict[str, Any]], state: dic
         lines.append(f"learned.json: {tune_out.get('learned')}")
         kept = ", ".join(tune_out.get("winners") or []) or "none"
         lines.append(f"- kept: {kept}; dropped: {tune_out.get('dropped')}")
-        learned = read_json(Path(tune_out["learned"]), LEARNED)
-        for d in learned.get("dropped", []):
+        learned = Learned.read(Path(tune_out["learned"]))
+        for d in learned.dropped:
             lines.append(f"- dropped {d.get('key')}: {d.get('reason')}")
-        b = learned.get("budget", {})
+        b = learned.budget
         lines.append(f"- budget: {b.get('spent_minutes')} of {b.get('minutes')} min ({b.get('stopped_because')}), "
-                     f"{len(learned.get('probes', []))} probe results")
+                     f"{len(learned.probes)} probe results")
     lines += ["", "## Stock vs tuned", ""]
     if final.get("report"):
         lines += ["| setting | ratio tuned/stock | 95% CI | verdict |", "|---|---|---|---|"]

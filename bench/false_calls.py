@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from amppatch import calibrate, stats
+from amppatch.abtest.result import AbTestResult
+from amppatch.learned import Learned
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "tests" / "data" / "abtest-recordings.json"
@@ -55,28 +57,27 @@ def extract(args: argparse.Namespace) -> int:
     new: list[calibrate.Recording] = []
     for item in args.reports:
         path = Path(item)
-        report_path = path / "report.json" if path.is_dir() else path
-        report = json.loads(report_path.read_text())
-        opts = report["options"]
+        result = AbTestResult.read(path)
+        report = result.to_json()
         builds = {a["build"] + "|" + " ".join(a["bench_args"]) + "|" + json.dumps(a["env"], sort_keys=True)
-                  for a in opts["arms"]}
+                  for a in result.options["arms"]}
         kind = "aa" if len(builds) == 1 else "ab"
-        label = args.label or _rel(report_path.parent)
-        for setting in report["settings"]:
-            rid = f"{label} {setting['id']}"
+        label = args.label or _rel(path if path.is_dir() else path.parent)
+        for setting in result.settings:
+            rid = f"{label} {setting.id}"
             if rid in have:
                 continue
-            diag = report.get("diagnostics", {})
+            diag = result.diagnostics
             usage = diag.get("cpu_usage") or {}
             note = (f"{report['environment']['model']['path'].rsplit('/', 1)[-1]}; "
                     f"load {diag.get('loadavg_start', {}).get('1min')}, others' CPU share {usage.get('others')}")
-            new.append(calibrate.recording_from_report(report, setting["id"], id=rid, condition=args.condition,
+            new.append(calibrate.recording_from_report(report, setting.id, id=rid, condition=args.condition,
                                                        kind=kind, note=note))
     for learned_path in args.from_learned:
-        learned = json.loads(Path(learned_path).read_text())
-        seed = int(learned["options"].get("seed", 0))
+        learned = Learned.read(Path(learned_path))
+        seed = int(learned.options.get("seed", 0))
         reports: dict[str, list[dict[str, Any]]] = {}
-        for p in learned["probes"]:
+        for p in learned.probes:
             reports.setdefault(p["report"], []).append(p)
         for report_dir, probes in reports.items():
             if len(probes) != 1 or not probes[0].get("samples_ns"):

@@ -14,6 +14,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from amppatch.abtest.result import AbTestResult
 from amppatch.errors import CorrectnessError
 from amppatch.proc import progress
 from bench.options import BenchOptions
@@ -85,8 +86,9 @@ def read_json(path: Path) -> Any:
 
 
 def race(arms: Sequence[RaceArm], model: Path, threads: tuple[int, ...], out: Path, options: BenchOptions, *,
-         gate_model: Path | None, max_time: float | None, rounds: int | None) -> dict[str, Any]:
-    """One interleaved ab-test run under the measurement lock; returns its report.json."""
+         gate_model: Path | None, max_time: float | None, rounds: int | None) -> tuple[AbTestResult, str | None]:
+    """One interleaved ab-test run under the measurement lock; returns its result and, when the arms were
+    re-gated with the perplexity tolerance, why."""
     from amppatch.abtest import AbTestOptions, ArmSpec, run_abtest
 
     ab = AbTestOptions(
@@ -99,13 +101,11 @@ def race(arms: Sequence[RaceArm], model: Path, threads: tuple[int, ...], out: Pa
     gate_note = None
     with measure_lock(f"ab-test {out.name}"):
         try:
-            report_dir = run_abtest(ab)
+            result = run_abtest(ab)
         except CorrectnessError as exc:
             # Different code generation (PGO, -fprefetch-loop-arrays) may legitimately contract a*b+c into
             # an FMA differently; such an arm is then held to the perplexity tolerance instead of dropped.
             gate_note = f"identical-output gate failed ({exc.message}); re-gated with --gate tolerance"
             progress(f"bench: {gate_note}")
-            report_dir = run_abtest(replace(ab, gate_mode="tolerance"))
-    report = json.loads((report_dir / "report.json").read_text())
-    report["bench_gate_note"] = gate_note
-    return report
+            result = run_abtest(replace(ab, gate_mode="tolerance"))
+    return result, gate_note

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from amppatch.abtest.result import AbTestResult
 from amppatch.errors import UsageError
 from amppatch.paths import write_text_atomic
 from bench.arms import ARMS
@@ -127,13 +128,14 @@ def render_only(options: BenchOptions) -> Path:
             machine["ceiling_4k_gbps"] = {str(k): v for k, v in small_page_ceiling(info.stream).items()}
     ceiling_4k = {int(k): float(v) for k, v in (machine.get("ceiling_4k_gbps") or {}).items()}
     add_page_ceiling([r for r in results["rows"] if r.get("median_tok_s") is not None], ceiling_4k)
-    reports: dict[Path, dict[str, Any]] = {}  # one run's report serves both of its thread counts
+    reports: dict[Path, AbTestResult] = {}  # one run's report serves both of its thread counts
     for r in results["rows"]:  # rows of runs made before the comparison existed: from their raw samples
         report = Path(r.get("report") or "", "report.json")
         if r["arm"] == "amppatch" and "vs_best_other" not in r and r.get("setting") and report.is_file():
             if report not in reports:
-                reports[report] = json.loads(report.read_text())
-            r["vs_best_other"] = amppatch_vs_best_other(reports[report], r["setting"])
+                reports[report] = AbTestResult.read(report)
+            result = reports[report]
+            r["vs_best_other"] = amppatch_vs_best_other(result.samples, r["setting"], min_effect=result.min_effect)
     write_results(results, options)
     return Path(options.results)
 

@@ -9,30 +9,27 @@ import statistics
 from collections.abc import Sequence
 from typing import Any
 
-from amppatch.errors import UsageError
+from amppatch.abtest.result import AbTestResult
 from bench.arms import ARMS, HUGEPAGE_ARMS, ArmDef
 from bench.configs import RunGroup, all_configs
 
 
-def rows_from_report(report: dict[str, Any], group: RunGroup, arms: Sequence[ArmDef],
+def rows_from_report(report: AbTestResult, group: RunGroup, arms: Sequence[ArmDef],
                      extra: dict[str, Any] | None = None) -> list[dict[str, Any]]:
-    """One row per (configuration, arm) from an ab-test report.json."""
-    if report.get("schema_version") != 1:
-        raise UsageError(f"ab-test report schema {report.get('schema_version')!r} is not 1",
-                         next_step="update bench/rows.py for the new schema (docs/report-schema.md)")
-    by_threads = {s["threads"]: s for s in report["settings"] if s["test"] == "tg"}
-    arm_records = {a["name"]: a for a in report["arms"]}
-    comps = {(c["arm"], c["setting"]): c for c in report["comparisons"]}
-    diag = report.get("diagnostics") or {}
+    """One row per (configuration, arm) from an ab-test result."""
+    by_threads = {s.threads: s for s in report.settings if s.test == "tg"}
+    arm_records = {a.name: a for a in report.arms}
+    comps = {(c.arm, c.setting): c for c in report.comparisons}
+    diag = report.diagnostics
     rows = []
     for config in group.configs():
         setting = by_threads.get(config.threads)
         if setting is None:
             continue
-        sid = setting["id"]
+        sid = setting.id
         for arm in arms:
-            rec = arm_records.get(arm.name, {})
-            st = (rec.get("by_setting") or {}).get(sid) or {}
+            rec = arm_records.get(arm.name)
+            st = rec.at(sid) if rec is not None else {}
             bw = st.get("bandwidth") or {}
             share = bw.get("share_of_ceiling")
             row: dict[str, Any] = {
@@ -50,9 +47,9 @@ def rows_from_report(report: dict[str, Any], group: RunGroup, arms: Sequence[Arm
                 "n": st.get("n"),
                 "failed": st.get("failed"),
                 "setting": sid,
-                "build_dir": rec.get("build_dir"),
-                "bench_args": rec.get("bench_args"),
-                "env": rec.get("env"),
+                "build_dir": rec.build_dir if rec is not None else None,
+                "bench_args": list(rec.bench_args) if rec is not None else None,
+                "env": rec.env if rec is not None else None,
                 "loadavg_start": diag.get("loadavg_start"),
                 "loadavg_end": diag.get("loadavg_end"),
             }
@@ -62,30 +59,28 @@ def rows_from_report(report: dict[str, Any], group: RunGroup, arms: Sequence[Arm
             else:
                 comp = comps.get((arm.name, sid))
                 if comp is not None:
-                    row.update(ratio=comp.get("ratio"), ci95=comp.get("ci95"), verdict=comp.get("verdict"),
-                               resolution=comp.get("resolution"), p_value=comp.get("p_value"))
-                    if comp.get("unavailable"):
-                        row["failed"] = row["failed"] or comp["unavailable"]
-            if arm.name == "amppatch" and report.get("samples"):
-                row["vs_best_other"] = amppatch_vs_best_other(report, sid)
+                    row.update(ratio=comp.ratio, ci95=None if comp.ci95 is None else list(comp.ci95),
+                               verdict=comp.verdict, resolution=comp.resolution, p_value=comp.p_value)
+                    if comp.unavailable:
+                        row["failed"] = row["failed"] or comp.unavailable
+            if arm.name == "amppatch" and report.samples:
+                row["vs_best_other"] = amppatch_vs_best_other(report.samples, sid, min_effect=report.min_effect)
             if extra:
                 row.update(extra)
             rows.append(row)
     return rows
 
 
-def amppatch_vs_best_other(report: dict[str, Any], setting: str, *, min_effect: float | None = None,
+def amppatch_vs_best_other(raw: Sequence[dict[str, Any]], setting: str, *, min_effect: float | None = None,
                            seed: int = 0) -> dict[str, Any] | None:
     """The amppatch arm against the fastest arm that is not amppatch's (by median, stock included), paired by
-    block from the report's raw samples: is amppatch "never measurably slower than any other arm"? The effect
-    size is the run's own unless given."""
+    block from a report's raw samples (`AbTestResult.samples`): is amppatch "never measurably slower than any
+    other arm"? The effect size is the run's own (`AbTestResult.min_effect`), else 0.03."""
     from amppatch.abtest import Sample, compare_arms
 
-    if min_effect is None:
-        min_effect = float((report.get("options") or {}).get("min_effect") or 0.03)
-
+    min_effect = float(min_effect or 0.03)
     fields = {f.name for f in dataclasses.fields(Sample)}
-    samples = [Sample(**{k: v for k, v in s.items() if k in fields}) for s in report.get("samples", [])
+    samples = [Sample(**{k: v for k, v in s.items() if k in fields}) for s in raw
                if s.get("setting") == setting and s.get("ns")]
     arms = {s.arm for s in samples}
     if "amppatch" not in arms:

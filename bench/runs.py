@@ -118,21 +118,21 @@ def run_group(ctx: Context, results: dict[str, Any], group: RunGroup, arms: Sequ
     started = _utc_now()
     t0 = time.monotonic()
     try:
-        report = race(spec, ctx.models[group.weight_type], group.threads, out, options,
+        report, gate_note = race(spec, ctx.models[group.weight_type], group.threads, out, options,
                       gate_model=ctx.gate_models[group.weight_type], max_time=share, rounds=fixed)
     except AmppatchError as exc:
         progress(f"bench: run {group.id} failed: {exc.message}")
         results["runs"] = [r for r in results["runs"] if r["group"] != group.id] + [
             {"group": group.id, "started_utc": started, "failed": exc.message}]
         return
-    diag = report.get("diagnostics") or {}
+    diag = report.diagnostics
     run_info = {"group": group.id, "started_utc": started, "duration_s": round(time.monotonic() - t0, 1),
                 "report": str(out), "rounds": diag.get("rounds"), "stopped_because": diag.get("stopped_because"),
                 "loadavg_start": diag.get("loadavg_start"), "loadavg_end": diag.get("loadavg_end"),
                 "warnings": diag.get("warnings"), "max_time_s": None if fixed else round(share),
-                "gate_note": report.get("bench_gate_note"),
-                "correctness": [{k: c.get(k) for k in ("arm", "mode", "passed", "detail")}
-                                for c in report.get("correctness", [])]}
+                "gate_note": gate_note,
+                "correctness": [{"arm": c.arm, "mode": c.mode, "passed": c.passed, "detail": c.detail}
+                                for c in report.correctness]}
     new_rows = add_page_ceiling(rows_from_report(report, group, arms, {"report": str(out)}),
                                 ceiling_4k) + missing_rows(group, missing)
     results["rows"] = merge_rows(results["rows"], new_rows)

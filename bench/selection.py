@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from amppatch.errors import UsageError
+from amppatch.learned import Learned
 from amppatch.paths import write_text_atomic
 from amppatch.proc import progress
 from bench.builds import Context, build_options_for, locked_build
@@ -73,9 +74,9 @@ def select_gcc_params(ctx: Context) -> dict[str, Any]:
     for wt in GCC_GRID_TYPES:
         arms = [("stock", ctx.stock["native"].dir, (), ())]
         arms += [(f"g{i}", builds[p].dir, (), ()) for i, p in enumerate(GCC_GRID)]
-        report = race(arms, ctx.models[wt], (1,), Path(opts.work) / "reports" / f"gcc-grid-{wt}", opts,
+        report, _ = race(arms, ctx.models[wt], (1,), Path(opts.work) / "reports" / f"gcc-grid-{wt}", opts,
                       gate_model=None, max_time=None, rounds=SELECTION_ROUNDS)
-        cands = {GCC_GRID[int(c["arm"][1:])]: c for c in report["comparisons"]}
+        cands = {GCC_GRID[int(c.arm[1:])]: c.to_json() for c in report.comparisons}
         best, why = pick_best(cands)
         # A flag arm that loses everywhere still has to be raced: keep GCC's defaults then.
         per_type[wt] = best or GCC_GRID[0]
@@ -176,8 +177,7 @@ def learned_amx_types(paths: Sequence[Path]) -> set[str]:
 
     types: set[str] = set()
     for path in paths:
-        data = read_json(Path(path)) or {}
-        for site in data.get("sites", []):
+        for site in Learned.read(Path(path)).sites:
             if site.get("kept") and "/amx/" in str(site.get("file") or ""):
                 types.add(model_type_for(str(site.get("function") or "")) or "?")
     return types
@@ -286,9 +286,9 @@ def quick_search(ctx: Context, sites: list[dict[str, Any]], machine: dict[str, A
                 env.append((s["env"]["distance"], str(_round_line(s["distance_bytes"] * scale))))
                 env.append((s["env"]["hint"], str(hint)))
             arms.append((f"c{i}", tunable.dir, bench_args, tuple(env)))
-        report = race(arms, ctx.models[wt], (1,), Path(opts.work) / "reports" / f"search-{target}", opts,
+        report, _ = race(arms, ctx.models[wt], (1,), Path(opts.work) / "reports" / f"search-{target}", opts,
                       gate_model=None, max_time=None, rounds=SELECTION_ROUNDS)
-        cands = {str(SEARCH_GRID[int(c["arm"][1:])]): c for c in report["comparisons"]}
+        cands = {str(SEARCH_GRID[int(c.arm[1:])]): c.to_json() for c in report.comparisons}
         best, why = pick_best(cands)
         per_type[target] = SEARCH_GRID[[str(g) for g in SEARCH_GRID].index(best)] if best else None
         races[target] = {"candidates": {k: {"ratio": c["ratio"], "ci95": c["ci95"]} for k, c in cands.items()},

@@ -18,9 +18,11 @@ extra llama-bench flags for that arm (e.g. ``::--repack 0``); a segment ``VAR=VA
 variable for that arm. ``--a``/``--b`` take the same text without ``NAME=`` (their names are A and B).
 
 The package, along the run's seams: `options` (arms, options, settings), `schedule` (mirror blocks),
-`analysis` (samples and verdicts, pure; report.py imports only this), `gating` (correctness-gate plan),
-`hostload` (/proc and /sys readers), `probes` (stream ceiling, tracer, perf), `execute` (llama-bench calls,
-warmup, one round), `runner` (setup, timed rounds, stop rule) and `assemble` (diagnostics, report.json).
+`analysis` (samples and verdicts, pure), `result` (`AbTestResult`, the typed result `run_abtest` returns:
+the one reader and writer of report.json; report.py imports only these two), `gating` (correctness-gate
+plan), `hostload` (/proc and /sys readers), `probes` (stream ceiling, tracer, perf), `execute` (llama-bench
+calls, warmup, one round), `runner` (setup, timed rounds, stop rule) and `assemble` (diagnostics, the
+report document).
 This module re-exports the names other modules use; a test that replaces a function must patch the module
 that looks it up (`execute._run_bench`, `runner.stream_ceiling`); those two are deliberately not re-exported
 here, so patching them on this package fails loudly instead of silently changing nothing.
@@ -75,17 +77,65 @@ from amppatch.abtest.options import (
     validate,
 )
 from amppatch.abtest.probes import ceiling_for, llc_counter_status, load_tracer, parse_perf_llc
+from amppatch.abtest.result import AbTestResult, ArmResult, Comparison, GateRecord, SettingRecord
 from amppatch.abtest.runner import run_abtest, stop_rule
 from amppatch.abtest.schedule import Slot, block_order, make_schedule, round_slots
 
 __all__ = [
-    "DEFAULT_ROUNDS", "GATE_MODES", "MIN_ROUNDS", "SCHEMA_VERSION", "STOP_MIN_ROUNDS", "STOP_RULE_N_BOOT", "TESTS",
-    "AbTestOptions", "ArmSpec", "LlamaBenchExecutor", "Sample", "Setting", "Slot", "SlotExecutor",
-    "_BenchFailed", "_bench_argv", "_flag_values", "_gate_pairs", "_proc_cpu_ticks",
-    "analyze", "arm_threads", "block_order", "busy_processes", "ceiling_for", "compare_arms", "comparison_json",
-    "cpu_usage", "gate_args_for", "kernel_signature", "llc_counter_status", "load_tracer", "make_schedule",
-    "own_cpu_ticks", "page_cache", "parse_arm", "parse_perf_llc", "per_round_medians", "play_round",
-    "read_cpu_times", "read_cpufreq", "read_loadavg", "round_slots", "run_abtest", "samples_by_block",
-    "samples_from_report", "settings_for", "settings_from_report", "slice_verdicts", "stop_rule",
-    "validate", "warmup",
+    "DEFAULT_ROUNDS",
+    "GATE_MODES",
+    "MIN_ROUNDS",
+    "SCHEMA_VERSION",
+    "STOP_MIN_ROUNDS",
+    "STOP_RULE_N_BOOT",
+    "TESTS",
+    "AbTestOptions",
+    "AbTestResult",
+    "ArmResult",
+    "ArmSpec",
+    "Comparison",
+    "GateRecord",
+    "LlamaBenchExecutor",
+    "Sample",
+    "Setting",
+    "SettingRecord",
+    "Slot",
+    "SlotExecutor",
+    "_BenchFailed",
+    "_bench_argv",
+    "_flag_values",
+    "_gate_pairs",
+    "_proc_cpu_ticks",
+    "analyze",
+    "arm_threads",
+    "block_order",
+    "busy_processes",
+    "ceiling_for",
+    "compare_arms",
+    "comparison_json",
+    "cpu_usage",
+    "gate_args_for",
+    "kernel_signature",
+    "llc_counter_status",
+    "load_tracer",
+    "make_schedule",
+    "own_cpu_ticks",
+    "page_cache",
+    "parse_arm",
+    "parse_perf_llc",
+    "per_round_medians",
+    "play_round",
+    "read_cpu_times",
+    "read_cpufreq",
+    "read_loadavg",
+    "round_slots",
+    "run_abtest",
+    "samples_by_block",
+    "samples_from_report",
+    "settings_for",
+    "settings_from_report",
+    "slice_verdicts",
+    "stop_rule",
+    "validate",
+    "warmup",
 ]  # fmt: skip

@@ -39,6 +39,7 @@ from amppatch.abtest.options import (
     validate,
 )
 from amppatch.abtest.probes import _Tracer, llc_counter_status, load_tracer, stream_ceiling
+from amppatch.abtest.result import AbTestResult
 from amppatch.abtest.schedule import round_slots
 from amppatch.errors import RegressionError, UnmeasuredError
 from amppatch.inputs import creating_dir
@@ -89,9 +90,10 @@ def _default_out() -> Path:
     return Path.cwd() / time.strftime("abtest-%Y%m%d-%H%M%S")
 
 
-def run_abtest(options: AbTestOptions, executor: SlotExecutor | None = None) -> Path:
-    """Run the whole ab-test and write report.md/.json/.png; returns the report directory. Ctrl-C during
-    the rounds writes the report of the rounds done, then re-raises KeyboardInterrupt.
+def run_abtest(options: AbTestOptions, executor: SlotExecutor | None = None) -> AbTestResult:
+    """Run the whole ab-test and write report.md/.json/.png; returns the result (its `path` is the report
+    directory). Ctrl-C during the rounds writes the report of the rounds done, then re-raises
+    KeyboardInterrupt.
 
     `executor` measures one slot of the schedule (default: llama-bench through `LlamaBenchExecutor`); a
     replay of recorded samples can stand in for it."""
@@ -144,7 +146,7 @@ def _setup(options: AbTestOptions, out: Path) -> Setup:
                  llc_ok, llc_note)
 
 
-def _run_abtest(options: AbTestOptions, out: Path, executor: SlotExecutor | None) -> Path:
+def _run_abtest(options: AbTestOptions, out: Path, executor: SlotExecutor | None) -> AbTestResult:
     from amppatch.report import write_report
 
     setup = _setup(options, out)
@@ -170,7 +172,8 @@ def _run_abtest(options: AbTestOptions, out: Path, executor: SlotExecutor | None
     # 4. statistics, diagnostics, report
     comps = analyze(timed.samples, setup.names, setup.settings, failures, min_effect=options.min_effect,
                     seed=options.seed, n_boot=options.n_boot)
-    write_report(out, build_report(setup, timed, comps))
+    result = AbTestResult.from_json(build_report(setup, timed, comps), out)
+    write_report(out, result)
     if timed.interrupted:
         progress(f"ab-test: partial report of {timed.rounds} rounds in {out}")
         raise KeyboardInterrupt  # the exit status says the run did not finish (130), the report is kept
@@ -180,7 +183,7 @@ def _run_abtest(options: AbTestOptions, out: Path, executor: SlotExecutor | None
             listed = ", ".join(f"{c['arm']} {c['setting']} ({c['ratio']:.3f}×)" for c in slower)
             raise RegressionError(f"measurably slower than {setup.names[0]}: {listed}; report in {out}",
                                   next_step="see report.md; drop --fail-on-regression to only report")
-    return out
+    return result
 
 
 def _timed_rounds(setup: Setup, executor: SlotExecutor | None, failures: dict[tuple[str, str], str]) -> Timed:

@@ -129,14 +129,16 @@ def options_from_args(args: argparse.Namespace) -> AbTestOptions:
 def run(args: argparse.Namespace) -> Path:
     from amppatch.abtest import run_abtest
     from amppatch.inputs import check_out_dir
-    from amppatch.report import REPORT_JSON, REPORT_MD, load_report, require_measured
+    from amppatch.report import REPORT_JSON, REPORT_MD, require_measured
 
     if args.out is not None:
         # An earlier result is evidence: overwriting it takes --force.
         args.out = check_out_dir(args.out, result_file=REPORT_JSON, force=args.force, command="ab-test")
     else:
         check_out_dir(Path.cwd())  # where ./abtest-<time> goes
-    out = run_abtest(options_from_args(args))
+    result = run_abtest(options_from_args(args))
+    assert result.path is not None
+    out = result.path
     print((out / REPORT_MD).read_text(encoding="utf-8"), end="")
-    require_measured(load_report(out), out)  # the report stands; the exit status says an arm is missing
+    require_measured(result, out)  # the report stands; the exit status says an arm is missing
     return out

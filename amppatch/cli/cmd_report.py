@@ -28,7 +28,7 @@ def run(args: argparse.Namespace) -> Path:
     md = render_all(args.dir)
     if args.slices is None:
         return md
-    text, results = render_slices(load_report(md.parent), args.slices)
+    text, results = render_slices(load_report(md.parent).to_json(), args.slices)
     print(text, end="")
     out = md.parent / "slices.json"
     write_text_atomic(out, json.dumps({"schema_version": 1, "slices": args.slices, "comparisons": results},

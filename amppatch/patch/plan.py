@@ -11,7 +11,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from amppatch.errors import UsageError
-from amppatch.inputs import LEARNED, PROFILE, read_json
+from amppatch.inputs import PROFILE, read_json
+from amppatch.learned import Learned
 from amppatch.proc import progress
 from amppatch.source import (
     FunctionAnalysis,
@@ -128,23 +129,18 @@ def sites_from_learned(paths: Sequence[Path]) -> tuple[list[SiteRequest], list[d
     sources: list[dict] = []
     seen: dict[tuple, tuple[Path, int, int]] = {}
     for path in paths:
-        learned = read_json(path, LEARNED)
-        winners = learned.get("winners") if isinstance(learned, dict) else None
-        if not isinstance(winners, list):
-            raise UsageError(f"{path} has no `winners` list",
-                             next_step="pass a learned.json written by `amppatch tune`")
+        learned = Learned.read(path)
+        winners = learned.winners
         if not winners:
-            dropped = "; ".join(f"{d.get('key')}: {d.get('reason')}" for d in learned.get("dropped", []))
+            dropped = "; ".join(f"{d.get('key')}: {d.get('reason')}" for d in learned.dropped)
             raise UsageError(f"{path} keeps no site: tune found no prefetch that beats 'off' beyond the noise"
                              + (f" ({dropped})" if dropped else ""),
                              next_step="keep the stock build, or tune longer (a larger --budget) or other sites"
                              + (" (or leave this file out)" if len(paths) > 1 else ""))
         for i, w in enumerate(winners):
-            if not isinstance(w, dict) or "function" not in w:
-                raise UsageError(f"{path}: winner {i} has no `function`", next_step="rerun `amppatch tune`")
-            d, h = _check_params(w.get("distance_bytes"), w.get("hint"), f"{path} winner {i}")
-            loop = parse_loop_key(w.get("loop"))
-            identity = (str(w["function"]), loop, w.get("stream") or None)
+            d, h = _check_params(w.distance_bytes, w.hint, f"{path} winner {i}")
+            loop = parse_loop_key(w.loop)
+            identity = (str(w.function), loop, w.stream or None)
             if identity in seen:
                 other, od, oh = seen[identity]
                 if (od, oh) != (d, h):
@@ -156,7 +152,7 @@ def sites_from_learned(paths: Sequence[Path]) -> tuple[list[SiteRequest], list[d
             inputs = {"learned": str(path), "ratio": w.get("ratio"), "ci95": w.get("ci95"),
                       "ratio_by_threads": w.get("ratio_by_threads")}
             out.append(SiteRequest(identity[0], loop, identity[2], d, h, "learned", inputs))
-        sources.append(learned)
+        sources.append(learned.to_json())
     return out, sources
 
 

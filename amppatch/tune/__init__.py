@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from amppatch import __version__
 from amppatch.errors import AmppatchError, UsageError
 from amppatch.inputs import APPLY_MANIFEST, PROFILE, check_gguf, creating_dir, read_json
+from amppatch.learned import Learned
 from amppatch.paths import options_json, write_text_atomic
 from amppatch.proc import progress
 from amppatch.tune.plot import render_landscape
@@ -191,7 +192,7 @@ def _tunable_variant(options: TuneOptions) -> dict[str, Any]:
 @dataclass
 class TuneResult:
     path: Path
-    learned: dict[str, Any]
+    learned: Learned
 
 
 def _code_path(build_manifest: dict[str, Any]) -> dict[str, Any]:
@@ -224,7 +225,7 @@ class _Learned:
     sites: list[dict[str, Any]] = field(default_factory=list)
     probes: list[dict[str, Any]] = field(default_factory=list)
 
-    def write(self, stopped: str) -> dict[str, Any]:
+    def write(self, stopped: str) -> Learned:
         from amppatch.machine import cpu_model
 
         options, manifest, config, budget = self.options, self.manifest, self.config, self.budget
@@ -258,8 +259,9 @@ class _Learned:
             "dropped": [{k: r[k] for k in ("key", "function", "loop", "stream")} | {"reason": r["reason"],
                         "best": r["best"]} for r in self.sites if not r["kept"]],
         }
-        write_text_atomic(self.path, json.dumps(data, indent=1, default=str) + "\n")
-        return data
+        text = json.dumps(data, indent=1, default=str) + "\n"
+        write_text_atomic(self.path, text)
+        return Learned.from_json(json.loads(text), self.path)  # the document as written (paths as text)
 
 
 def _site_record(site: dict[str, Any], start: Candidate, search: SiteSearch, threads: int,
@@ -333,7 +335,8 @@ def _tune(options: TuneOptions) -> TuneResult:
         progress("tune: interrupted; writing what was reached")
     if any(r["phases_skipped"] for r in learned.sites):
         stopped = "budget spent" if stopped == "done" else stopped
-    data = learned.write(stopped)
+    result = learned.write(stopped)
+    data = result.to_json()
     plot = render_landscape(data, options.out / "tune.png")
     if plot is not None:
         progress(f"tune: landscape per site in {plot}")
@@ -345,4 +348,4 @@ def _tune(options: TuneOptions) -> TuneResult:
         raise KeyboardInterrupt  # the exit status says tune did not finish (130); learned.json is kept
     if data["winners"]:
         progress(f"next: amppatch apply --repo {options.repo} --learned {learned.path}")
-    return TuneResult(learned.path, data)
+    return TuneResult(learned.path, result)

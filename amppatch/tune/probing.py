@@ -7,7 +7,6 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from amppatch.inputs import REPORT, read_json
 from amppatch.paths import FileLock
 from amppatch.proc import progress
 from amppatch.tune.search import OFF, Budget, Candidate, ProbeResult
@@ -66,28 +65,28 @@ class _Prober:
             waited = time.monotonic()
             with FileLock(o.lock):
                 self.budget.exclude(time.monotonic() - waited)
-                report_dir = run_abtest(ab)
+                report = run_abtest(ab)
         else:
-            report_dir = run_abtest(ab)
-        report = read_json(report_dir / "report.json", REPORT)
-        arms_by_name = {a["name"]: a for a in report["arms"]}
-        off = arms_by_name["off"]
+            report = run_abtest(ab)
+        off = report.arm("off")
         results = []
         for c in candidates:
-            comp = next((x for x in report["comparisons"] if x["arm"] == c.name), None)
-            arm = arms_by_name.get(c.name, {})
-            extra = {"rounds": rounds, "report": str(report_dir), "median_tok_s": arm.get("median_tok_s"),
-                     "off_median_tok_s": off.get("median_tok_s"), "samples_ns": arm.get("samples_ns", []),
-                     "off_samples_ns": off.get("samples_ns", []), "n_tokens": o.probe_tokens,
-                     "n_blocks": comp.get("n_blocks") if comp else None,
-                     "warnings": [w for w in report.get("diagnostics", {}).get("warnings", [])
+            comp = report.comparison(c.name)
+            arm = report.arm(c.name)
+            extra = {"rounds": rounds, "report": str(report.path),
+                     "median_tok_s": arm.median_tok_s if arm else None,
+                     "off_median_tok_s": off.median_tok_s if off else None,
+                     "samples_ns": list(arm.samples_ns) if arm else [],
+                     "off_samples_ns": list(off.samples_ns) if off else [], "n_tokens": o.probe_tokens,
+                     "n_blocks": comp.n_blocks if comp else None,
+                     "warnings": [w for w in report.warnings
                                   if w.startswith((c.name, "the machine", "other processes", "the hypervisor"))]}
-            if comp is None or comp.get("ratio") is None:
+            if comp is None or comp.ratio is None or comp.ci95 is None:
                 results.append(ProbeResult(c, threads, phase, None, None, "unavailable", extra=extra))
                 continue
-            ci = (float(comp["ci95"][0]), float(comp["ci95"][1]))
-            results.append(ProbeResult(c, threads, phase, float(comp["ratio"]), ci, comp["verdict"], extra=extra))
-            progress(f"tune:   {c.name}: {comp['ratio']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}] {comp['verdict']} "
-                     f"({arm.get('median_tok_s', 0):.2f} vs {off.get('median_tok_s', 0):.2f} tok/s)")
+            ci = (float(comp.ci95[0]), float(comp.ci95[1]))
+            results.append(ProbeResult(c, threads, phase, float(comp.ratio), ci, comp.verdict, extra=extra))
+            progress(f"tune:   {c.name}: {comp.ratio:.3f} [{ci[0]:.3f}, {ci[1]:.3f}] {comp.verdict} "
+                     f"({extra['median_tok_s'] or 0:.2f} vs {extra['off_median_tok_s'] or 0:.2f} tok/s)")
         return results
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from amppatch.abtest import AbTestOptions, ArmSpec, parse_arm, run_abtest
+from amppatch.abtest import AbTestOptions, AbTestResult, ArmSpec, parse_arm, run_abtest
 from amppatch.build import Build
 from amppatch.report import render_all
 from amppatch.stats import VERDICTS
@@ -28,8 +28,12 @@ def test_short_aa_run_writes_a_complete_report(native_build: Build, tiny_model_q
         out=tmp_path / "aa",
         n_boot=500,
     )
-    out = run_abtest(options)
+    result = run_abtest(options)
+    assert result.path is not None
+    out = result.path
     data = json.loads((out / "report.json").read_text())
+    # the file is the typed result's document, and reading it back gives the same document
+    assert result.to_json() == data == AbTestResult.from_json(data).to_json()
     assert data["schema_version"] == 1
     assert data["verdict"] in VERDICTS
     low, high = data["ci95"]
@@ -66,7 +70,8 @@ def test_settings_arm_gets_the_tolerance_gate_and_a_broken_arm_is_reported(
     out = run_abtest(AbTestOptions(
         arms=(ArmSpec("A", native_build.dir), norepack), model=tiny_model_q4_0, tokens=8, reps=1, rounds=2,
         out=tmp_path / "settings", n_boot=300, latency="off",
-    ))
+    )).path
+    assert out is not None
     data = json.loads((out / "report.json").read_text())
     assert data["correctness"][0]["mode"] == "tolerance" and data["correctness"][0]["passed"]
     assert data["arms"][1]["bench_args"] == ["--repack", "0"]
@@ -75,10 +80,12 @@ def test_settings_arm_gets_the_tolerance_gate_and_a_broken_arm_is_reported(
     # An arm that cannot run here (a quantized V cache needs flash attention, which it turns off): reported
     # per setting, not a crash of ab-test.
     broken = parse_arm(f"broken={native_build.dir}::-ctv q4_0 -fa 0")
-    out = run_abtest(AbTestOptions(
+    result = run_abtest(AbTestOptions(
         arms=(ArmSpec("A", native_build.dir), broken), model=tiny_model_q4_0, tokens=8, reps=1, rounds=2,
         out=tmp_path / "broken", skip_correctness=True, n_boot=300, latency="off",
     ))
+    assert result.path is not None and result.verdict == "unavailable" and result.failures
+    out = result.path
     data = json.loads((out / "report.json").read_text())
     assert data["verdict"] == "unavailable"
     assert data["comparisons"][0]["unavailable"].startswith("broken: cannot run")

@@ -22,7 +22,9 @@ def tuned(llama_repo: Path, native_build, tiny_model_q8_0: Path, tmp_path_factor
         out=out, grid_min=1024, grid_max=4096, probe_tokens=16, probe_reps=2, probe_rounds=2, confirm_rounds=2,
         refine_levels=1, max_batch=6, gate_model=tiny_model_q8_0))
     assert result.path == out / "learned.json"
-    return {"out": out, "learned": json.loads(result.path.read_text()), "path": result.path}
+    text = result.path.read_text()
+    assert result.learned.dumps() == text  # the returned result is the file, key for key
+    return {"out": out, "learned": json.loads(text), "path": result.path}
 
 
 def test_learned_json_records_every_probe(tuned: dict) -> None:

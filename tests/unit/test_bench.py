@@ -6,11 +6,13 @@ import json
 import sys
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root holds bench/
 
+from amppatch.abtest import AbTestResult
 from amppatch.errors import UsageError
 from bench import compare
 
@@ -116,14 +118,22 @@ def test_time_share_follows_the_weights_and_keeps_a_floor() -> None:
     assert weights == {"q4_0:native:1": 600.0, "f16:native:1,2": 4000.0}
 
 
-def _report() -> dict:
+def _report(**changes: Any) -> AbTestResult:
+    """A two-arm result, read through the checker every report.json passes."""
+    return AbTestResult.from_json({**_document(), **changes})
+
+
+def _document() -> dict:
     def by(median: float, share: float) -> dict:
         return {"median_tok_s": median, "cv": 0.02, "n": 8, "failed": None,
                 "bandwidth": {"gb_per_s": median * 1.1, "ceiling_gbps": 40.0, "share_of_ceiling": share}}
 
     return {
         "schema_version": 1,
-        "settings": [{"id": "tg32-t1", "test": "tg", "threads": 1}, {"id": "tg32-t2", "test": "tg", "threads": 2}],
+        "options": {"model": "/m.gguf", "reps": 2, "seed": 0, "min_effect": 0.03},
+        "verdict": "faster",
+        "settings": [{"id": "tg32-t1", "label": "tg32, 1 thread", "test": "tg", "threads": 1, "n_tokens": 32},
+                     {"id": "tg32-t2", "label": "tg32, 2 threads", "test": "tg", "threads": 2, "n_tokens": 32}],
         "arms": [
             {"name": "stock", "build_dir": "/b/s", "bench_args": [], "env": {},
              "by_setting": {"tg32-t1": by(20.0, 0.55), "tg32-t2": by(30.0, 0.7)}},
@@ -137,6 +147,7 @@ def _report() -> dict:
              "verdict": "unavailable", "unavailable": "amppatch: cannot run"},
         ],
         "diagnostics": {"loadavg_start": {"1min": 0.5}, "loadavg_end": {"1min": 1.5}},
+        "samples": [],
     }
 
 
@@ -161,7 +172,7 @@ def test_rows_carry_the_documented_fields_per_configuration_and_arm() -> None:
 def test_rows_refuse_another_report_schema() -> None:
     group = compare.group_runs(compare.parse_only("q8_0:native:1"))[0]
     with pytest.raises(UsageError):
-        compare.rows_from_report({**_report(), "schema_version": 2}, group, [compare.ArmDef("stock", "stock")])
+        compare.rows_from_report(_report(schema_version=2), group, [compare.ArmDef("stock", "stock")])
 
 
 def test_only_reruns_replace_just_their_configurations() -> None:
@@ -282,9 +293,9 @@ def test_huge_page_arms_are_not_held_to_the_4k_ceiling_and_amx_tunes_are_recogni
     compare.add_page_ceiling(rows, {1: 34.0})
     assert [r["ceiling_4k_pct"] is None for r in rows] == [False, True]
     vec, amx = tmp_path / "vec.json", tmp_path / "amx.json"
-    vec.write_text(json.dumps({"sites": [{"kept": True, "file": "ggml/src/ggml-cpu/arch/x86/quants.c",
-                                          "function": "ggml_vec_dot_q8_0_q8_0"}]}))
-    amx.write_text(json.dumps({"sites": [
+    vec.write_text(json.dumps({"schema_version": 1, "winners": [], "sites": [
+        {"kept": True, "file": "ggml/src/ggml-cpu/arch/x86/quants.c", "function": "ggml_vec_dot_q8_0_q8_0"}]}))
+    amx.write_text(json.dumps({"schema_version": 1, "winners": [], "sites": [
         {"kept": True, "file": "ggml/src/ggml-cpu/amx/mmq.cpp",
          "function": "tinygemm_kernel_vnni<block_q8_0, block_q4_0, float, BLOCK_M, BLOCK_N, BLOCK_K>::apply"},
         {"kept": False, "file": "ggml/src/ggml-cpu/amx/mmq.cpp",
@@ -300,8 +311,8 @@ def test_amppatch_is_compared_with_the_fastest_other_arm_by_block() -> None:
             for rep in range(2):
                 samples.append({"round": block, "block": block, "slot": 0, "arm": arm, "setting": "tg32-t1",
                                 "rep": rep, "ns": ns + 10 * rep + block, "n_tokens": 32})
-    v = compare.amppatch_vs_best_other({"samples": samples}, "tg32-t1", min_effect=0.03)
+    v = compare.amppatch_vs_best_other(samples, "tg32-t1", min_effect=0.03)
     # amppatch's own variants do not count; hugepages is the fastest other arm and amppatch is 8/9 of it
     assert v is not None and v["arm"] == "hugepages"
     assert v["ratio"] == pytest.approx(800 / 900, rel=0.02) and v["ci95"][1] < 1 and v["verdict"] == "slower"
-    assert compare.amppatch_vs_best_other({"samples": samples}, "tg32-t2", min_effect=0.03) is None
+    assert compare.amppatch_vs_best_other(samples, "tg32-t2", min_effect=0.03) is None

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from amppatch import abtest, report, stats
-from amppatch.abtest import Sample, Setting
+from amppatch.abtest import AbTestOptions, AbTestResult, ArmSpec, Sample, Setting, Slot, execute, runner
 from amppatch.errors import UsageError
 
 SETTINGS = [Setting("tg", 1, 64), Setting("pp", 1, 128)]
@@ -29,7 +29,12 @@ def _samples() -> list[Sample]:
     return out
 
 
-def make_report(failed_pp: bool = False) -> dict[str, Any]:
+def make_report(failed_pp: bool = False) -> AbTestResult:
+    """A result of simulated samples, read through the checker every report.json passes."""
+    return AbTestResult.from_json(_document(failed_pp))
+
+
+def _document(failed_pp: bool) -> dict[str, Any]:
     samples = _samples()
     failures = {("B", "pp128-t1"): "cannot run prompts on this machine: killed by SIGILL"} if failed_pp else {}
     if failed_pp:
@@ -118,8 +123,10 @@ def test_failed_prompt_arm_is_reported_not_fatal(tmp_path: Path) -> None:
     md = (tmp_path / "report.md").read_text()
     assert "cannot run prompts on this machine: killed by SIGILL" in md
     saved = report.load_report(tmp_path)
-    pp = next(c for c in saved["comparisons"] if c["setting"] == "pp128-t1")
-    assert pp["verdict"] == "unavailable" and pp["ratio"] is None
+    pp = saved.comparison("B", "pp128-t1")
+    assert pp is not None and pp.verdict == "unavailable" and pp.ratio is None
+    assert saved.failures == [{"arm": "B", "setting": "pp128-t1",
+                               "reason": "cannot run prompts on this machine: killed by SIGILL"}]
 
 
 def test_render_all_recreates_md_and_png_from_json(tmp_path: Path) -> None:
@@ -144,7 +151,7 @@ def test_load_report_checks_schema(tmp_path: Path) -> None:
 
 
 def test_render_slices(tmp_path: Path) -> None:
-    data = json.loads(json.dumps(report._jsonable(make_report())))
+    data = make_report().to_json()
     text, results = report.render_slices(data, 3, n_boot=300)
     assert len(results) == 6  # 3 slices × 2 settings
     assert {r["rounds"][0] for r in results} == {0, 2, 4}
@@ -152,9 +159,59 @@ def test_render_slices(tmp_path: Path) -> None:
 
 
 def test_bandwidth_line_names_the_routed_experts_of_a_moe_model() -> None:
-    data = make_report()
+    data = make_report().to_json()
     dense = report.render_markdown(data)
     assert "routed experts" not in dense
     data["bandwidth"].update({"experts_read": 3e8, "experts_total": 1.2e9, "n_expert": 8, "n_expert_used": 2})
     md = report.render_markdown(data)
     assert "300.0 MB of the 2 routed experts of 8 (1200.0 MB of expert tensors)" in md
+
+
+def test_written_report_reads_back_as_the_same_result(tmp_path: Path) -> None:
+    result = make_report()
+    report.write_report(tmp_path, result)
+    text = (tmp_path / "report.json").read_text()
+    back = report.load_report(tmp_path)
+    assert back.path == tmp_path and back.dumps() == text
+    assert back.to_json() == json.loads(text) == result.to_json()  # NaN was stored as null on both sides
+    assert back.verdict == "faster" and back.ci95 is not None and back.ci95[0] < back.ratio < back.ci95[1]
+    arm = back.arm("B")
+    assert arm is not None and arm.median_tok_s == arm.at("tg64-t1")["median_tok_s"]
+
+
+def test_committed_reports_round_trip_byte_for_byte() -> None:
+    files = sorted(Path(__file__).resolve().parents[2].glob("docs/runs/*/final-report.json"))
+    assert files
+    for path in files:
+        text = path.read_text()
+        doc = json.loads(text)
+        result = AbTestResult.from_json(doc, path)
+        assert result.to_json() == doc and list(result.to_json()) == list(doc)
+        assert result.dumps() == text and result.path == path.parent
+
+
+def test_run_abtest_returns_the_result_it_wrote(tmp_path: Path, small_gguf: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """The writer's own output (not a hand-built document) is what the reader reads back."""
+    build = tmp_path / "build"
+    (build / "bin").mkdir(parents=True)
+    (build / "bin" / "llama-bench").write_text("")
+    (build / "manifest.json").write_text(json.dumps({"schema_version": 1, "source_dir": str(build),
+                                                     "commit": "c0ffee"}))
+    monkeypatch.setattr(runner, "stream_ceiling", lambda: (None, "not measured (test)", None))
+    monkeypatch.setattr(execute, "_run_bench", lambda argv, env, timeout, label: {"samples_ns": [10_000_000]})
+
+    def replay(slot: Slot, setting: Setting) -> list[int]:
+        return [10_000_000 + 1000 * slot.slot + (0 if slot.arm == 0 else 20_000)] * 2
+
+    result = abtest.run_abtest(AbTestOptions(
+        arms=(ArmSpec("A", build), ArmSpec("B", build)), model=small_gguf, rounds=2, reps=2,
+        skip_correctness=True, latency="off", llc=False, n_boot=200, out=tmp_path / "out"), replay)
+    assert result.path == tmp_path / "out"
+    text = (result.path / "report.json").read_text()
+    assert result.dumps() == text
+    assert report.load_report(result.path) == result
+    assert [a.name for a in result.arms] == ["A", "B"] and result.settings[0].id == "tg64-t1"
+    comp = result.comparison("B")
+    assert comp is not None and comp.baseline == "A" and comp.verdict == result.verdict
+    assert (result.path / "report.md").is_file()
