@@ -270,10 +270,11 @@ class _Runner:
             sites=() if use_profile else tuple(prof["fallback_sites"]),
             tunable=True, build_options=self.build_options(), out=self.out / "tunable",
             gate_model=Path(self.outputs["model"]["gate_model"])))
-        if result.manifest_path is None:
+        manifest = result.manifest
+        if manifest is None:
             raise AmppatchError("apply --tunable changed nothing", next_step="see the apply messages above")
-        return "done", {"manifest": str(result.manifest_path), "branch": result.branch,
-                        "tunable_build": result.builds.get("b"), "paths": [str(result.manifest_path)]}
+        return "done", {"manifest": str(manifest.path), "branch": manifest.branch,
+                        "tunable_build": manifest.build_b, "paths": [str(manifest.path)]}
 
     def bench_args(self) -> tuple[str, ...]:
         return ("--repack", str(self.o.repack)) if self.o.repack is not None else ()
@@ -304,11 +305,12 @@ class _Runner:
                                     learned=(Path(self.outputs["tune"]["learned"]),),
                                     build_options=self.build_options(), out=self.out / "tuned",
                                     gate_model=Path(self.outputs["model"]["gate_model"])))
-        if result.manifest_path is None or not result.builds:
+        manifest = result.manifest
+        if manifest is None or not manifest.builds:
             raise AmppatchError("apply --learned produced no build", next_step="see the apply messages above")
-        return "done", {"manifest": str(result.manifest_path), "patch": str(result.patch_path),
-                        "branch": result.branch, "stock_build": result.builds["a"],
-                        "tuned_build": result.builds["b"], "paths": [str(result.manifest_path)]}
+        return "done", {"manifest": str(manifest.path), "patch": str(result.patch_path),
+                        "branch": manifest.branch, "stock_build": manifest.builds["a"],
+                        "tuned_build": manifest.builds["b"], "paths": [str(manifest.path)]}
 
     def final(self) -> tuple[str, dict[str, Any]]:
         from amppatch.abtest import AbTestOptions, ArmSpec, run_abtest

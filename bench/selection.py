@@ -9,7 +9,7 @@ import hashlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from amppatch.errors import UsageError
 from amppatch.learned import Learned
@@ -18,6 +18,9 @@ from amppatch.proc import progress
 from bench.builds import Context, build_options_for, locked_build
 from bench.configs import WEIGHT_TYPES
 from bench.measure import measure_lock, race, read_json
+
+if TYPE_CHECKING:
+    from amppatch.patch.manifest import ApplyManifest
 
 SELECTION_ROUNDS = 2  # the grid and the search are a first cut, not a verdict: two mirrored blocks each
 
@@ -160,15 +163,15 @@ def write_profile(path: Path, sites: list[dict[str, Any]], machine: dict[str, An
     return path
 
 
-def _apply(ctx: Context, profile_path: Path, *, tunable: bool) -> tuple[str, dict[str, Any]]:
+def _apply(ctx: Context, profile_path: Path, *, tunable: bool) -> tuple[str, ApplyManifest]:
     from amppatch.patch import ApplyOptions, apply
 
     res = apply(ApplyOptions(repo=ctx.repo, profile=profile_path, tunable=tunable, build=False,
                              compile_db=ctx.stock["native"].dir / "compile_commands.json",
                              out=Path(ctx.options.work) / "patches", gate=False))
-    if res.branch is None or res.manifest_path is None:
+    if res.branch is None or res.manifest is None:
         raise UsageError("apply produced no branch", next_step="run amppatch apply --dry-run with these sites")
-    return res.branch, json.loads(res.manifest_path.read_text())
+    return res.branch, res.manifest
 
 
 def learned_amx_types(paths: Sequence[Path]) -> set[str]:
@@ -271,7 +274,7 @@ def quick_search(ctx: Context, sites: list[dict[str, Any]], machine: dict[str, A
     path = write_profile(Path(opts.work) / "sites-profile.json", sites, machine, "merged profile sites")
     branch, manifest = _apply(ctx, path, tunable=True)
     tunable = locked_build(build_options_for(ctx.repo, "native", ref=branch, name="bench amppatch tunable"))
-    env_sites = manifest["sites"]
+    env_sites = list(manifest.sites)
     per_type: dict[str, tuple[float, int] | None] = {}
     races: dict[str, Any] = {}
     for target, wt, bench_args, _ in SEARCH_TARGETS:

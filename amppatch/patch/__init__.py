@@ -50,6 +50,7 @@ from amppatch.patch.gitrepo import (
     request_id,
     templates_digest,
 )
+from amppatch.patch.manifest import ApplyManifest
 from amppatch.patch.plan import (
     DEFAULT_DISTANCE,
     DEFAULT_HINT,
@@ -87,7 +88,7 @@ from amppatch.patch.stage import SCHEMA_VERSION, ApplyOptions, ApplyResult, appl
 
 __all__ = [
     "BRANCH_PREFIX", "DEFAULT_DISTANCE", "DEFAULT_HINT", "MAX_DISTANCE", "SCHEMA_VERSION", "TUNABLES_HEADER",
-    "ApplyOptions", "ApplyResult", "Edit", "FileChange", "GitRepo", "ParsedPatch", "PatchFile", "Plan",
+    "ApplyManifest", "ApplyOptions", "ApplyResult", "Edit", "FileChange", "GitRepo", "ParsedPatch", "PatchFile", "Plan",
     "PlannedSite", "SiteRequest", "Skipped",
     "already_applied", "analyze_requests", "apply", "breakpoint_locations", "build_changes", "cache_line_size",
     "check_export", "comment_safe", "commit_message", "count_function_hits", "environment", "format_summary",

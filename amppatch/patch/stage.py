@@ -17,6 +17,7 @@ from amppatch.errors import AmppatchError, BuildError, UsageError
 from amppatch.gate_sites import breakpoint_locations, gate_sites
 from amppatch.machine import cpu_model
 from amppatch.patch.gitrepo import BRANCH_PREFIX, GitRepo, check_export, commit_message, request_id
+from amppatch.patch.manifest import ApplyManifest
 from amppatch.patch.plan import (
     Plan,
     PlannedSite,
@@ -82,6 +83,7 @@ class ApplyResult:
     builds: dict[str, str] = field(default_factory=dict)
     gate: dict | None = None
     reused: bool = False
+    manifest: ApplyManifest | None = None  # the <id>.json as written (its `path` is manifest_path)
 
 
 def _resolve_requests(options: ApplyOptions) -> tuple[list[SiteRequest], list[dict]]:
@@ -209,7 +211,8 @@ def apply(options: ApplyOptions) -> ApplyResult:
         if manifest_path.is_file() and result.reused:
             _carry_over(manifest_path, manifest)
         write_text_atomic(patch_path, patch_text)
-        write_text_atomic(manifest_path, json.dumps(manifest, indent=2, default=str) + "\n")
+        text = json.dumps(manifest, indent=2, default=str) + "\n"
+        write_text_atomic(manifest_path, text)
     except (AmppatchError, KeyboardInterrupt):  # Ctrl-C during the builds leaves no branch either
         if created:
             git.delete_branch(branch)
@@ -218,6 +221,7 @@ def apply(options: ApplyOptions) -> ApplyResult:
             p.unlink(missing_ok=True)
         raise
     result.manifest_path, result.patch_path = manifest_path, patch_path
+    result.manifest = ApplyManifest.from_json(json.loads(text), manifest_path)  # the document as written
     return result
 
 

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from amppatch import __version__
 from amppatch.errors import AmppatchError, UsageError
-from amppatch.inputs import APPLY_MANIFEST, PROFILE, check_gguf, creating_dir, read_json
+from amppatch.inputs import PROFILE, check_gguf, creating_dir, read_json
 from amppatch.learned import Learned
 from amppatch.paths import options_json, write_text_atomic
 from amppatch.proc import progress
@@ -54,6 +54,7 @@ from amppatch.tune.search import (
 
 if TYPE_CHECKING:
     from amppatch.build import Build, BuildOptions
+    from amppatch.patch.manifest import ApplyManifest
 
 __all__ = [
     "DEFAULT_GRID_MAX", "DEFAULT_GRID_MIN", "OFF", "PRIMARY_HINTS", "RULE", "SCHEMA_VERSION", "SECONDARY_HINTS",
@@ -162,11 +163,12 @@ def search_config(options: TuneOptions, line_size: int) -> SearchConfig:
                         loss_tolerance=options.loss_tolerance)
 
 
-def _tunable_variant(options: TuneOptions) -> dict[str, Any]:
+def _tunable_variant(options: TuneOptions) -> ApplyManifest:
     """The `apply --tunable` manifest (built and gated), from the given one or a fresh apply."""
+    from amppatch.patch.manifest import ApplyManifest
+
     if options.tunable_manifest is not None:
-        manifest = read_json(options.tunable_manifest, APPLY_MANIFEST)
-        manifest["_path"] = str(options.tunable_manifest)
+        manifest = ApplyManifest.read(options.tunable_manifest)
     else:
         from amppatch.patch import ApplyOptions, apply
 
@@ -175,16 +177,15 @@ def _tunable_variant(options: TuneOptions) -> dict[str, Any]:
         result = apply(ApplyOptions(repo=options.repo, sites=options.sites, profile=options.profile, tunable=True,
                                     build_options=options.build_options, like=options.like,
                                     out=options.out / "tunable", gate=options.gate, gate_model=options.gate_model))
-        if result.manifest_path is None:
+        if result.manifest is None:
             raise AmppatchError("apply --tunable produced no manifest (nothing to patch)",
                                 next_step="check the sites with `amppatch apply --dry-run`")
-        manifest = read_json(result.manifest_path, APPLY_MANIFEST)
-        manifest["_path"] = str(result.manifest_path)
-    if not manifest.get("tunable"):
-        raise UsageError(f"{manifest['_path']} is not a tunable apply manifest",
+        manifest = result.manifest
+    if not manifest.tunable:
+        raise UsageError(f"{manifest.path} is not a tunable apply manifest",
                          next_step="run `amppatch apply --tunable` (or let tune do it with --profile)")
-    if not manifest.get("builds", {}).get("b"):
-        raise UsageError(f"{manifest['_path']} has no builds (apply ran with --no-build)",
+    if not manifest.build_b:
+        raise UsageError(f"{manifest.path} has no builds (apply ran with --no-build)",
                          next_step="rerun apply --tunable without --no-build")
     return manifest
 
@@ -217,7 +218,7 @@ class _Learned:
 
     path: Path
     options: TuneOptions
-    manifest: dict[str, Any]
+    manifest: ApplyManifest
     build: Build
     config: SearchConfig
     budget: Budget
@@ -242,10 +243,10 @@ class _Learned:
             "machine": {"cpu_model": cpu_model(), "cpus": os.cpu_count()},
             "code_path": _code_path(self.build.manifest),
             "repo": str(options.repo),
-            "base_commit": manifest.get("base_commit"),
-            "tunable": {"manifest": manifest["_path"], "branch": manifest.get("branch"),
-                        "commit": manifest.get("commit"), "build": str(self.build.dir),
-                        "stock_build": manifest.get("builds", {}).get("a")},
+            "base_commit": manifest.base_commit,
+            "tunable": {"manifest": str(manifest.path), "branch": manifest.branch,
+                        "commit": manifest.commit, "build": str(self.build.dir),
+                        "stock_build": manifest.build_a},
             "model": str(options.model),
             "threads": options.threads,
             "verify_threads": list(options.verify_threads or ()),
@@ -296,10 +297,11 @@ def _tune(options: TuneOptions) -> TuneResult:
     assert options.out is not None
     manifest = _tunable_variant(options)
     budget = Budget(options.budget_minutes * 60.0)  # the search's time; building the variant is not part of it
-    tunable_build = load_build(Path(manifest["builds"]["b"]))
-    line_size = int(manifest.get("line_size") or cache_line_size())
+    assert manifest.build_b is not None, "_tunable_variant checks it"
+    tunable_build = load_build(Path(manifest.build_b))
+    line_size = int(manifest.line_size or cache_line_size())
     config = search_config(options, line_size)
-    sites = manifest["sites"]
+    sites = list(manifest.sites)
     prober = _Prober(options, tunable_build.dir, sites, budget)
     learned = _Learned(options.out / "learned.json", options, manifest, tunable_build, config, budget)
 
