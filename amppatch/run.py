@@ -238,10 +238,9 @@ class _Runner:
         result = profile(ProfileOptions(repo=Path(self.outputs["fetch"]["repo"]), model=Path(self.outputs["model"]
                                         ["model"]), build=Path(self.outputs["build"]["build"]), threads=o.threads[0],
                                         tokens=o.profile_tokens, repack=o.repack, out=self.out / "profile.json"))
-        data = result.data
         progress(result.summary)
-        hot = data.get("hot_functions") or []
-        sites = data.get("sites") or []
+        hot = result.profile.hot_functions
+        sites = result.profile.sites
         fallback: list[str] = []
         if not sites:
             # No streaming loop was mapped: the hottest weight kernel, with apply's default loop and stream.
@@ -256,7 +255,7 @@ class _Runner:
         return "done", {"profile": str(result.path), "paths": [str(result.path)],
                         "hot_function": hot[0]["name"] if hot else None,
                         "hot_share": hot[0].get("share") if hot else None,
-                        "sites": [f"{s['function']}:{s.get('loop')}:{s.get('stream')}" for s in sites],
+                        "sites": [f"{s.function}:{s.loop}:{s.stream}" for s in sites],
                         "fallback_sites": fallback}
 
     def apply_tunable(self) -> tuple[str, dict[str, Any]]:

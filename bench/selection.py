@@ -15,6 +15,7 @@ from amppatch.errors import UsageError
 from amppatch.learned import Learned
 from amppatch.paths import write_text_atomic
 from amppatch.proc import progress
+from amppatch.profiledoc import Profile
 from bench.builds import Context, build_options_for, locked_build
 from bench.configs import WEIGHT_TYPES
 from bench.measure import measure_lock, race, read_json
@@ -130,11 +131,11 @@ def merged_sites(paths: dict[str, Path]) -> tuple[list[dict[str, Any]], dict[str
     sites: dict[tuple[str, str, str], dict[str, Any]] = {}
     machine: dict[str, Any] = {}
     for name, path in paths.items():
-        data = json.loads(path.read_text())
-        machine = machine or data.get("machine") or {}
-        for s in data.get("sites", []):
-            k = (s["function"], str(s.get("loop")), str(s.get("stream")))
-            s = {**s, "from_profile": name}
+        prof = Profile.read(path)
+        machine = machine or prof.machine
+        for site in prof.sites:
+            k = (site.function, str(site.loop), str(site.stream))
+            s = {**site.to_json(), "from_profile": name}
             if k not in sites or (s.get("share") or 0) > (sites[k].get("share") or 0):
                 sites[k] = s
     return list(sites.values()), machine

@@ -11,9 +11,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from amppatch.errors import UsageError
-from amppatch.inputs import PROFILE, read_json
 from amppatch.learned import Learned
 from amppatch.proc import progress
+from amppatch.profiledoc import Profile, ProfileSite
 from amppatch.source import (
     FunctionAnalysis,
     Loop,
@@ -100,25 +100,28 @@ def parse_site_spec(spec: str, distance: int | None, hint: int | None) -> SiteRe
     return SiteRequest(function, loop, stream, d, h, "manual")
 
 
-def sites_from_profile(path: Path, distance: int | None, hint: int | None) -> tuple[list[SiteRequest], dict]:
-    """The profile's `sites` as requests (--distance/--hint override theirs), and the profile itself."""
-    profile = read_json(path, PROFILE)
-    sites = profile.get("sites") if isinstance(profile, dict) else None
-    if not isinstance(sites, list):
-        raise UsageError(f"{path} has no `sites` list", next_step="pass a profile.json written by `amppatch profile`")
-    if not sites:
+def sites_from_profile(path: Path, distance: int | None, hint: int | None) -> tuple[list[SiteRequest], Profile]:
+    """The profile's `sites` as requests (--distance/--hint override theirs), and the profile itself (read only
+    through `Profile.read`, the shared checker's way)."""
+    profile = Profile.read(path)
+    if not profile.sites:
         raise UsageError(f"{path} lists no sites (no hot streaming loop was found)",
                          next_step="profile a workload whose kernels stream memory, or pass --site")
+    return requests_from_profile_sites(profile.sites, distance, hint, str(path)), profile
+
+
+def requests_from_profile_sites(sites: Sequence[ProfileSite], distance: int | None, hint: int | None,
+                                where: str = "profile") -> list[SiteRequest]:
+    """Typed profile sites as requests: a site's own distance and hint (the defaults where it gives none)
+    unless --distance/--hint override them."""
     out = []
     for i, s in enumerate(sites):
-        if not isinstance(s, dict) or "function" not in s:
-            raise UsageError(f"{path}: site {i} has no `function`", next_step="regenerate the profile")
-        d = distance if distance is not None else s.get("distance_bytes", DEFAULT_DISTANCE)
-        h = hint if hint is not None else s.get("hint", DEFAULT_HINT)
-        _check_params(d, h, f"{path} site {i}")
-        out.append(SiteRequest(str(s["function"]), parse_loop_key(s.get("loop")), s.get("stream") or None,
-                               int(d), int(h), "profile", dict(s.get("inputs") or {})))
-    return out, profile
+        d, h = _check_params(
+            distance if distance is not None else (s.distance_bytes if s.has("distance_bytes") else DEFAULT_DISTANCE),
+            hint if hint is not None else (s.hint if s.has("hint") else DEFAULT_HINT), f"{where} site {i}")
+        out.append(SiteRequest(str(s.function), parse_loop_key(s.loop), s.stream or None, int(d), int(h),
+                               "profile", dict(s.inputs)))
+    return out
 
 
 def sites_from_learned(paths: Sequence[Path]) -> tuple[list[SiteRequest], list[dict]]:

@@ -100,7 +100,7 @@ def _resolve_requests(options: ApplyOptions) -> tuple[list[SiteRequest], list[di
         return sites_from_learned(options.learned)
     if options.profile is not None:
         requests, profile = sites_from_profile(options.profile, options.distance, options.hint)
-        return requests, [profile]
+        return requests, [profile.to_json()]
     if not options.sites:
         raise UsageError("no sites given", next_step="pass --site FUNCTION[:LOOP[:STREAM]] or --profile profile.json")
     return [parse_site_spec(s, options.distance, options.hint) for s in options.sites], []

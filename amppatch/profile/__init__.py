@@ -46,6 +46,7 @@ from amppatch.profile.workload import (
     resolve_options,
     workload_argv,
 )
+from amppatch.profiledoc import Profile, ProfileSite
 
 __all__ = [
     "BACKENDS",
@@ -59,8 +60,10 @@ __all__ = [
     "SITE_MIN_SHARE",
     "WEIGHT_KERNEL_RE",
     "Derived",
+    "Profile",
     "ProfileOptions",
     "ProfileResult",
+    "ProfileSite",
     "SiteInputs",
     "_check_backend",
     "attribute_weight_bytes",

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from amppatch.paths import write_text_atomic
 from amppatch.profile.derive import token_stats
+from amppatch.profiledoc import Profile
 
 if TYPE_CHECKING:
     import numpy as np
@@ -24,8 +25,10 @@ SCHEMA_VERSION = 1
 
 @dataclass
 class ProfileResult:
+    """What `profile()` returns: the file, its document as the typed `Profile`, and the terminal summary."""
+
     path: Path
-    data: dict
+    profile: Profile
     summary: str = field(default="")
 
 
@@ -89,8 +92,9 @@ def trace_visibility(seen: dict, trace: Trace, samples: np.ndarray, spans: list,
 
 
 def write_document(out: Path, data: dict) -> ProfileResult:
-    write_text_atomic(out, json.dumps(data, indent=2, default=str))
-    return ProfileResult(out, data, _summary(data))
+    text = json.dumps(data, indent=2, default=str)
+    write_text_atomic(out, text)
+    return ProfileResult(out, Profile.from_json(json.loads(text), out), _summary(data))  # the document as written
 
 
 def _summary(data: dict) -> str:

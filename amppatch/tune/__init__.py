@@ -18,10 +18,11 @@ from typing import TYPE_CHECKING, Any
 
 from amppatch import __version__
 from amppatch.errors import AmppatchError, UsageError
-from amppatch.inputs import PROFILE, check_gguf, creating_dir, read_json
+from amppatch.inputs import check_gguf, creating_dir
 from amppatch.learned import Learned
 from amppatch.paths import options_json, write_text_atomic
 from amppatch.proc import progress
+from amppatch.profiledoc import Profile
 from amppatch.tune.plot import render_landscape
 from amppatch.tune.probing import _Prober
 from amppatch.tune.search import (
@@ -141,7 +142,7 @@ def resolve_options(options: TuneOptions) -> TuneOptions:
     if bench_args is None:
         bench_args = ()
         if profile is not None:
-            prof_opts = read_json(profile, PROFILE).get("options") or {}
+            prof_opts = Profile.read(profile).options
             # Tune what the profile measured: the same weight routing (--repack) decides which kernel runs.
             if prof_opts.get("repack") is not None:
                 bench_args = ("--repack", str(prof_opts["repack"]))

@@ -58,7 +58,8 @@ def test_program_without_llama_symbols(stress: dict[str, Path], tmp_path: Path) 
     # 10 rounds × 4 threads × ~40 ms of CPU each: every thread lives through several kernel ticks, so the
     # CPU-time sampler sees it on any machine (2 ms threads were sometimes never sampled).
     result = profile(ProfileOptions(command=(str(stress["dynamic"]), "threads", "10", "60000000"), out=out))
-    data = result.data
+    data = result.profile.to_json()
+    assert data == json.loads(out.read_text())
     assert data["visibility"]["tracer_loaded"] and data["visibility"]["samples"] > 0
     assert any("token boundaries" in s for s in data["visibility"]["could_not_see"])
     assert data["tokens"]["count"] == 0 and data["sites"] == []
@@ -68,8 +69,8 @@ def test_program_without_llama_symbols(stress: dict[str, Path], tmp_path: Path) 
 
 def test_static_binary_says_what_it_could_not_see(stress: dict[str, Path], tmp_path: Path) -> None:
     result = profile(ProfileOptions(command=(str(stress["static"]), "threads", "2"), out=tmp_path / "p.json"))
-    vis = result.data["visibility"]
-    assert result.data["workload"]["linkage"] == "static"
+    vis = result.profile.get("visibility")
+    assert result.profile.get("workload")["linkage"] == "static"
     assert not vis["tracer_loaded"]
     assert "statically linked" in vis["could_not_see"][0]
 
@@ -92,7 +93,7 @@ def test_perf_backend_is_used_or_clearly_unavailable(stress: dict[str, Path], tm
         with pytest.raises(ToolMissingError, match="backend perf is unavailable"):
             profile(options)
         return
-    rows = profile(options).data["perf"]["functions"]
+    rows = profile(options).profile.get("perf")["functions"]
     assert rows and any(r["function"] in ("work", "worker") for r in rows)
 
 
@@ -101,7 +102,7 @@ def test_cachegrind_backend_on_a_small_program(stress: dict[str, Path], tmp_path
         pytest.skip(_check_backend("cachegrind"))
     result = profile(ProfileOptions(command=(str(stress["dynamic"]), "threads", "2"), backend="cachegrind",
                                     out=tmp_path / "p.json"))
-    cg = result.data["cachegrind"]
+    cg = result.profile.get("cachegrind")
     assert cg["simulated"] and cg["functions"]
     assert any("work" in row["function"] for row in cg["functions"])
 
@@ -119,7 +120,7 @@ def test_1b_hot_kernel_and_site(native_build: Build, llama_repo: Path, weight_ty
 
     model = synth_model(SynthOptions(shape="1b", type=weight_type, build=native_build))
     data = profile(ProfileOptions(repo=llama_repo, build=native_build.dir, model=model, threads=1, tokens=32,
-                                  repack=repack, out=tmp_path / "p.json")).data
+                                  repack=repack, out=tmp_path / "p.json")).profile.to_json()
     top = data["hot_functions"][0]
     assert KERNEL.search(top["name"]) and "libggml-cpu" in top["module"] and top["share"] > 0.5
     if repack == 0 and weight_type in ("q8_0", "f16"):

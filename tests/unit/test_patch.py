@@ -64,7 +64,7 @@ def test_profile_sites_use_the_same_key(tmp_path: Path) -> None:
     (req,), profile = sites_from_profile(prof, None, None)
     assert (req.function, req.loop, req.stream, req.distance_bytes, req.hint, req.origin) == (
         "k", 1, "x[ib]", 1536, 2, "profile")
-    assert req.inputs == {"latency_ns": 90} and profile["machine"]["cpu_model"] == "X"
+    assert req.inputs == {"latency_ns": 90} and profile.machine["cpu_model"] == "X"
     (req,), _ = sites_from_profile(prof, 512, None)  # --distance overrides the profile
     assert req.distance_bytes == 512
     prof.write_text(json.dumps({"schema_version": 1, "sites": []}))

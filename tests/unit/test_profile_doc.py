@@ -1,0 +1,65 @@
+"""The typed profile: the committed profile.json reads and writes back byte for byte, and apply takes its
+typed sites."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from amppatch.errors import UsageError
+from amppatch.patch import DEFAULT_DISTANCE, DEFAULT_HINT, sites_from_profile
+from amppatch.patch.plan import requests_from_profile_sites
+from amppatch.profiledoc import Profile, ProfileSite
+
+ROOT = Path(__file__).resolve().parents[2]
+PROFILES = sorted((ROOT / "docs" / "runs").glob("*/profile.json"))
+
+
+@pytest.mark.parametrize("path", PROFILES, ids=lambda p: p.parent.name)
+def test_committed_profile_round_trips(path: Path) -> None:
+    text = path.read_text()
+    doc = json.loads(text)
+    profile = Profile.from_json(doc)
+    assert json.dumps(profile.to_json(), indent=2, default=str) == text
+    assert list(profile.to_json()) == list(doc)
+    read = Profile.read(path)
+    assert read.path == path and read.dumps() == text and "path" not in read.to_json()
+    for site, raw in zip(read.sites, doc["sites"], strict=True):
+        assert (site.function, site.loop, site.stream, site.distance_bytes, site.hint, site.inputs) == (
+            raw["function"], raw["loop"], raw["stream"], raw["distance_bytes"], raw["hint"], raw["inputs"])
+        assert list(site.to_json()) == list(raw)
+
+
+def test_committed_profiles_exist() -> None:
+    assert PROFILES
+
+
+def test_sites_from_profile_reads_through_the_type(tmp_path: Path) -> None:
+    path = tmp_path / "profile.json"
+    path.write_text(json.dumps({"schema_version": 1, "machine": {"cpu_model": "x"}, "sites": [
+        {"function": "f", "loop": 1, "stream": "x", "distance_bytes": 1024, "hint": 0, "inputs": {"a": 1}},
+        {"function": "g"}]}))
+    requests, profile = sites_from_profile(path, None, None)
+    assert isinstance(profile, Profile) and profile.cpu_model == "x" and profile.path == path
+    assert [(r.function, r.distance_bytes, r.hint, r.origin) for r in requests] == [
+        ("f", 1024, 0, "profile"), ("g", DEFAULT_DISTANCE, DEFAULT_HINT, "profile")]
+    assert requests[0].inputs == {"a": 1}
+    over = requests_from_profile_sites(profile.sites, 512, 3)
+    assert [(r.distance_bytes, r.hint) for r in over] == [(512, 3), (512, 3)]
+
+
+def test_a_site_with_a_null_distance_is_refused() -> None:
+    site = ProfileSite.from_json({"function": "f", "distance_bytes": None})
+    with pytest.raises(UsageError, match="distance None"):
+        requests_from_profile_sites([site], None, None)
+
+
+def test_checked_by_the_shared_checker(tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="lacks `sites"):
+        Profile.from_json({"schema_version": 1}, tmp_path / "p.json")
+    empty = tmp_path / "empty.json"
+    empty.write_text(json.dumps({"schema_version": 1, "sites": []}))
+    with pytest.raises(UsageError, match="lists no sites"):
+        sites_from_profile(empty, None, None)
