@@ -23,23 +23,22 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from amppatch import __version__
 from amppatch.errors import AmppatchError, UsageError
-from amppatch.inputs import RUN_STATE, creating_dir, read_json
+from amppatch.inputs import creating_dir
 from amppatch.learned import Learned
 from amppatch.paths import FileLock, options_json, write_text_atomic
 from amppatch.proc import progress
 from amppatch.report import REPORT_JSON, require_measured
+from amppatch.runstate import SCHEMA_VERSION, RunStateDoc, StageRecord, outputs_exist
 
 if TYPE_CHECKING:
     from amppatch.build import BuildOptions
 
-SCHEMA_VERSION = 1
 STATE_FILE = "run-state.json"
 REPORT_FILE = "report.md"
 STAGES = ("fetch", "build", "model", "profile", "apply", "tune", "bake", "final", "report")
@@ -116,44 +115,40 @@ def stage_key(name: str, inputs: Any) -> str:
     return hashlib.sha256(json.dumps([name, inputs], sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def outputs_exist(outputs: dict[str, Any]) -> bool:
-    """Every path an output names (keys listed under `paths`) still exists."""
-    return all(Path(p).exists() for p in outputs.get("paths", []))
-
-
 class RunState:
-    """run-state.json: one record per stage (status, key, outputs, seconds, error)."""
+    """run-state.json of the run directory: the typed document (`doc`) and how a stage is reused or recorded."""
 
     def __init__(self, path: Path, options: dict[str, Any]) -> None:
-        self.path = path
-        self.data: dict[str, Any] = {"schema_version": SCHEMA_VERSION, "tool_version": __version__, "stages": {}}
-        if path.is_file():
-            # A record this amppatch cannot read is refused, not overwritten: it may be another version's run.
-            self.data = read_json(path, RUN_STATE)
-            for name, rec in self.data["stages"].items():
-                if not isinstance(rec, dict) or not isinstance(rec.get("outputs", {}), dict) \
-                        or not isinstance(rec.get("outputs", {}).get("paths", []), list):
-                    raise UsageError(f"{path} is damaged: its record of stage {name!r} is not a stage record",
-                                     next_step=RUN_STATE.next_step)
-        self.data["options"] = options
+        # A record this amppatch cannot read is refused, not overwritten: it may be another version's run.
+        self.doc = RunStateDoc.read(path) if path.is_file() else RunStateDoc(path=path)
+        self.doc.path = path
+        self.doc.set_options(options)
 
-    def reusable(self, name: str, key: str) -> dict[str, Any] | None:
-        rec = self.data["stages"].get(name)
-        if rec and rec.get("status") in ("done", "skipped") and rec.get("key") == key \
-                and outputs_exist(rec.get("outputs", {})):
+    @property
+    def path(self) -> Path:
+        assert self.doc.path is not None
+        return self.doc.path
+
+    @property
+    def stages(self) -> dict[str, StageRecord]:
+        return self.doc.stages
+
+    def reusable(self, name: str, key: str) -> StageRecord | None:
+        rec = self.doc.stages.get(name)
+        if rec and rec.status in ("done", "skipped") and rec.key == key and outputs_exist(rec.outputs):
             return rec
         return None
 
     def record(self, name: str, key: str, status: str, outputs: dict[str, Any], seconds: float,
-               error: str | None = None) -> dict[str, Any]:
-        rec = {"status": status, "key": key, "outputs": outputs, "seconds": round(seconds, 1),
-               "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "error": error}
-        self.data["stages"][name] = rec
+               error: str | None = None) -> StageRecord:
+        rec = StageRecord(status, key, outputs, round(seconds, 1),
+                          time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), error)
+        self.doc.stages[name] = rec
         self.save()
         return rec
 
     def save(self) -> None:
-        write_text_atomic(self.path, json.dumps(self.data, indent=1, default=str) + "\n")
+        write_text_atomic(self.path, self.doc.dumps())
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -172,13 +167,14 @@ class _Runner:
         """Reuse or run one stage; `fn` returns (status, outputs)."""
         n = STAGES.index(name) + 1
         # The key covers the finished records of the stages this one builds on (their outputs and times).
-        upstream = {s: self.state.data["stages"].get(s, {}).get("finished_utc") for s in STAGES[: n - 1]}
+        done = self.state.stages
+        upstream = {s: done[s].finished_utc if s in done else None for s in STAGES[: n - 1]}
         key = stage_key(name, [inputs, upstream])
         rec = self.state.reusable(name, key)
         if rec is not None:
-            progress(f"run: [{n}/{len(STAGES)}] {name}: reused ({rec['status']} {rec['finished_utc']})")
-            self.outputs[name] = rec["outputs"]
-            return rec["outputs"]
+            progress(f"run: [{n}/{len(STAGES)}] {name}: reused ({rec.status} {rec.finished_utc})")
+            self.outputs[name] = rec.outputs
+            return rec.outputs
         progress(f"run: [{n}/{len(STAGES)}] {name} ...")
         t0 = time.monotonic()
         try:
@@ -344,14 +340,15 @@ class _Runner:
 
     def report(self) -> tuple[str, dict[str, Any]]:
         path = self.out / REPORT_FILE
-        write_text_atomic(path, render_summary(self.o, self.outputs, self.state.data))
-        summary = {"schema_version": SCHEMA_VERSION, "options": self.o.to_json(), "stages": self.state.data["stages"],
+        write_text_atomic(path, render_summary(self.o, self.outputs, self.state.stages))
+        stages = {name: rec.to_json() for name, rec in self.state.stages.items()}
+        summary = {"schema_version": SCHEMA_VERSION, "options": self.o.to_json(), "stages": stages,
                    "outputs": self.outputs}
         write_text_atomic(self.out / "run.json", json.dumps(summary, indent=1, default=str) + "\n")
         return "done", {"report": str(path), "paths": [str(path)]}
 
 
-def render_summary(o: RunOptions, outputs: dict[str, dict[str, Any]], state: dict[str, Any]) -> str:
+def render_summary(o: RunOptions, outputs: dict[str, dict[str, Any]], stages: Mapping[str, StageRecord]) -> str:
     """report.md of the run: what ran, what tune kept, the final verdict per thread count."""
     lines = ["# amppatch run", ""]
     prof, tune_out, final = outputs.get("profile", {}), outputs.get("tune", {}), outputs.get("final", {})
@@ -390,8 +387,10 @@ def render_summary(o: RunOptions, outputs: dict[str, dict[str, Any]], state: dic
         lines.append(f"No final ab-test: {reason}. The stock build stays the answer.")
     lines += ["", "## Stages", "", "| stage | status | seconds |", "|---|---|---|"]
     for name in STAGES[:-1]:
-        rec = state["stages"].get(name, {})
-        lines.append(f"| {name} | {rec.get('status', '—')} | {rec.get('seconds', '—')} |")
+        rec = stages.get(name)
+        status = rec.status if rec is not None and rec.status is not None else "—"
+        seconds = rec.seconds if rec is not None and rec.seconds is not None else "—"
+        lines.append(f"| {name} | {status} | {seconds} |")
     return "\n".join(lines) + "\n"
 
 
@@ -417,7 +416,7 @@ def _run(options: RunOptions) -> Path:
     r.stage("bake", [], r.bake)
     r.stage("final", [options.threads, options.final_minutes, options.quick], r.final)
     # The report is always rewritten (cheap), so it reflects the current state.
-    r.state.data["stages"].pop("report", None)
+    r.state.stages.pop("report", None)
     out = r.stage("report", [], r.report)
     final = r.outputs.get("final") or {}
     if final.get("failures"):

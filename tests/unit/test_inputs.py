@@ -437,7 +437,7 @@ def test_write_error_names_the_cause() -> None:
 def test_good_files_of_the_kinds_not_shipped_in_the_repository_pass(tmp_path: Path) -> None:
     state = tmp_path / "run-state.json"
     state.write_text(json.dumps({"schema_version": 1, "stages": {"fetch": {"status": "done"}}}))
-    assert _read_run_state(state).data["stages"]["fetch"]["status"] == "done"  # type: ignore[attr-defined]
+    assert _read_run_state(state).stages["fetch"].status == "done"  # type: ignore[attr-defined]
     manifest = tmp_path / "manifest.json"
     manifest.write_text(json.dumps({"schema_version": 1, "source_dir": str(tmp_path)}))
     assert _read_build_manifest(manifest).source_dir == tmp_path  # type: ignore[attr-defined]
