@@ -115,8 +115,15 @@ def run(args: argparse.Namespace) -> Path | str | None:
         if result.gate:
             hits = ", ".join(f"{f} ran {n} times" for f, n in result.gate.get("function_hits", {}).items())
             progress(f"apply: gate passed: {result.gate.get('detail')}; {hits}")
-        repack = "::--repack 0" if any(s.function.startswith("ggml_vec_dot_") for s in result.sites) else ""
+        repack = "::--repack 0" if repack_off_keeps_sites_running([s.function for s in result.sites]) else ""
         model = (result.gate or {}).get("model", "MODEL.gguf")
         progress(f"next: amppatch ab-test --a '{result.builds['a']}{repack}' --b '{result.builds['b']}{repack}' "
                  f"-m {model}   (use a 1B model for timing, e.g. `amppatch model synth --shape 1b`)")
     return result.manifest_path
+
+
+def repack_off_keeps_sites_running(functions: list[str]) -> bool:
+    """Whether the suggested race may add `--repack 0`: it makes the vec_dot kernels run where the CPU would
+    repack the weights, but it switches the repack GEMVs/GEMMs off — so never when a patched site is one."""
+    repacked = any("gemv" in f or "gemm" in f for f in functions)
+    return not repacked and any(f.startswith("ggml_vec_dot_") for f in functions)

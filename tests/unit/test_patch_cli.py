@@ -35,3 +35,13 @@ def test_like_excludes_build_flags(tmp_path: Path) -> None:
     args = _parse("--repo", str(tmp_path), "--site", "f", "--like", str(tmp_path), "--cflags=-O1")
     with pytest.raises(UsageError, match="--like"):
         cmd_apply.run(args)
+
+
+def test_the_suggested_race_never_switches_a_patched_repack_gemv_off() -> None:
+    from amppatch.cli.cmd_apply import repack_off_keeps_sites_running
+
+    assert repack_off_keeps_sites_running(["ggml_vec_dot_q8_0_q8_0"])
+    # Q4_K_M: the Q4_K repack GEMV and the Q6_K vec_dot together — --repack 0 would switch the GEMV site off
+    assert not repack_off_keeps_sites_running(["ggml_gemv_q4_K_8x8_q8_K", "ggml_vec_dot_q6_K_q8_K"])
+    assert not repack_off_keeps_sites_running(["gemv_q4_b32_8x8_q8_0_lut_avx<block_q4_0x8>"])
+    assert not repack_off_keeps_sites_running(["tinygemm_kernel_vnni<block_q8_0, block_q8_0>::apply"])
