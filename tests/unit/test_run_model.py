@@ -168,3 +168,30 @@ def test_an_unsynthesizable_dominant_type_skips_the_final_gate(tmp_path: Path,
     assert out["gate_model"] is None and "F32" in out["gate_note"]
     r.outputs["model"] = out
     assert "note: the dominant weight type F32" in render_summary(r.o, r.outputs, {})
+
+
+class _Captured(Exception):
+    pass
+
+
+@pytest.mark.parametrize("gate", [None, "/x/tiny-q8_0.gguf"])
+def test_the_final_ab_test_gates_on_the_dominant_type_or_skips(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                               gate: str | None) -> None:
+    from amppatch import abtest
+
+    monkeypatch.setattr(run_model, "mem_available", lambda path=None: 1 << 40)
+    r = _runner(tmp_path, _write(tmp_path / "m.gguf"))
+    r.outputs["model"] = {"model": str(tmp_path / "m.gguf"), "gate_model": gate}
+    r.outputs["bake"] = {"stock_build": "/x/a", "tuned_build": "/x/b"}
+    seen: list[Any] = []
+
+    def capture(options: Any) -> None:
+        seen.append(options)
+        raise _Captured
+
+    monkeypatch.setattr(abtest, "run_abtest", capture)
+    with pytest.raises(_Captured):
+        r.final()
+    assert seen[0].model == tmp_path / "m.gguf"
+    assert seen[0].gate_model == (Path(gate) if gate else None)
+    assert seen[0].skip_correctness is (gate is None)
