@@ -1,6 +1,6 @@
 """amppatch run: the whole job in one command, resumable.
 
-    fetch → build (stock) → model (synthetic) → profile → apply --tunable → tune (budgeted)
+    fetch → build (stock) → model (synthetic, or --model's) → profile → apply --tunable → tune (budgeted)
           → apply --learned (the tuned constant build) → final ab-test stock vs tuned → report
 
 Every stage records what it produced in ``<out>/run-state.json`` together with a key (a hash of the options
@@ -59,6 +59,7 @@ class RunOptions:
     quick: bool = False
     lock: Path | None = None
     seed: int = 0
+    model: Path | None = None  # the user's GGUF in place of the synthetic model (shape and type unused)
 
     def to_json(self) -> dict[str, Any]:
         return options_json(self)
@@ -103,7 +104,12 @@ def resolve_options(options: RunOptions) -> RunOptions:
                              next_step="commit or stash them first: run's apply stage commits on its own branch "
                                        "from a clean tree")
     repo = Path(options.repo).expanduser().resolve() if options.repo else None
-    return replace(options, repo=repo, out=out, shape=shape, threads=tuple(threads), budget_minutes=budget,
+    model = options.model
+    if model is not None:  # checked, read and described before any build; refused here when it cannot run
+        from amppatch.run_model import check_user_model
+
+        model = check_user_model(model).path
+    return replace(options, repo=repo, model=model, out=out, shape=shape, threads=tuple(threads), budget_minutes=budget,
                    final_minutes=final, lock=lock)
 
 
@@ -220,11 +226,33 @@ class _Runner:
         from amppatch.model import SynthOptions, synth_model
 
         b = load_build(Path(self.outputs["build"]["build"]))
+        if self.o.model is not None:
+            return "done", self.user_model(b)
         model = synth_model(SynthOptions(shape=self.o.shape, type=self.o.type, seed=self.o.seed, build=b))
         # The correctness gates (apply's, the final ab-test's) run on the tiny model of the same weight type:
         # the same kernels, seconds instead of minutes.
         gate = synth_model(SynthOptions(shape="tiny", type=self.o.type, seed=self.o.seed, build=b))
         return "done", {"model": str(model), "gate_model": str(gate), "paths": [str(model), str(gate)]}
+
+    def user_model(self, build: object) -> dict[str, Any]:
+        """--model: nothing synthesized for the main model. apply gates each patched kernel on a tiny model of
+        its own weight type; the final ab-test gates on the tiny model of the dominant type, if it has one."""
+        from amppatch.gguf_info import read_gguf
+        from amppatch.model import SynthOptions, synth_model
+        from amppatch.run_model import dominant_type, gate_type, summary
+
+        assert self.o.model is not None
+        info = read_gguf(self.o.model)
+        t = gate_type(info)
+        gate = synth_model(SynthOptions(shape="tiny", type=t, seed=self.o.seed, build=build)) if t else None
+        note = None if t else (f"the dominant weight type {dominant_type(info)} has no synthetic model: the final "
+                               "ab-test skips its correctness gate (apply gated every patched kernel on its type)")
+        return {"model": str(info.path), "user_model": summary(info), "gate_model": str(gate) if gate else None,
+                "gate_note": note, "paths": [str(info.path)] + ([str(gate)] if gate else [])}
+
+    def apply_gate_model(self) -> Path | None:
+        # With --model, None: apply gates each patched kernel on a tiny synthetic model of its own weight type.
+        return None if self.o.model is not None else Path(self.outputs["model"]["gate_model"])
 
     def profile(self) -> tuple[str, dict[str, Any]]:
         from amppatch.profile import WEIGHT_KERNEL_RE, ProfileOptions, profile, site_function_name
@@ -264,7 +292,7 @@ class _Runner:
             profile=Path(prof["profile"]) if use_profile else None,
             sites=() if use_profile else tuple(prof["fallback_sites"]),
             tunable=True, build_options=self.build_options(), out=self.out / "tunable",
-            gate_model=Path(self.outputs["model"]["gate_model"])))
+            gate_model=self.apply_gate_model()))
         manifest = result.manifest
         if manifest is None:
             raise AmppatchError("apply --tunable changed nothing", next_step="see the apply messages above")
@@ -299,7 +327,7 @@ class _Runner:
         result = apply(ApplyOptions(repo=Path(self.outputs["fetch"]["repo"]),
                                     learned=(Path(self.outputs["tune"]["learned"]),),
                                     build_options=self.build_options(), out=self.out / "tuned",
-                                    gate_model=Path(self.outputs["model"]["gate_model"])))
+                                    gate_model=self.apply_gate_model()))
         manifest = result.manifest
         if manifest is None or not manifest.builds:
             raise AmppatchError("apply --learned produced no build", next_step="see the apply messages above")
@@ -316,12 +344,14 @@ class _Runner:
         if bake.get("tuned_build") is None:
             return "skipped", {"reason": bake.get("reason", "no tuned build"), "paths": []}
         args = self.bench_args()
+        gate = self.outputs["model"].get("gate_model")
         timing: dict[str, Any] = {"rounds": 3, "tokens": 16, "reps": 2} if o.quick else \
             {"max_time": o.final_minutes * 60.0}
         options = AbTestOptions(
             arms=(ArmSpec("stock", Path(bake["stock_build"]), args), ArmSpec("tuned", Path(bake["tuned_build"]), args)),
             model=Path(self.outputs["model"]["model"]), threads=tuple(o.threads), seed=o.seed,
-            out=self.out / "final", gate_model=Path(self.outputs["model"]["gate_model"]), **timing)
+            out=self.out / "final", gate_model=Path(gate) if gate else None, skip_correctness=gate is None,
+            **timing)
         if o.lock is not None:
             progress(f"run: waiting for the measurement lock {o.lock} ...")
             with FileLock(o.lock):
@@ -348,11 +378,22 @@ class _Runner:
         return "done", {"report": str(path), "paths": [str(path)]}
 
 
+def model_line(o: RunOptions, model: Mapping[str, Any]) -> str:
+    user = model.get("user_model")
+    if o.model is None or not user:
+        return f"- model: synthetic {o.shape} {o.type} ({model.get('model')})"
+    types = ", ".join(f"{t} {s:.0%}" for t, s in (user.get("types") or {}).items())
+    experts = f"; {user['n_expert']} experts, {user.get('n_expert_used')} active" if user.get("n_expert") else ""
+    arch = user.get("architecture") or "unknown"
+    line = f"- model: {user.get('name')} ({arch}; {types}{experts}; {model.get('model')})"
+    return line + (f"\n- note: {model['gate_note']}" if model.get("gate_note") else "")
+
+
 def render_summary(o: RunOptions, outputs: dict[str, dict[str, Any]], stages: Mapping[str, StageRecord]) -> str:
     """report.md of the run: what ran, what tune kept, the final verdict per thread count."""
     lines = ["# amppatch run", ""]
     prof, tune_out, final = outputs.get("profile", {}), outputs.get("tune", {}), outputs.get("final", {})
-    lines += [f"- model: synthetic {o.shape} {o.type} ({outputs.get('model', {}).get('model')})",
+    lines += [model_line(o, outputs.get("model", {})),
               f"- llama.cpp: {outputs.get('fetch', {}).get('repo')}; "
               f"stock build {outputs.get('build', {}).get('build')}",
               f"- threads: {', '.join(map(str, o.threads or ()))} (tuned at the first); tune budget "
@@ -402,6 +443,16 @@ def run(options: RunOptions) -> Path:
         return _run(options)
 
 
+def model_stage_inputs(options: RunOptions) -> Any:
+    """What the model stage's key covers; --model's file by its identity, so a touched or replaced model is
+    redone (and every stage after it)."""
+    if options.model is not None:
+        from amppatch.run_model import model_identity
+
+        return ["user", model_identity(options.model), options.seed]
+    return [options.shape, options.type, options.seed]
+
+
 def _run(options: RunOptions) -> Path:
     assert options.out is not None and options.threads is not None
     r = _Runner(options)
@@ -409,7 +460,7 @@ def _run(options: RunOptions) -> Path:
     build_inputs = json.loads(json.dumps(asdict(replace(bo, repo=Path("."))), default=str)) if bo else None
     r.stage("fetch", {"repo": str(options.repo) if options.repo else None}, r.fetch)
     r.stage("build", build_inputs, r.build)
-    r.stage("model", [options.shape, options.type, options.seed], r.model)
+    r.stage("model", model_stage_inputs(options), r.model)
     r.stage("profile", [options.threads[0], options.profile_tokens, options.repack], r.profile)
     r.stage("apply", [], r.apply_tunable)
     r.stage("tune", [options.threads, options.budget_minutes, options.quick, options.repack], r.tune)

@@ -3,7 +3,7 @@
 # virtual environment), then the venv's `amppatch run` — fetch llama.cpp, build it, synthetic 1.1B Q8_0
 # model, profile, apply, tune, bake, final ab-test, report. Every stage is recorded in the run directory, so
 # rerunning this script resumes where it stopped.
-# Extra arguments go to `amppatch run` (e.g. --quick, --type q4_0 --repack 0, --budget 30).
+# Extra arguments go to `amppatch run` (e.g. --model PATH, --quick, --type q4_0 --repack 0, --budget 30).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 venv=$(bash ci/setup.sh)

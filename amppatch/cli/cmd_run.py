@@ -11,7 +11,7 @@ from amppatch.run import RunOptions
 from amppatch.run import run as run_pipeline
 
 NAME = "run"
-HELP = ("the whole job: fetch, build, synthetic model, profile, apply, tune (budgeted), bake the winners, "
+HELP = ("the whole job: fetch, build, model (synthetic or --model), profile, apply, tune (budgeted), bake the winners, "
         "final ab-test stock vs tuned, report; rerun with the same -o to resume")
 
 
@@ -20,8 +20,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-o", "--out", type=Path, metavar="DIR",
                         help="run directory with run-state.json and every stage's output (default ./amppatch-run); "
                              "rerun with the same DIR to resume")
-    parser.add_argument("--shape", default="1b", help="synthetic model shape: tiny, 1b, 3b (default 1b)")
-    parser.add_argument("--type", default="q8_0", help="weight type: q8_0, q4_0, q4_k, q6_k, f16 (default q8_0)")
+    parser.add_argument("--model", type=Path, metavar="PATH",
+                        help="your GGUF model instead of a synthetic one (excludes --shape and --type)")
+    parser.add_argument("--shape", help="synthetic model shape: tiny, 1b, 3b (default 1b)")
+    parser.add_argument("--type", help="weight type: q8_0, q4_0, q4_k, q6_k, f16 (default q8_0)")
     parser.add_argument("--threads", metavar="LIST",
                         help="thread counts, the first is tuned, the others verified (default 1,<CPU count>)")
     parser.add_argument("--budget", type=float, default=20.0, metavar="MINUTES", help="tune budget (default 20)")
@@ -39,7 +41,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> Path:
+    from amppatch.errors import UsageError
     from amppatch.inputs import check_out_dir, check_out_file
+
+    if args.model is not None and (args.shape is not None or args.type is not None):
+        raise UsageError("--model runs your model: it excludes --shape and --type (which pick a synthetic one)",
+                         next_step="drop --shape/--type, or drop --model to run the synthetic default")
 
     # Resuming into an earlier run's directory is what -o is for; only an unusable path is refused.
     args.out = check_out_dir(args.out or Path.cwd() / "amppatch-run")
@@ -52,8 +59,9 @@ def run(args: argparse.Namespace) -> Path:
     return run_pipeline(RunOptions(
         repo=args.repo,
         out=args.out,
-        shape=args.shape,
-        type=args.type,
+        shape=args.shape or "1b",
+        type=args.type or "q8_0",
+        model=args.model,
         threads=parse_int_list(args.threads, "--threads") if args.threads else None,
         budget_minutes=args.budget,
         final_minutes=args.final_minutes,
