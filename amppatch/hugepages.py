@@ -13,7 +13,7 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 
-from amppatch.errors import UsageError
+from amppatch.inputs import check_schema_version
 
 SCHEMA_VERSION = 1  # of the "huge_pages" section of doctor.json
 
@@ -373,9 +373,7 @@ class HugePagesReport:
 
     @classmethod
     def from_json(cls, data: dict) -> HugePagesReport:
-        version = int(data.get("schema_version", 0))
-        if version != SCHEMA_VERSION:
-            raise UsageError(f"huge_pages section has schema_version {version}; this amppatch reads {SCHEMA_VERSION}",
+        check_schema_version(data, SCHEMA_VERSION, what="huge_pages section",
                              next_step="rerun `amppatch doctor` to write a current doctor.json")
         return cls(
             thp=ThpModes.from_json(data["thp"]),
@@ -385,5 +383,5 @@ class HugePagesReport:
             file_thp=tuple(FileThpProbe.from_json(p) for p in data.get("file_thp", [])),
             collapse=tuple(CollapseProbe.from_json(p) for p in data.get("collapse", [])),
             probe_error=str(data.get("probe_error", "")),
-            schema_version=version,
+            schema_version=SCHEMA_VERSION,
         )

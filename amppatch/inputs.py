@@ -149,6 +149,14 @@ def check_json(data: Any, path: Path, kind: JsonKind, require: Sequence[str] = (
     return data
 
 
+def check_schema_version(data: dict[str, Any], expected: int, *, what: str, next_step: str) -> None:
+    """The schema_version of a document nested in another (a doctor.json section, one roofline result),
+    checked as a file's is: anything but the version this amppatch reads is one usage line."""
+    version = data.get("schema_version")
+    if isinstance(version, bool) or version != expected:
+        raise UsageError(f"{what} has schema_version {version}; this amppatch reads {expected}", next_step=next_step)
+
+
 def read_json(path: Path, kind: JsonKind, *, require: Sequence[str] = ()) -> Any:
     """Read and check one JSON input file; every failure is one UsageError line naming the file."""
     path = Path(path).expanduser()

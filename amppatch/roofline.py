@@ -29,6 +29,7 @@ from pathlib import Path
 from amppatch import proc
 from amppatch.errors import SubprocessError, UsageError
 from amppatch.hugepages import huge_bytes_in_ranges
+from amppatch.inputs import check_schema_version
 
 SCHEMA_VERSION = 1
 MIB = 1 << 20
@@ -207,9 +208,7 @@ class RooflineResult:
 
     @classmethod
     def from_json(cls, data: dict) -> RooflineResult:
-        version = int(data.get("schema_version", 0))
-        if version != SCHEMA_VERSION:
-            raise UsageError(f"roofline result has schema_version {version}; this amppatch reads {SCHEMA_VERSION}",
+        check_schema_version(data, SCHEMA_VERSION, what="roofline result",
                              next_step="rerun `amppatch roofline`")
         ceiling = data.get("stream_ceiling_gbps")
         return cls(
@@ -225,7 +224,7 @@ class RooflineResult:
             build_key=str(data["build_key"]),
             buffers_offered=tuple((str(b["name"]), bool(b["takes"])) for b in data.get("buffers_offered", [])),
             loadavg=(float(data["loadavg"][0]), float(data["loadavg"][1])) if data.get("loadavg") else (0.0, 0.0),
-            schema_version=version,
+            schema_version=SCHEMA_VERSION,
         )
 
 
