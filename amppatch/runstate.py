@@ -20,6 +20,8 @@ from amppatch.inputs import RUN_STATE, check_json, read_json
 from amppatch.jsondoc import ordered, rest_of
 
 SCHEMA_VERSION = 1
+# The stages of `amppatch run`, in order; a stage's key covers the records of every stage before it.
+STAGES = ("fetch", "build", "model", "profile", "apply", "tune", "bake", "final", "report")
 
 
 def outputs_exist(outputs: Mapping[str, Any]) -> bool:

@@ -10,7 +10,8 @@ import pytest
 
 from amppatch.cli import cmd_run
 from amppatch.errors import SubprocessError
-from amppatch.run import STAGES, RunOptions, run
+from amppatch.run import RunOptions, run
+from amppatch.runstate import STAGES
 
 
 def _cli(argv: list[str]) -> Path:

@@ -12,7 +12,8 @@ from amppatch import run as run_mod
 from amppatch import run_model
 from amppatch.cli import main
 from amppatch.errors import UsageError
-from amppatch.run import RunOptions, model_stage_inputs, render_summary, stage_key
+from amppatch.run import RunOptions, model_stage_inputs, stage_key
+from amppatch.run_report import render_summary
 
 
 def _write(path: Path, types: tuple[str, ...] = ("Q8_0", "Q4_0"), experts: int = 0) -> Path:
