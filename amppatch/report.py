@@ -137,6 +137,7 @@ def _md_results(report: dict[str, Any]) -> list[str]:
                      "bandwidth", "% ceiling", "p50/p99 ms"], rows)
     lines.append("")
     tied = " — tied embeddings: the output matmul reads token_embd whole" if bw.get("tied_embeddings") else ""
+    deeper = len({s.get("depth", 0) for s in settings if s.get("test") == "tg"}) > 1
     experts = (f"{bw.get('experts_read', 0) / 1e6:.1f} MB of the {bw['n_expert_used']} routed experts of "
                f"{bw['n_expert']} ({bw.get('experts_total', 0) / 1e6:.1f} MB of expert tensors), "
                if bw.get("n_expert") else "")
@@ -146,7 +147,9 @@ def _md_results(report: dict[str, Any]) -> list[str]:
                  f"{bw.get('gathered_rows', 0) / 1e3:.1f} kB of gathered embedding rows"
                  f"{tied}"
                  f", KV {bw.get('kv', 0) / 1e6:.2f} MB at {bw.get('context_len', 0):.1f} cached positions on "
-                 f"average); ceiling: {bw.get('ceiling_note', 'not measured')}.")
+                 f"average"
+                 f"{'; a setting at another depth counts the KV cache of its own depth' if deeper else ''}"
+                 f"); ceiling: {bw.get('ceiling_note', 'not measured')}.")
     lat_note = report.get("latency", {}).get("note", "")
     lines.append(f"Per-token latency: {lat_note}.")
     llc = report.get("llc", {})
@@ -159,6 +162,23 @@ def _md_results(report: dict[str, Any]) -> list[str]:
         lines.append(f"LLC misses: {llc.get('note', 'unavailable on this machine')}.")
     lines.append("")
     return lines
+
+
+def _md_pairs(report: dict[str, Any]) -> list[str]:
+    """The comparisons against another arm than the first (`options.pairs`), when asked for."""
+    rows = []
+    for c in report.get("pair_comparisons") or []:
+        if c.get("ratio") is None:
+            rows.append([c.get("setting_label") or c["setting"], f"{c['arm']} vs {c['baseline']}", "—", "",
+                         c.get("unavailable") or "unavailable", ""])
+            continue
+        lo, hi = c["ci95"]
+        rows.append([c.get("setting_label") or c["setting"], f"{c['arm']} vs {c['baseline']}", f"{c['ratio']:.3f}",
+                     f"[{lo:.3f}, {hi:.3f}]", f"{c['verdict']} (±{c['resolution']:.1%})",
+                     _f(c.get("p_value"), ".3g")])
+    if not rows:
+        return []
+    return ["## Other comparisons", "", *_table(["setting", "pair", "ratio", "95% CI", "verdict", "p"], rows), ""]
 
 
 def _md_correctness(report: dict[str, Any]) -> list[str]:
@@ -227,8 +247,8 @@ def _md_environment(report: dict[str, Any]) -> list[str]:
 
 
 def render_markdown(report: dict[str, Any]) -> str:
-    lines = [*_md_header(report), *_md_results(report), *_md_correctness(report), *_md_noise(report),
-             *_md_environment(report)]
+    lines = [*_md_header(report), *_md_results(report), *_md_pairs(report), *_md_correctness(report),
+             *_md_noise(report), *_md_environment(report)]
     lines.append(f"Raw samples: {len(report.get('samples', []))} in {REPORT_JSON}. Schema: docs/report-schema.md.")
     return "\n".join(lines) + "\n"
 

@@ -1,7 +1,7 @@
 """amppatch run: the whole job in one command, resumable.
 
-    fetch → build (stock) → model (synthetic, or --model's) → profile → apply --tunable → tune (budgeted)
-          → apply --learned (the tuned constant build) → final ab-test stock vs tuned → report
+    fetch → build (stock) → model (synthetic, or --model's) → profile → apply --tunable [--hugepages]
+          → tune (budgeted) → bake (apply --learned, --hugepages, both) → final race of the levers → report
 
 Every stage records what it produced in ``<out>/run-state.json`` together with a key (a hash of the options
 it depends on and of what the stages before it produced). A rerun with the same output directory reuses a
@@ -9,11 +9,14 @@ stage whose key matches and whose outputs still exist, so an interrupted or fail
 stopped; changing an option (say ``--shape``) redoes that stage and everything after it. A failed stage is
 recorded as failed and the error names it and says how to resume.
 
-When tune keeps no site (nothing beat "off" beyond the noise), there is nothing to bake: the bake and final
+Two levers race (`run_race.py`): prefetch (tune's winners) and huge pages (`pages.py`), the latter only where
+THP is not `never` — then the tunable build carries it too, so tune searches with the pages that would ship.
+Bake makes one build per lever and one with both; the final ab-test races them against stock and the keep
+rule decides what ships. With no lever to race (tune kept no site and THP is `never`) the bake and final
 stages are recorded as skipped and the report says that stock stays the answer.
 
 ``--quick`` is the smoke-test configuration: the tiny model, one thread, a one-minute tune with short probes
-and a three-round final ab-test.
+and a three-round final ab-test at small long-context and prompt sizes.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from amppatch.errors import AmppatchError, UsageError
 from amppatch.inputs import creating_dir
 from amppatch.paths import FileLock, options_json, write_text_atomic
 from amppatch.proc import progress
-from amppatch.report import REPORT_JSON, require_measured
+from amppatch.report import require_measured
 from amppatch.run_report import render_summary
 from amppatch.runstate import SCHEMA_VERSION, STAGES, RunStateDoc, StageRecord, outputs_exist
 
@@ -59,9 +62,21 @@ class RunOptions:
     lock: Path | None = None
     seed: int = 0
     model: Path | None = None  # the user's GGUF in place of the synthetic model (shape and type unused)
+    long_depth: int | None = None  # final race: tg at this depth at the first thread count (0: none; None: default)
+    prompt_tokens: int | None = None  # final race: pp of this many tokens at the first thread count (0: none)
+    thp_enabled: str | None = None  # this machine's THP mode, read when resolved; "never": no huge-page lever
 
     def to_json(self) -> dict[str, Any]:
         return options_json(self)
+
+    @property
+    def hugepages(self) -> bool:
+        """Whether the huge-page lever races: not where THP is `never` (the lever would map small pages)."""
+        return self.thp_enabled != "never"
+
+
+LONG_DEPTH, QUICK_LONG_DEPTH = 4096, 128
+PROMPT_TOKENS, QUICK_PROMPT_TOKENS = 512, 64
 
 
 def resolve_options(options: RunOptions) -> RunOptions:
@@ -86,6 +101,18 @@ def resolve_options(options: RunOptions) -> RunOptions:
         raise UsageError("--budget and --final-minutes must be positive", next_step="e.g. --budget 20")
     if options.profile_tokens < 1:  # else found by the profile stage, after fetch, build and model
         raise UsageError("--profile-tokens must be at least 1", next_step="e.g. --profile-tokens 32")
+    long_depth = options.long_depth
+    if long_depth is None:
+        long_depth = QUICK_LONG_DEPTH if options.quick else LONG_DEPTH
+    prompt_tokens = options.prompt_tokens
+    if prompt_tokens is None:
+        prompt_tokens = QUICK_PROMPT_TOKENS if options.quick else PROMPT_TOKENS
+    if long_depth < 0 or prompt_tokens < 0:
+        raise UsageError("--long-depth and --prompt-tokens must not be negative (0 leaves that setting out)",
+                         next_step="e.g. --long-depth 4096 --prompt-tokens 512")
+    from amppatch.run_race import thp_enabled
+
+    thp = options.thp_enabled or thp_enabled()
     lock = options.lock
     if lock is None and os.environ.get("AMPPATCH_MEASURE_LOCK"):
         lock = Path(os.environ["AMPPATCH_MEASURE_LOCK"])
@@ -109,7 +136,7 @@ def resolve_options(options: RunOptions) -> RunOptions:
 
         model = check_user_model(model).path
     return replace(options, repo=repo, model=model, out=out, shape=shape, threads=tuple(threads), budget_minutes=budget,
-                   final_minutes=final, lock=lock)
+                   final_minutes=final, lock=lock, long_depth=long_depth, prompt_tokens=prompt_tokens, thp_enabled=thp)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -290,7 +317,7 @@ class _Runner:
             repo=Path(self.outputs["fetch"]["repo"]),
             profile=Path(prof["profile"]) if use_profile else None,
             sites=() if use_profile else tuple(prof["fallback_sites"]),
-            tunable=True, build_options=self.build_options(), out=self.out / "tunable",
+            tunable=True, hugepages=self.o.hugepages, build_options=self.build_options(), out=self.out / "tunable",
             gate_model=self.apply_gate_model()))
         manifest = result.manifest
         if manifest is None:
@@ -319,53 +346,53 @@ class _Runner:
                         "winners": [f"{w.key} d={w.distance_bytes} h={w.hint}" for w in winners]}
 
     def bake(self) -> tuple[str, dict[str, Any]]:
+        """One build per lever that races, and one with both (`run_race.race_arms`), each from its own apply."""
+        from amppatch.build import load_build
         from amppatch.patch import ApplyOptions, apply
+        from amppatch.run_race import baked_record, race_arms
 
-        if not self.outputs["tune"]["kept"]:
-            return "skipped", {"reason": "tune kept no site: nothing beat 'off' beyond the noise", "paths": []}
-        result = apply(ApplyOptions(repo=Path(self.outputs["fetch"]["repo"]),
-                                    learned=(Path(self.outputs["tune"]["learned"]),),
-                                    build_options=self.build_options(), out=self.out / "tuned",
-                                    gate_model=self.apply_gate_model()))
-        manifest = result.manifest
-        if manifest is None or not manifest.builds:
-            raise AmppatchError("apply --learned produced no build", next_step="see the apply messages above")
-        return "done", {"manifest": str(manifest.path), "patch": str(result.patch_path),
-                        "branch": manifest.branch, "stock_build": manifest.builds["a"],
-                        "tuned_build": manifest.builds["b"], "paths": [str(manifest.path)]}
+        arms = race_arms(bool(self.outputs["tune"]["kept"]), self.o.hugepages)
+        if len(arms) < 2:
+            return "skipped", {"reason": "tune kept no site (nothing beat 'off' beyond the noise) and THP is never on "
+                                         "this machine: no lever to race", "paths": []}
+        baked: dict[str, dict[str, Any]] = {}
+        for arm in arms[1:]:
+            result = apply(ApplyOptions(
+                repo=Path(self.outputs["fetch"]["repo"]),
+                learned=(Path(self.outputs["tune"]["learned"]),) if arm in ("prefetch", "both") else (),
+                hugepages=arm in ("pages", "both"), build_options=self.build_options(), out=self.out / arm,
+                gate_model=self.apply_gate_model()))
+            manifest = result.manifest
+            if manifest is None or not manifest.builds:
+                raise AmppatchError(f"apply for the {arm} arm produced no build",
+                                    next_step="see the apply messages above")
+            baked[arm] = baked_record(manifest, result.patch_path, load_build(Path(manifest.builds["b"])).manifest)
+        return "done", {"arms": baked, "stock_build": baked[arms[1]]["stock_build"],
+                        "paths": [b["manifest"] for b in baked.values()]}
 
     def final(self) -> tuple[str, dict[str, Any]]:
-        from amppatch.abtest import AbTestOptions, ArmSpec, run_abtest
+        """The race of stock and every baked arm, at every setting; the keep rule decides what ships."""
+        from amppatch.abtest import run_abtest
+        from amppatch.run_race import race_options, race_outputs
 
         o = self.o
-        assert o.threads is not None
+        assert o.threads is not None and o.long_depth is not None and o.prompt_tokens is not None
         bake = self.outputs["bake"]
-        if bake.get("tuned_build") is None:
-            return "skipped", {"reason": bake.get("reason", "no tuned build"), "paths": []}
-        args = self.bench_args()
+        if not bake.get("arms"):
+            return "skipped", {"reason": bake.get("reason", "no lever baked"), "paths": []}
         gate = self.outputs["model"].get("gate_model")
-        timing: dict[str, Any] = {"rounds": 3, "tokens": 16, "reps": 2} if o.quick else \
-            {"max_time": o.final_minutes * 60.0}
-        options = AbTestOptions(
-            arms=(ArmSpec("stock", Path(bake["stock_build"]), args), ArmSpec("tuned", Path(bake["tuned_build"]), args)),
-            model=Path(self.outputs["model"]["model"]), threads=tuple(o.threads), seed=o.seed,
-            out=self.out / "final", gate_model=Path(gate) if gate else None, skip_correctness=gate is None,
-            **timing)
+        options = race_options(
+            bake["stock_build"], {arm: b["build"] for arm, b in bake["arms"].items()}, self.bench_args(),
+            model=Path(self.outputs["model"]["model"]), gate_model=Path(gate) if gate else None,
+            threads=tuple(o.threads), long_depth=o.long_depth, prompt_tokens=o.prompt_tokens, quick=o.quick,
+            final_minutes=o.final_minutes, seed=o.seed, out=self.out / "final")
         if o.lock is not None:
             progress(f"run: waiting for the measurement lock {o.lock} ...")
             with FileLock(o.lock):
                 report = run_abtest(options)
         else:
             report = run_abtest(options)
-        assert report.path is not None
-        comps = [{"setting": c.setting, "setting_label": c.setting_label, "ratio": c.ratio,
-                  "ci95": None if c.ci95 is None else list(c.ci95), "verdict": c.verdict}
-                 for c in report.comparisons]
-        return "done", {"report": str(report.path), "paths": [str(report.path / REPORT_JSON)],
-                        "verdict": report.verdict, "ratio": report.ratio,
-                        "ci95": None if report.ci95 is None else list(report.ci95),
-                        "comparisons": comps, "failures": report.failures,
-                        "median_tok_s": {a.name: a.median_tok_s for a in report.arms}}
+        return "done", race_outputs(report, options)
 
     def report(self) -> tuple[str, dict[str, Any]]:
         path = self.out / REPORT_FILE
@@ -404,10 +431,11 @@ def _run(options: RunOptions) -> Path:
     r.stage("build", build_inputs, r.build)
     r.stage("model", model_stage_inputs(options), r.model)
     r.stage("profile", [options.threads[0], options.profile_tokens, options.repack], r.profile)
-    r.stage("apply", [], r.apply_tunable)
+    r.stage("apply", [options.hugepages], r.apply_tunable)
     r.stage("tune", [options.threads, options.budget_minutes, options.quick, options.repack], r.tune)
-    r.stage("bake", [], r.bake)
-    r.stage("final", [options.threads, options.final_minutes, options.quick], r.final)
+    r.stage("bake", [options.hugepages], r.bake)
+    r.stage("final", [options.threads, options.final_minutes, options.quick, options.long_depth,
+                      options.prompt_tokens], r.final)
     # The report is always rewritten (cheap), so it reflects the current state.
     r.state.stages.pop("report", None)
     out = r.stage("report", [], r.report)

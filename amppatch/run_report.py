@@ -1,4 +1,5 @@
-"""report.md of `amppatch run`: what ran, what tune kept, the final verdict per setting.
+"""report.md of `amppatch run`: what ran, what tune kept, the final race per setting, what ships and how to
+carry it.
 
 A pure function of the run's options, its stages' outputs and their records, so it is rewritten on every
 run (cheap) and tested without running anything."""
@@ -10,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from amppatch.learned import Learned
+from amppatch.run_race import Decision, LeverVerdict
 from amppatch.runstate import STAGES, StageRecord
 
 if TYPE_CHECKING:
@@ -28,9 +30,9 @@ def model_line(o: RunOptions, model: Mapping[str, Any]) -> str:
 
 
 def render_summary(o: RunOptions, outputs: dict[str, dict[str, Any]], stages: Mapping[str, StageRecord]) -> str:
-    """report.md of the run: what ran, what tune kept, the final verdict per thread count."""
+    """report.md of the run: what ran, what tune kept, the final race, what ships and how to carry it."""
     lines = ["# amppatch run", ""]
-    prof, tune_out, final = outputs.get("profile", {}), outputs.get("tune", {}), outputs.get("final", {})
+    prof, tune_out = outputs.get("profile", {}), outputs.get("tune", {})
     lines += [model_line(o, outputs.get("model", {})),
               f"- llama.cpp: {outputs.get('fetch', {}).get('repo')}; "
               f"stock build {outputs.get('build', {}).get('build')}",
@@ -52,18 +54,7 @@ def render_summary(o: RunOptions, outputs: dict[str, dict[str, Any]], stages: Ma
         b = learned.budget
         lines.append(f"- budget: {b.get('spent_minutes')} of {b.get('minutes')} min ({b.get('stopped_because')}), "
                      f"{len(learned.probes)} probe results")
-    lines += ["", "## Stock vs tuned", ""]
-    if final.get("report"):
-        lines += ["| setting | ratio tuned/stock | 95% CI | verdict |", "|---|---|---|---|"]
-        for c in final.get("comparisons", []):
-            ci = c.get("ci95")
-            ratio = f"{c['ratio']:.3f}" if c.get("ratio") is not None else "—"
-            cis = f"[{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "—"
-            lines.append(f"| {c.get('setting_label') or c.get('setting')} | {ratio} | {cis} | {c.get('verdict')} |")
-        lines += ["", f"Full report: {final['report']}/report.md"]
-    else:
-        reason = (outputs.get("final") or outputs.get("bake") or {}).get("reason", "not run")
-        lines.append(f"No final ab-test: {reason}. The stock build stays the answer.")
+    lines += race_section(o, outputs)
     lines += ["", "## Stages", "", "| stage | status | seconds |", "|---|---|---|"]
     for name in STAGES[:-1]:
         rec = stages.get(name)
@@ -71,3 +62,121 @@ def render_summary(o: RunOptions, outputs: dict[str, dict[str, Any]], stages: Ma
         seconds = rec.seconds if rec is not None and rec.seconds is not None else "—"
         lines.append(f"| {name} | {status} | {seconds} |")
     return "\n".join(lines) + "\n"
+
+
+def _ci_text(ratio: float | None, ci: Any) -> str:
+    return f"ratio {ratio:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]" if ratio is not None and ci else "not measured"
+
+
+def race_section(o: RunOptions, outputs: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """## Final race (every comparison at every setting), ## What ships, ## Carrying the patch."""
+    final = outputs.get("final") or {}
+    lines = ["", "## Final race", ""]
+    if not final.get("report"):
+        reason = (final or outputs.get("bake") or {}).get("reason", "not run")
+        lines.append(f"No final ab-test: {reason}. The stock build stays the answer.")
+        if o.thp_enabled == "never":
+            lines.append(f"- {_pages_never()}")
+        return lines
+    lines += ["| setting | arm | against | ratio | 95% CI | CI vs 1 | verdict |", "|---|---|---|---|---|---|---|"]
+    for setting in final.get("settings") or []:
+        for c in (c for c in final.get("comparisons") or [] if c.get("setting") == setting["id"]):
+            ci = c.get("ci95")
+            side = "—" if not ci else "above 1" if ci[0] > 1 else "below 1" if ci[1] < 1 else "spans 1"
+            ratio = f"{c['ratio']:.3f}" if c.get("ratio") is not None else "—"
+            cis = f"[{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "—"
+            verdict = c.get("verdict") if c.get("ratio") is not None else f"not measured ({c.get('unavailable')})"
+            lines.append(f"| {setting['label']} | {c.get('arm')} | {c.get('baseline')} | {ratio} | {cis} | {side} "
+                         f"| {verdict} |")
+    labels = {s["id"]: s["label"] for s in final.get("settings") or []}
+    for f in final.get("not_measured") or []:
+        if f.get("arm") == "stock":
+            lines += ["", f"Not measured: {labels.get(f.get('setting'), f.get('setting'))} — this build cannot run "
+                          f"it here ({f.get('reason')})."]
+    lines += ["", f"Full report: {final['report']}/report.md"]
+    decision = Decision.from_json(final["decision"])
+    return lines + ships_section(o, outputs, decision) + carry_section(outputs, decision, final.get("cpu_model"))
+
+
+def _pages_never() -> str:
+    return "huge pages: THP is never on this machine — not raced, stock behaviour"
+
+
+def lever_line(v: LeverVerdict) -> str:
+    """One lever's keep-rule verdict in plain words."""
+    name = "huge pages" if v.lever == "hugepages" else v.lever
+    head = v.primary
+    where = f"{v.arm} against {v.baseline}" + (f" at {head.setting_label}" if head else "")
+    if v.why == "gain":
+        assert head is not None
+        return f"{name}: kept — {_ci_text(head.ratio, head.ci95)} ({where}), no setting below 1"
+    if v.why == "hurts":
+        hurt = "; ".join(f"{h.setting_label}: {_ci_text(h.ratio, h.ci95)}" for h in v.hurts)
+        return f"{name}: not kept — slower at {hurt} ({v.arm} against {v.baseline})"
+    if v.why == "no-gain":
+        assert head is not None
+        return f"{name}: no gain here, {_ci_text(head.ratio, head.ci95)} ({where})"
+    return f"{name}: not kept — not measured at the primary setting ({v.arm} against {v.baseline})"
+
+
+def ships_section(o: RunOptions, outputs: Mapping[str, Mapping[str, Any]], decision: Decision) -> list[str]:
+    """What ships, and each lever's verdict (a lever that was not raced says why)."""
+    baked = (outputs.get("bake") or {}).get("arms") or {}
+    lines = ["", "## What ships", ""]
+    if decision.ships == "stock":
+        lines.append("Ships: **stock** — no lever paid on this machine; there is nothing to carry.")
+    else:
+        names = {"prefetch": "prefetch", "pages": "huge pages", "both": "prefetch + huge pages"}
+        lines.append(f"Ships: **{names[decision.ships]}** (arm `{decision.ships}`); patch: "
+                     f"`{baked.get(decision.ships, {}).get('patch')}`")
+    prefetch, pages = decision.lever("prefetch"), decision.lever("hugepages")
+    lines.append(f"- {lever_line(prefetch)}" if prefetch else "- prefetch: tune kept no site — not raced")
+    if pages is not None:
+        lines.append(f"- {lever_line(pages)}")
+    elif o.thp_enabled == "never":
+        lines.append(f"- {_pages_never()}")
+    for arm in ("pages", "both"):
+        check = (baked.get(arm) or {}).get("hugepages")
+        if check:
+            share = check.get("share_b")
+            lines.append(f"- huge-page mapping of the {arm} build (apply's check): {check.get('status')}"
+                         + (f", {share:.0%} of the weights on huge pages" if isinstance(share, float) else "")
+                         + (f" — {check['note']}" if check.get("note") else ""))
+    return lines
+
+
+def cmake_flags(flags: Mapping[str, Any]) -> str:
+    """The configure flags a build was made with, as a `cmake` command line fragment."""
+    parts = [f"-D{k}={v}" for k, v in (flags.get("cmake_options") or {}).items()]
+    common = " ".join(filter(None, ["-g", flags.get("cflags") or ""]))
+    parts += [f'-DCMAKE_C_FLAGS="{common}"', f'-DCMAKE_CXX_FLAGS="{common}"']
+    return " ".join(parts)
+
+
+def carry_section(outputs: Mapping[str, Mapping[str, Any]], decision: Decision, cpu: str | None) -> list[str]:
+    """How to take the shipped patch to another checkout, and why to measure again there."""
+    arm = (outputs.get("bake") or {}).get("arms", {}).get(decision.ships)
+    if decision.ships == "stock" or not arm:
+        return []
+    flags = arm.get("build_flags") or {}
+    lines = ["", "## Carrying the patch", "",
+             f"Apply it to your llama.cpp checkout (made on commit {str(arm.get('base_commit'))[:12]}; a "
+             "`git format-patch` file, so `git am` commits it and `git apply` leaves it uncommitted):", "",
+             f"    git -C <your llama.cpp checkout> am {arm.get('patch')}", "",
+             f"- measured with the CMake flags `{cmake_flags(flags)}`"]
+    kernel = " ".join(flags.get("kernel_flags_applied") or [])
+    if kernel:
+        lines.append(f"- and, on the ggml-cpu target only, `{kernel}` (--kernel-cflags and this CPU's ISA probe; "
+                     "amppatch adds them through a CMake project include)")
+    if flags.get("pgo"):
+        lines.append("- the measured builds were profile-guided (PGO): a build without it may measure differently")
+    if decision.ships in ("prefetch", "both"):
+        lines.append(f"- the prefetch distances and hints were tuned for this CPU ({cpu or 'unknown CPU'}); "
+                     "another CPU may want others")
+    if decision.ships in ("pages", "both"):
+        lines.append("- huge pages need THP `madvise` or `always` on the machine that runs it (with `never` the "
+                     "patched build maps the weights as stock does)")
+    lines.append("- re-run the race on your own machine before trusting it there: build both trees with "
+                 "`amppatch build --repo <checkout>`, then "
+                 "`amppatch ab-test --a <stock build> --b <patched build> -m <model> --threads 1,2`")
+    return lines

@@ -33,6 +33,7 @@ from __future__ import annotations
 from amppatch.abtest.analysis import (
     Sample,
     analyze,
+    analyze_pairs,
     compare_arms,
     comparison_json,
     per_round_medians,
@@ -107,6 +108,7 @@ __all__ = [
     "_gate_pairs",
     "_proc_cpu_ticks",
     "analyze",
+    "analyze_pairs",
     "arm_threads",
     "block_order",
     "busy_processes",

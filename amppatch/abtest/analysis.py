@@ -1,4 +1,5 @@
-"""ab-test's samples and their analysis (pure): every arm against the first, paired by block.
+"""ab-test's samples and their analysis (pure): every arm against the first (and any other pair of arms),
+paired by block.
 
 report.py rebuilds samples and settings from report.json through `samples_from_report` and
 `settings_from_report`, so the dependency runs one way: the report renderer imports this module, never the
@@ -93,14 +94,14 @@ def _finite(x: float) -> float | None:
     return None if math.isnan(x) else x
 
 
-def analyze(samples: Sequence[Sample], arms: Sequence[str], settings: Sequence[Setting],
-            failures: dict[tuple[str, str], str], *, min_effect: float, seed: int,
-            n_boot: int, interval: str = stats.DEFAULT_INTERVAL) -> list[dict[str, Any]]:
-    """Every arm against the first, at every setting."""
+def analyze_pairs(samples: Sequence[Sample], pairs: Sequence[tuple[str, str]], settings: Sequence[Setting],
+                  failures: dict[tuple[str, str], str], *, min_effect: float, seed: int,
+                  n_boot: int, interval: str = stats.DEFAULT_INTERVAL) -> list[dict[str, Any]]:
+    """Each (arm, baseline) pair at every setting, paired by block (both arms ran in every block); a pair
+    with an arm that failed at a setting is `unavailable` there, with the reason."""
     out = []
-    base = arms[0]
     for setting in settings:
-        for arm in arms[1:]:
+        for arm, base in pairs:
             reason = failures.get((base, setting.id)) or failures.get((arm, setting.id))
             if reason:
                 who = base if (base, setting.id) in failures else arm
@@ -110,6 +111,14 @@ def analyze(samples: Sequence[Sample], arms: Sequence[str], settings: Sequence[S
                                 interval=interval)
             out.append(comparison_json(arm, base, setting, comp))
     return out
+
+
+def analyze(samples: Sequence[Sample], arms: Sequence[str], settings: Sequence[Setting],
+            failures: dict[tuple[str, str], str], *, min_effect: float, seed: int,
+            n_boot: int, interval: str = stats.DEFAULT_INTERVAL) -> list[dict[str, Any]]:
+    """Every arm against the first, at every setting."""
+    return analyze_pairs(samples, [(arm, arms[0]) for arm in arms[1:]], settings, failures,
+                         min_effect=min_effect, seed=seed, n_boot=n_boot, interval=interval)
 
 
 def slice_verdicts(samples: Sequence[Sample], arms: Sequence[str], settings: Sequence[Setting], n_slices: int,

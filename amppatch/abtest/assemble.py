@@ -110,15 +110,17 @@ def _arm_record(arm: _Arm, settings: tuple[Setting, ...], by_setting: dict[str, 
     }
 
 
-def _arm_records(setup: Setup, timed: Timed, token_bytes: TokenBytes,
+def _arm_records(setup: Setup, timed: Timed, token_bytes: dict[str, TokenBytes],
                  warnings: list[str]) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:
-    """Every arm's record for the report and its per-setting noise diagnostics."""
+    """Every arm's record for the report and its per-setting noise diagnostics (`token_bytes` by setting
+    id: a setting at a long depth reads more KV cache per token)."""
     arm_records = []
     diag_arms: dict[str, dict[str, Any]] = {}
     for arm in setup.arms:
         by_setting: dict[str, Any] = {}
         for setting in setup.settings:
-            entry = _setting_entry(arm, setting, timed.samples, timed, token_bytes, setup.ceiling, warnings)
+            entry = _setting_entry(arm, setting, timed.samples, timed, token_bytes[setting.id], setup.ceiling,
+                                   warnings)
             by_setting[setting.id] = entry
             diag_arms.setdefault(arm.spec.name, {})[setting.id] = {
                 "cv": entry.get("cv"), "drift": entry.get("drift")}
@@ -207,17 +209,21 @@ def _environment_json(setup: Setup, ncpu: int) -> dict[str, Any]:
     }
 
 
-def build_report(setup: Setup, timed: Timed, comps: list[dict[str, Any]]) -> dict[str, Any]:
-    """The report.json record of a run (key order is the file's order: keep it)."""
+def build_report(setup: Setup, timed: Timed, comps: list[dict[str, Any]],
+                 pair_comps: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The report.json record of a run (key order is the file's order: keep it); `pair_comps` are the
+    comparisons of `options.pairs` (other baselines than the first arm)."""
     from amppatch.gguf_info import bytes_per_token, generation_context
 
     options, settings = setup.options, setup.settings
     token_bytes = bytes_per_token(setup.info, context_len=generation_context(options.depth, options.tokens))
+    at_setting = {s.id: bytes_per_token(setup.info, context_len=generation_context(s.depth, s.n_tokens))
+                  for s in settings}
     warnings: list[str] = []
-    arm_records, diag_arms = _arm_records(setup, timed, token_bytes, warnings)
+    arm_records, diag_arms = _arm_records(setup, timed, at_setting, warnings)
     if setup.llc_ok:
         _llc_pass(setup, arm_records, timed.failures)
-    _comparison_warnings(comps, options.min_effect, warnings)
+    _comparison_warnings(comps + (pair_comps or []), options.min_effect, warnings)
     ncpu = os.cpu_count() or 1
     busy = busy_processes(timed.ticks_before, timed.ticks_after, timed.timed_seconds, exclude={os.getpid()})
     _host_warnings(options, timed, ncpu, warnings)
@@ -237,6 +243,7 @@ def build_report(setup: Setup, timed: Timed, comps: list[dict[str, Any]]) -> dic
                       "n_tokens": s.n_tokens, "depth": s.depth} for s in settings],
         "arms": arm_records,
         "comparisons": comps,
+        "pair_comparisons": pair_comps or [],
         "correctness": timed.correctness,
         "bandwidth": _bandwidth_json(token_bytes, setup),
         "latency": {"available": bool(timed.traces), "note": latency_note if not timed.trace_errors

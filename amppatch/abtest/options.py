@@ -51,6 +51,24 @@ class ArmSpec:
 
 
 @dataclass(frozen=True)
+class Setting:
+    test: str  # "tg" or "pp"
+    threads: int
+    n_tokens: int
+    depth: int = 0
+
+    @property
+    def id(self) -> str:
+        depth = f"-d{self.depth}" if self.depth else ""
+        return f"{self.test}{self.n_tokens}{depth}-t{self.threads}"
+
+    @property
+    def label(self) -> str:
+        depth = f" at depth {self.depth}" if self.depth else ""
+        return f"{self.test}{self.n_tokens}{depth}, {self.threads} thread{'s' if self.threads != 1 else ''}"
+
+
+@dataclass(frozen=True)
 class AbTestOptions:
     arms: tuple[ArmSpec, ...]
     model: Path
@@ -76,6 +94,10 @@ class AbTestOptions:
     fail_on_regression: bool = False
     n_boot: int = 4000
     bench_timeout: float = 1800.0
+    # Settings measured after the tests x threads grid (e.g. tg at a long depth at one thread count only).
+    extra_settings: tuple[Setting, ...] = ()
+    # Comparisons beyond every arm against the first: (arm, baseline) pairs, judged at every setting.
+    pairs: tuple[tuple[str, str], ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -83,6 +105,8 @@ class AbTestOptions:
             {"name": a.name, "build": str(a.build), "bench_args": list(a.bench_args), "env": dict(a.env)}
             for a in self.arms
         ]
+        data["extra_settings"] = [asdict(s) for s in self.extra_settings]
+        data["pairs"] = [list(p) for p in self.pairs]
         for key in ("model", "out", "gate_model"):
             data[key] = str(data[key]) if data[key] is not None else None
         data["threads"] = list(self.threads)
@@ -178,34 +202,28 @@ def validate(options: AbTestOptions) -> None:
         raise UsageError(f"unknown --latency {options.latency!r}", next_step="use auto, on or off")
     if options.cpu_mask is not None and not re.fullmatch(r"(0x)?[0-9a-fA-F]+", options.cpu_mask):
         raise UsageError(f"--cpu-mask {options.cpu_mask!r} is not a hex mask", next_step="e.g. --cpu-mask 0x1")
-
-
-@dataclass(frozen=True)
-class Setting:
-    test: str  # "tg" or "pp"
-    threads: int
-    n_tokens: int
-    depth: int = 0
-
-    @property
-    def id(self) -> str:
-        depth = f"-d{self.depth}" if self.depth else ""
-        return f"{self.test}{self.n_tokens}{depth}-t{self.threads}"
-
-    @property
-    def label(self) -> str:
-        depth = f" at depth {self.depth}" if self.depth else ""
-        return f"{self.test}{self.n_tokens}{depth}, {self.threads} thread{'s' if self.threads != 1 else ''}"
+    for s in options.extra_settings:
+        if s.test not in TESTS or s.threads < 1 or s.n_tokens < 1 or s.depth < 0:
+            raise UsageError(f"setting {s.id} is not a measurable setting",
+                             next_step="a test tg or pp, at least one thread and one token, a depth of 0 or more")
+    for arm, base in options.pairs:
+        if arm not in names or base not in names or arm == base:
+            raise UsageError(f"comparison {arm} vs {base} needs two different arms of this ab-test",
+                             next_step=f"name two of: {', '.join(names)}")
 
 
 def settings_for(options: AbTestOptions) -> tuple[Setting, ...]:
-    """Every (test, threads) pair in the order given; the first is the headline setting."""
-    out = []
+    """Every (test, threads) pair in the order given, then the extra settings (one already in the grid is not
+    measured twice); the first is the headline setting."""
+    out: dict[str, Setting] = {}
     for test in options.tests:
         n = options.tokens if test == "tg" else options.prompt_tokens
         for threads in options.threads:
-            out.append(Setting(test, threads, n, options.depth))
-    return tuple(out)
+            setting = Setting(test, threads, n, options.depth)
+            out.setdefault(setting.id, setting)
+    for setting in options.extra_settings:
+        out.setdefault(setting.id, setting)
+    return tuple(out.values())
 
 
 

@@ -218,6 +218,11 @@ class AbTestResult:
     def arm(self, name: str) -> ArmResult | None:
         return next((a for a in self.arms if a.name == name), None)
 
+    @property
+    def pair_comparisons(self) -> tuple[Comparison, ...]:
+        """The comparisons of `options.pairs`: an arm against another arm than the first."""
+        return tuple(Comparison.from_json(c) for c in self.rest.get("pair_comparisons") or ())
+
     def comparison(self, arm: str, setting: str | None = None) -> Comparison | None:
         """The comparison of `arm` (at `setting`, or its first)."""
         return next((c for c in self.comparisons if c.arm == arm and setting in (None, c.setting)), None)

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from amppatch.abtest.analysis import Sample, analyze
+from amppatch.abtest.analysis import Sample, analyze, analyze_pairs
 from amppatch.abtest.assemble import Timed, build_report
 from amppatch.abtest.execute import LlamaBenchExecutor, SlotExecutor, page_cache, play_round, warmup
 from amppatch.abtest.gating import _gate_pairs
@@ -172,7 +172,9 @@ def _run_abtest(options: AbTestOptions, out: Path, executor: SlotExecutor | None
     # 4. statistics, diagnostics, report
     comps = analyze(timed.samples, setup.names, setup.settings, failures, min_effect=options.min_effect,
                     seed=options.seed, n_boot=options.n_boot)
-    result = AbTestResult.from_json(build_report(setup, timed, comps), out)
+    pair_comps = analyze_pairs(timed.samples, options.pairs, setup.settings, failures,
+                               min_effect=options.min_effect, seed=options.seed, n_boot=options.n_boot)
+    result = AbTestResult.from_json(build_report(setup, timed, comps, pair_comps), out)
     write_report(out, result)
     if timed.interrupted:
         progress(f"ab-test: partial report of {timed.rounds} rounds in {out}")
@@ -213,6 +215,9 @@ def _timed_rounds(setup: Setup, executor: SlotExecutor | None, failures: dict[tu
             round_seconds = time.monotonic() - round_start
             comps = analyze(samples, setup.names, settings, failures, min_effect=options.min_effect,
                             seed=options.seed, n_boot=STOP_RULE_N_BOOT)
+            # Extra pairs count for the stop rule too: a race is decisive when every comparison asked for is.
+            comps += analyze_pairs(samples, options.pairs, settings, failures, min_effect=options.min_effect,
+                                   seed=options.seed, n_boot=STOP_RULE_N_BOOT)
             elapsed = time.monotonic() - setup.t0
             total = f"/{n_rounds_target}" if n_rounds_target else ""
             progress(_progress_line(round_index, total, comps, elapsed))

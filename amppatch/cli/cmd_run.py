@@ -1,4 +1,4 @@
-"""`amppatch run`: fetch → build → model → profile → apply → tune → bake → final ab-test → report (resumable)."""
+"""`amppatch run`: fetch → build → model → profile → apply → tune → bake → final race → report (resumable)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from amppatch.run import RunOptions
 from amppatch.run import run as run_pipeline
 
 NAME = "run"
-HELP = ("the whole job: fetch, build, model (synthetic or --model), profile, apply, tune (budgeted), bake the winners, "
-        "final ab-test stock vs tuned, report; rerun with the same -o to resume")
+HELP = ("the whole job: fetch, build, model (synthetic or --model), profile, apply, tune (budgeted), bake the levers "
+        "(prefetch, huge pages, both), race them against stock, report what ships; rerun with the same -o to resume")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -30,10 +30,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--final-minutes", type=float, default=10.0,
                         help="time limit of the final ab-test (default 10; it stops earlier when decisive)")
     parser.add_argument("--profile-tokens", type=int, default=32, help="tokens the profile generates (default 32)")
+    parser.add_argument("--long-depth", type=int, metavar="N",
+                        help="final race: tg at this context depth at the first thread count (default 4096, "
+                             "--quick 128; 0 leaves it out)")
+    parser.add_argument("--prompt-tokens", type=int, metavar="N",
+                        help="final race: prompt processing of N tokens at the first thread count (default 512, "
+                             "--quick 64; 0 leaves it out)")
     parser.add_argument("--repack", type=int, choices=(0, 1),
                         help="llama-bench --repack for profile, tune and final ab-test (default: llama-bench's)")
     parser.add_argument("--quick", action="store_true",
-                        help="smoke test: tiny model, 1 thread, 1-minute tune, 3-round final ab-test")
+                        help="smoke test: tiny model, 1 thread, 1-minute tune, 3-round final race")
     parser.add_argument("--lock", type=Path, metavar="FILE",
                         help="hold this flock file while timing (default $AMPPATCH_MEASURE_LOCK)")
     parser.add_argument("--seed", type=int, default=0, help="model and schedule seed (default 0)")
@@ -66,6 +72,8 @@ def run(args: argparse.Namespace) -> Path:
         budget_minutes=args.budget,
         final_minutes=args.final_minutes,
         profile_tokens=args.profile_tokens,
+        long_depth=args.long_depth,
+        prompt_tokens=args.prompt_tokens,
         repack=args.repack,
         build_options=build_options,
         quick=args.quick,

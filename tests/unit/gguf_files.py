@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def write_small_gguf(path: Path) -> Path:
+def write_small_gguf(path: Path, heads: int = 0) -> Path:
     """A small but whole GGUF (metadata, a string array, an F32 and a Q8_0 tensor), written with the gguf
-    package as a model file would be."""
+    package as a model file would be; `heads` attention heads give it a KV cache to count."""
     import gguf
     import numpy as np
     from gguf import quants
@@ -15,6 +15,8 @@ def write_small_gguf(path: Path) -> Path:
     writer = gguf.GGUFWriter(str(path), "llama")
     writer.add_block_count(1)
     writer.add_embedding_length(64)
+    if heads:
+        writer.add_head_count(heads)
     writer.add_token_list(["<s>", "</s>", "a", "b"])
     writer.add_tensor("blk.0.attn_norm.weight", np.ones(64, dtype=np.float32))
     q8 = quants.quantize(np.ones((8, 64), dtype=np.float32), gguf.GGMLQuantizationType.Q8_0)

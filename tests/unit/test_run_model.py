@@ -183,7 +183,7 @@ def test_the_final_ab_test_gates_on_the_dominant_type_or_skips(tmp_path: Path, m
     monkeypatch.setattr(run_model, "mem_available", lambda path=None: 1 << 40)
     r = _runner(tmp_path, _write(tmp_path / "m.gguf"))
     r.outputs["model"] = {"model": str(tmp_path / "m.gguf"), "gate_model": gate}
-    r.outputs["bake"] = {"stock_build": "/x/a", "tuned_build": "/x/b"}
+    r.outputs["bake"] = {"stock_build": "/x/a", "arms": {"prefetch": {"build": "/x/b"}}}
     seen: list[Any] = []
 
     def capture(options: Any) -> None:
