@@ -350,7 +350,7 @@ class _Runner:
             arms=(ArmSpec("stock", Path(bake["stock_build"]), args), ArmSpec("tuned", Path(bake["tuned_build"]), args)),
             model=Path(self.outputs["model"]["model"]), threads=tuple(o.threads), seed=o.seed,
             out=self.out / "final", gate_model=Path(gate) if gate else None, skip_correctness=gate is None,
-            **timing)
+            roofline=True, **timing)
         if o.lock is not None:
             progress(f"run: waiting for the measurement lock {o.lock} ...")
             with FileLock(o.lock):

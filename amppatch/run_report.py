@@ -64,6 +64,7 @@ def render_summary(o: RunOptions, outputs: dict[str, dict[str, Any]], stages: Ma
     else:
         reason = (outputs.get("final") or outputs.get("bake") or {}).get("reason", "not run")
         lines.append(f"No final ab-test: {reason}. The stock build stays the answer.")
+    lines += limit_lines(final.get("report"))
     lines += ["", "## Stages", "", "| stage | status | seconds |", "|---|---|---|"]
     for name in STAGES[:-1]:
         rec = stages.get(name)
@@ -71,3 +72,23 @@ def render_summary(o: RunOptions, outputs: dict[str, dict[str, Any]], stages: Ma
         seconds = rec.seconds if rec is not None and rec.seconds is not None else "—"
         lines.append(f"| {name} | {status} | {seconds} |")
     return "\n".join(lines) + "\n"
+
+
+def limit_lines(final_report: str | None) -> list[str]:
+    """The "## Limit" section from the final ab-test's roofline: per setting the roofline, which side binds
+    and each arm's share of it, then where each arm's weights sat (nothing without a final report)."""
+    from amppatch.abtest.result import AbTestResult
+    from amppatch.limit import summary_lines
+
+    if not final_report:
+        return []
+    result = AbTestResult.read(Path(final_report))
+    lines = ["", "## Limit", ""]
+    if result.roofline is None:
+        lines.append("- roofline: not in the final report")
+    else:
+        lines += [f"- {line}" for line in summary_lines(result.roofline)]
+    for arm in result.arms:
+        if arm.huge_pages is not None:
+            lines.append(f"- weights of {arm.name}: {arm.huge_pages.describe()}")
+    return lines
