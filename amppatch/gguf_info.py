@@ -211,6 +211,21 @@ def generation_context(depth: int, n_gen: int) -> float:
     return depth + (n_gen + 1) / 2.0
 
 
+def weight_reads(info: GgufInfo) -> list[tuple[TensorInfo, int]]:
+    """The tensors one generated token streams, each with the bytes it reads of it: whole, or the routed
+    experts' slices of a per-expert tensor. Gathered tables (one row per token) are not among them, except the
+    token-embedding table when the output projection is tied to it (then it is read whole). Per type, these
+    sum to `bytes_per_token(info).by_type`."""
+    tied = info.tied_embeddings
+    routed = 0 < info.n_expert_used <= info.n_expert
+    out: list[tuple[TensorInfo, int]] = []
+    for t in info.tensors:
+        if t.name in _GATHERED and not (tied and t.name == _TOKEN_EMBD):
+            continue
+        out.append((t, t.n_bytes // info.n_expert * info.n_expert_used if t.per_expert and routed else t.n_bytes))
+    return out
+
+
 def bytes_per_token(
     info: GgufInfo, *, context_len: float = 0.0, type_k: str = "f16", type_v: str = "f16"
 ) -> TokenBytes:

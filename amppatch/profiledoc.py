@@ -18,6 +18,8 @@ from typing import Any
 
 from amppatch.inputs import PROFILE, check_json, read_json
 from amppatch.jsondoc import ordered, rest_of
+from amppatch.limit import ModelRoofline
+from amppatch.weightpages import WeightPages
 
 
 @dataclass(frozen=True)
@@ -106,3 +108,15 @@ class Profile:
     @property
     def cpu_model(self) -> str | None:
         return self.machine.get("cpu_model")
+
+    @property
+    def roofline(self) -> ModelRoofline | None:
+        """The roofline of the model's weight kernels (None: a profile written before it was measured)."""
+        doc = self.rest.get("roofline")
+        return ModelRoofline.from_json(doc) if isinstance(doc, dict) else None
+
+    @property
+    def huge_pages(self) -> WeightPages | None:
+        """How much of the model file sat on huge pages in the profiled run (None: no model, or an older file)."""
+        doc = self.rest.get("huge_pages")
+        return WeightPages.from_json(doc) if isinstance(doc, dict) else None

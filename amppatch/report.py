@@ -1,4 +1,5 @@
-"""ab-test reports: report.json (the record), report.md (for a terminal) and report.png (for a glance).
+"""ab-test reports: report.json (the record), report.md (for a terminal), report.png (for a glance) and
+roofline.png (each arm's GB/s against the limit, when the roofline was measured).
 
 report.json is read and written only through `amppatch.abtest.result.AbTestResult`; the renderers take its
 document (`to_json()`). report.md and report.png are pure functions of report.json, so `amppatch report
@@ -17,7 +18,10 @@ from amppatch.abtest.analysis import samples_from_report, settings_from_report, 
 from amppatch.abtest.result import REPORT_JSON, AbTestResult
 from amppatch.errors import UnmeasuredError, UsageError
 from amppatch.inputs import REPORT, write_error
+from amppatch.limit import ModelRoofline, kernel_lines, setting_table
+from amppatch.limit_plot import ROOFLINE_PNG, plot_note, render_roofline_png
 from amppatch.paths import write_text_atomic
+from amppatch.weightpages import WeightPages
 
 REPORT_MD = "report.md"
 REPORT_PNG = "report.png"
@@ -181,6 +185,39 @@ def _md_pairs(report: dict[str, Any]) -> list[str]:
     return ["## Other comparisons", "", *_table(["setting", "pair", "ratio", "95% CI", "verdict", "p"], rows), ""]
 
 
+def _md_limit(report: dict[str, Any]) -> list[str]:
+    """How close each arm came to the roofline, and where each arm's weights sat (nothing for a report written
+    before ab-test measured either)."""
+    doc = report.get("roofline")
+    pages = [(a["name"], a["huge_pages"]) for a in report["arms"] if isinstance(a.get("huge_pages"), dict)]
+    if not isinstance(doc, dict) and not pages:
+        return []
+    lines = ["## Limit", ""]
+    part = ModelRoofline.from_json(doc) if isinstance(doc, dict) else None
+    if part is None:
+        lines.append("Roofline: not in this report.")
+    elif not part.available:
+        lines.append(f"Roofline: {part.note}.")
+    else:
+        base = report["arms"][0]["name"]
+        lines.append(f"The roofline is the lower of the weight kernels' in-cache rate (one n = 1 MUL_MAT on "
+                     f"cache-resident weights, {base}'s build, measured in this run) and the better of the "
+                     "machine's stream-read ceilings; an arm's GB/s is the bytes a token reads × its median tok/s.")
+        lines.append("")
+        lines += setting_table(part)
+        lines.append("")
+        lines.append(f"Kernels measured ({part.measured_share:.0%} of the weight bytes per token):")
+        lines += kernel_lines(part)
+        lines += [f"- note: {n}" for n in part.notes]
+        note = plot_note(part)
+        lines.append(f"Plot: {ROOFLINE_PNG}" + (f" {note}" if note else "") + ".")
+    if pages:
+        lines += ["", "Weights on huge pages (the model file's mapping, from smaps):"]
+        lines += [f"- {name}: {WeightPages.from_json(doc).describe()}" for name, doc in pages]
+    lines.append("")
+    return lines
+
+
 def _md_correctness(report: dict[str, Any]) -> list[str]:
     lines = ["## Correctness", ""]
     crow = []
@@ -247,8 +284,8 @@ def _md_environment(report: dict[str, Any]) -> list[str]:
 
 
 def render_markdown(report: dict[str, Any]) -> str:
-    lines = [*_md_header(report), *_md_results(report), *_md_pairs(report), *_md_correctness(report),
-             *_md_noise(report), *_md_environment(report)]
+    lines = [*_md_header(report), *_md_results(report), *_md_pairs(report), *_md_limit(report),
+             *_md_correctness(report), *_md_noise(report), *_md_environment(report)]
     lines.append(f"Raw samples: {len(report.get('samples', []))} in {REPORT_JSON}. Schema: docs/report-schema.md.")
     return "\n".join(lines) + "\n"
 
@@ -362,14 +399,18 @@ def require_measured(report: dict[str, Any] | AbTestResult, directory: Path, wha
 
 
 def render_all(directory: Path) -> Path:
-    """Re-render report.md and report.png from report.json; returns report.md's path."""
+    """Re-render report.md, report.png and (with a measured roofline) roofline.png from report.json; returns
+    report.md's path."""
     directory = Path(directory).expanduser()
     if directory.name == REPORT_JSON:
         directory = directory.parent
-    report = load_report(directory).to_json()
+    result = load_report(directory)
+    report = result.to_json()
     md = directory / REPORT_MD
     write_text_atomic(md, render_markdown(report))
     render_png(report, directory / REPORT_PNG)
+    if result.roofline is not None and plot_note(result.roofline) is None:
+        render_roofline_png(result.roofline, directory / ROOFLINE_PNG)
     return md
 
 

@@ -55,6 +55,7 @@ def render_summary(o: RunOptions, outputs: dict[str, dict[str, Any]], stages: Ma
         lines.append(f"- budget: {b.get('spent_minutes')} of {b.get('minutes')} min ({b.get('stopped_because')}), "
                      f"{len(learned.probes)} probe results")
     lines += race_section(o, outputs)
+    lines += limit_lines((outputs.get("final") or {}).get("report"))
     lines += ["", "## Stages", "", "| stage | status | seconds |", "|---|---|---|"]
     for name in STAGES[:-1]:
         rec = stages.get(name)
@@ -94,6 +95,8 @@ def race_section(o: RunOptions, outputs: Mapping[str, Mapping[str, Any]]) -> lis
             lines += ["", f"Not measured: {labels.get(f.get('setting'), f.get('setting'))} — this build cannot run "
                           f"it here ({f.get('reason')})."]
     lines += ["", f"Full report: {final['report']}/report.md"]
+    if not final.get("decision"):  # a final stage recorded without the keep rule's decision
+        return lines
     decision = Decision.from_json(final["decision"])
     return lines + ships_section(o, outputs, decision) + carry_section(outputs, decision, final.get("cpu_model"))
 
@@ -179,4 +182,24 @@ def carry_section(outputs: Mapping[str, Mapping[str, Any]], decision: Decision, 
     lines.append("- re-run the race on your own machine before trusting it there: build both trees with "
                  "`amppatch build --repo <checkout>`, then "
                  "`amppatch ab-test --a <stock build> --b <patched build> -m <model> --threads 1,2`")
+    return lines
+
+
+def limit_lines(final_report: str | None) -> list[str]:
+    """The "## Limit" section from the final ab-test's roofline: per setting the roofline, which side binds
+    and each arm's share of it, then where each arm's weights sat (nothing without a final report)."""
+    from amppatch.abtest.result import AbTestResult
+    from amppatch.limit import summary_lines
+
+    if not final_report:
+        return []
+    result = AbTestResult.read(Path(final_report))
+    lines = ["", "## Limit", ""]
+    if result.roofline is None:
+        lines.append("- roofline: not in the final report")
+    else:
+        lines += [f"- {line}" for line in summary_lines(result.roofline)]
+    for arm in result.arms:
+        if arm.huge_pages is not None:
+            lines.append(f"- weights of {arm.name}: {arm.huge_pages.describe()}")
     return lines

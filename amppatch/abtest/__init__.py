@@ -3,11 +3,14 @@
 The order of events is what makes the numbers trustworthy on a noisy, shared machine:
 1. correctness gate for every arm against the first (identical output for the same kernels, perplexity
    within a tolerance for different kernels by design) — a fast wrong binary is not a result;
-2. the model is read once so the page cache holds it, then one warmup llama-bench run per arm;
+2. the model is read once so the page cache holds it, then one warmup llama-bench run per arm (the first
+   one watched for how much of the model file sits on huge pages);
 3. rounds of randomized mirror-order blocks (A B B A, or a random permutation followed by its reverse for
    more arms), one block per setting, each slot one `llama-bench -o jsonl -r R` call; load that drifts
    during a block hits every arm alike, and the bootstrap resamples whole blocks;
-4. statistics on the raw `samples_ns` (amppatch.stats), noise diagnostics, bandwidth, latency, report.
+4. the roofline of the model's weight kernels on the first arm's build (amppatch.limit; off with
+   `roofline=False`, the command's `--no-roofline`), then statistics on the raw `samples_ns`
+   (amppatch.stats), noise diagnostics, bandwidth, latency, report.
 
 Arm syntax (``--arm``/``--a``/``--b``)::
 

@@ -17,12 +17,15 @@ from amppatch.abtest.execute import _bench_argv, arm_threads
 from amppatch.abtest.hostload import busy_processes
 from amppatch.abtest.options import SCHEMA_VERSION, AbTestOptions, Setting, _Arm
 from amppatch.abtest.probes import ceiling_for, parse_perf_llc
+from amppatch.limit import ModelRoofline, SettingRates
 from amppatch.machine import cpu_model
 from amppatch.proc import run
+from amppatch.weightpages import WeightPages
 
 if TYPE_CHECKING:
     from amppatch.abtest.runner import Setup
     from amppatch.gguf_info import TokenBytes
+    from amppatch.limit import KernelRun
 
 
 @dataclass
@@ -46,6 +49,7 @@ class Timed:
     loadavg_end: dict[str, Any] | None = None
     correctness: list[dict[str, Any]] = field(default_factory=list)
     cache_seconds: float = 0.0
+    kernels: KernelRun | None = None  # the roofline's measured side (None: not measured)
 
 
 def _setting_entry(arm: _Arm, setting: Setting, samples: list[Sample], timed: Timed, token_bytes: TokenBytes,
@@ -107,6 +111,7 @@ def _arm_record(arm: _Arm, settings: tuple[Setting, ...], by_setting: dict[str, 
         "compiler": arm.build.manifest.get("compiler_version"),
         "cflags": arm.build.manifest.get("cflags"),
         "kernel_cflags": arm.build.manifest.get("kernel_cflags"),
+        "huge_pages": (arm.pages or WeightPages(0, "warmup", None, "no warmup of this arm ran")).to_json(),
     }
 
 
@@ -209,6 +214,24 @@ def _environment_json(setup: Setup, ncpu: int) -> dict[str, Any]:
     }
 
 
+def _roofline_json(setup: Setup, timed: Timed, arm_records: list[dict[str, Any]]) -> dict[str, Any]:
+    """report.json's `roofline`: the kernels' side measured on the first arm's build, the stream ceilings,
+    and every arm's GB/s against the lower side, per tg setting."""
+    if not setup.options.roofline:
+        return ModelRoofline.unavailable("not measured (--no-roofline)").to_json()
+    if timed.kernels is None:
+        why = "the run was interrupted" if timed.interrupted else "no tg setting (a prompt batch is not n = 1)"
+        return ModelRoofline.unavailable(f"not measured ({why})").to_json()
+    rates = []
+    for s in setup.settings:
+        if s.test != "tg":
+            continue
+        arms = tuple((rec["name"], ((rec["by_setting"].get(s.id) or {}).get("bandwidth") or {}).get("gb_per_s"))
+                     for rec in arm_records)
+        rates.append(SettingRates(s.id, s.label, arm_threads(setup.arms[0].spec, s), arms))
+    return timed.kernels.assemble(rates).to_json()
+
+
 def build_report(setup: Setup, timed: Timed, comps: list[dict[str, Any]],
                  pair_comps: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """The report.json record of a run (key order is the file's order: keep it); `pair_comps` are the
@@ -249,6 +272,7 @@ def build_report(setup: Setup, timed: Timed, comps: list[dict[str, Any]],
         "latency": {"available": bool(timed.traces), "note": latency_note if not timed.trace_errors
                     else f"{latency_note}; trace errors: {'; '.join(timed.trace_errors[:3])}"},
         "llc": {"available": setup.llc_ok, "note": setup.llc_note},
+        "roofline": _roofline_json(setup, timed, arm_records),
         "diagnostics": {
             "per_arm": diag_arms,
             "loadavg_start": timed.loadavg_start,

@@ -6,6 +6,7 @@ all of them."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import Sequence
@@ -153,13 +154,23 @@ class LlamaBenchExecutor:
 def warmup(arms: Sequence[_Arm], options: AbTestOptions, settings: Sequence[Setting],
            failures: dict[tuple[str, str], str]) -> None:
     """One untimed llama-bench run per arm and setting; an arm that cannot run a setting is recorded in
-    `failures` (and never timed at it)."""
+    `failures` (and never timed at it). Each arm's first warmup that runs is watched for the model file's
+    huge-page share (`arm.pages`)."""
+    from amppatch.childpages import ChildPages
+    from amppatch.weightpages import WeightPages
+
     for setting in settings:
         for arm in arms:
             progress(f"ab-test: warmup {arm.spec.name} {setting.label} ...")
             try:
-                record = _run_bench(_bench_argv(arm, options, setting, 1), arm.env, options.bench_timeout,
-                                    arm.spec.name)
+                # the first warmup an arm runs also shows where its weights sit: untimed, same binary and flags
+                watch = ChildPages(options.model) if arm.pages is None else None
+                with watch or contextlib.nullcontext():
+                    record = _run_bench(_bench_argv(arm, options, setting, 1), arm.env, options.bench_timeout,
+                                        arm.spec.name)
+                if watch is not None:
+                    arm.pages = WeightPages.watched(watch.result, options.model.stat().st_size,
+                                                    f"warmup ({setting.label})")
                 arm.bench_meta.setdefault("first_record", {k: v for k, v in record.items()
                                                            if k not in ("samples_ns", "samples_ts")})
             except _BenchFailed as exc:

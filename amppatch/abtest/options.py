@@ -15,6 +15,7 @@ from amppatch.inputs import check_gguf
 
 if TYPE_CHECKING:
     from amppatch.build import Build
+    from amppatch.weightpages import WeightPages
 
 SCHEMA_VERSION = 1
 TESTS = ("tg", "pp")
@@ -91,6 +92,9 @@ class AbTestOptions:
     ppl_tolerance: float = 0.01
     latency: str = "auto"  # auto | on | off (tracer token hooks in every arm)
     llc: bool = True  # perf stat LLC misses where hardware counters exist
+    # the roofline of the model's dominant weight kernels on the first arm's build, after the timed rounds;
+    # the command and run's final race turn it on, callers racing many small batches (tune, bench) leave it off
+    roofline: bool = False
     fail_on_regression: bool = False
     n_boot: int = 4000
     bench_timeout: float = 1800.0
@@ -229,10 +233,11 @@ def settings_for(options: AbTestOptions) -> tuple[Setting, ...]:
 
 @dataclass
 class _Arm:
-    """An arm once its build is loaded: the spec, the build, the environment llama-bench runs with, and what
-    llama-bench reported about itself (its first record, for the report)."""
+    """An arm once its build is loaded: the spec, the build, the environment llama-bench runs with, what
+    llama-bench reported about itself (its first record, for the report) and where its weights sat."""
 
     spec: ArmSpec
     build: Build
     env: dict[str, str]
     bench_meta: dict[str, Any] = field(default_factory=dict)
+    pages: WeightPages | None = None  # the model file's huge-page share, watched during this arm's warmup

@@ -17,6 +17,8 @@ from typing import Any
 
 from amppatch.inputs import REPORT, check_json, read_json
 from amppatch.jsondoc import jsonable, ordered, rest_of
+from amppatch.limit import ModelRoofline
+from amppatch.weightpages import WeightPages
 
 REPORT_JSON = "report.json"
 Ci95 = tuple[float, float] | None
@@ -77,6 +79,12 @@ class ArmResult:
     def at(self, setting: str) -> dict[str, Any]:
         """This arm's statistics at `setting` ({} when it has none)."""
         return self.by_setting.get(setting) or {}
+
+    @property
+    def huge_pages(self) -> WeightPages | None:
+        """How much of the model file sat on huge pages in this arm's watched warmup (None: an older report)."""
+        doc = self.rest.get("huge_pages")
+        return WeightPages.from_json(doc) if isinstance(doc, dict) else None
 
     def to_json(self) -> dict[str, Any]:
         return ordered(self.order, {"name": self.name, "median_tok_s": self.median_tok_s,
@@ -168,12 +176,13 @@ class AbTestResult:
     correctness: tuple[GateRecord, ...]
     diagnostics: dict[str, Any]
     samples: tuple[dict[str, Any], ...]
+    roofline: ModelRoofline | None = None  # None: a report written before ab-test measured it
     path: Path | None = None
     order: tuple[str, ...] = ()
     rest: dict[str, Any] = field(default_factory=dict)
 
     _TYPED = ("schema_version", "verdict", "ratio", "ci95", "headline", "options", "settings", "arms",
-              "comparisons", "correctness", "diagnostics", "samples")
+              "comparisons", "correctness", "diagnostics", "samples", "roofline")
 
     @classmethod
     def from_json(cls, doc: Any, path: Path | None = None) -> AbTestResult:
@@ -183,14 +192,17 @@ class AbTestResult:
         if path is not None and Path(path).suffix == ".json":  # the file itself (e.g. a committed copy)
             where, path = Path(path), Path(path).parent
         doc = check_json(jsonable(doc), where, REPORT)
+        roofline = doc.get("roofline")
+        typed = cls._TYPED if isinstance(roofline, dict) else cls._TYPED[:-1]  # anything else rides along as read
         return cls(doc["schema_version"], doc["verdict"], doc.get("ratio"), _ci(doc.get("ci95")),
                    doc.get("headline"), dict(doc["options"]),
                    tuple(SettingRecord.from_json(s) for s in doc["settings"]),
                    tuple(ArmResult.from_json(a) for a in doc["arms"]),
                    tuple(Comparison.from_json(c) for c in doc.get("comparisons") or ()),
                    tuple(GateRecord.from_json(g) for g in doc.get("correctness") or ()),
-                   dict(doc.get("diagnostics") or {}), tuple(doc["samples"]), path, tuple(doc),
-                   rest_of(doc, cls._TYPED))
+                   dict(doc.get("diagnostics") or {}), tuple(doc["samples"]),
+                   ModelRoofline.from_json(roofline) if isinstance(roofline, dict) else None,
+                   path, tuple(doc), rest_of(doc, typed))
 
     @classmethod
     def read(cls, path: Path) -> AbTestResult:
@@ -209,6 +221,8 @@ class AbTestResult:
             "correctness": [g.to_json() for g in self.correctness], "diagnostics": self.diagnostics,
             "samples": list(self.samples),
         }
+        if self.roofline is not None:  # an older report has no such key, and gets none
+            typed["roofline"] = self.roofline.to_json()
         return ordered(self.order, typed, self.rest)
 
     def dumps(self) -> str:

@@ -17,8 +17,8 @@ import numpy as np
 
 from amppatch.abtest.analysis import Sample, analyze, analyze_pairs
 from amppatch.abtest.assemble import Timed, build_report
-from amppatch.abtest.execute import LlamaBenchExecutor, SlotExecutor, page_cache, play_round, warmup
-from amppatch.abtest.gating import _gate_pairs
+from amppatch.abtest.execute import LlamaBenchExecutor, SlotExecutor, arm_threads, page_cache, play_round, warmup
+from amppatch.abtest.gating import _flag_values, _gate_pairs
 from amppatch.abtest.hostload import (
     _proc_cpu_ticks,
     cpu_usage,
@@ -47,6 +47,7 @@ from amppatch.proc import progress
 
 if TYPE_CHECKING:
     from amppatch.gguf_info import GgufInfo
+    from amppatch.limit import KernelRun
 
 
 def stop_rule(rounds_done: int, comps: Sequence[dict[str, Any]], *, all_failed: bool, rounds: int | None,
@@ -169,7 +170,12 @@ def _run_abtest(options: AbTestOptions, out: Path, executor: SlotExecutor | None
             f"ab-test collected no samples: {reasons or 'nothing ran'}",
             next_step="run the arms' llama-bench by hand to see why (command in the error above)",
         )
-    # 4. statistics, diagnostics, report
+    # 4. the roofline of the model's weight kernels, then statistics, diagnostics, report
+    if options.roofline and not timed.interrupted:
+        try:
+            timed.kernels = kernel_roofline(setup)
+        except KeyboardInterrupt:  # the rounds' report is still written, then ab-test exits 130
+            timed.interrupted = True
     comps = analyze(timed.samples, setup.names, setup.settings, failures, min_effect=options.min_effect,
                     seed=options.seed, n_boot=options.n_boot)
     pair_comps = analyze_pairs(timed.samples, options.pairs, setup.settings, failures,
@@ -186,6 +192,22 @@ def _run_abtest(options: AbTestOptions, out: Path, executor: SlotExecutor | None
             raise RegressionError(f"measurably slower than {setup.names[0]}: {listed}; report in {out}",
                                   next_step="see report.md; drop --fail-on-regression to only report")
     return result
+
+
+def kernel_roofline(setup: Setup) -> KernelRun | None:
+    """The roofline of the model's dominant weight kernels on the first arm's build, at the thread count of
+    every tg setting (None without one: a prompt batch reuses each weight, n = 1 is not its shape). The first
+    arm's `--repack 0` puts the weights in the plain CPU buffer, as llama-bench does."""
+    from amppatch.limit import measure_model
+
+    first = setup.arms[0]
+    threads = sorted({arm_threads(first.spec, s) for s in setup.settings if s.test == "tg"})
+    if not threads:
+        return None
+    buffer = "cpu" if dict(_flag_values(first.spec.bench_args)).get("--repack") == "0" else "auto"
+    progress(f"ab-test: roofline of the model's weight kernels on {first.spec.name}'s build "
+             f"({', '.join(map(str, threads))} thread(s)) ...")
+    return measure_model(first.build.dir, setup.info, threads, buffer=buffer)
 
 
 def _timed_rounds(setup: Setup, executor: SlotExecutor | None, failures: dict[tuple[str, str], str]) -> Timed:

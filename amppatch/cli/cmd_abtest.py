@@ -64,6 +64,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--latency", choices=("auto", "on", "off"), default="auto",
                         help="per-token latency through the tracer's token hooks (default: when available)")
     parser.add_argument("--no-llc", action="store_true", help="skip the perf stat LLC-miss pass")
+    parser.add_argument("--no-roofline", action="store_true",
+                        help="skip the roofline of the model's weight kernels after the timed rounds (a few "
+                        "seconds per weight type and thread count)")
     parser.add_argument("--fail-on-regression", action="store_true",
                         help="exit with an error when any arm is measurably slower than the first")
 
@@ -122,6 +125,7 @@ def options_from_args(args: argparse.Namespace) -> AbTestOptions:
         ppl_tolerance=args.ppl_tolerance,
         latency=args.latency,
         llc=not args.no_llc,
+        roofline=not args.no_roofline,
         fail_on_regression=args.fail_on_regression,
     )
 

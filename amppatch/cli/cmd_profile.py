@@ -24,6 +24,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", choices=BACKENDS, default="sampler",
                         help="sampler (default, no counters needed), perf (hardware counters), "
                         "cachegrind (simulated cache misses; small workloads only)")
+    parser.add_argument("--no-roofline", action="store_true",
+                        help="skip the roofline of the model's weight kernels after the workload (a few seconds "
+                        "per weight type)")
     parser.add_argument("-o", "--out", type=Path,
                         help="profile.json path (default ./profile.json; overhead.json with --calibrate)")
     parser.add_argument("--calibrate", action="store_true",
@@ -71,6 +74,7 @@ def run(args: argparse.Namespace) -> Path:
     options = ProfileOptions(
         repo=args.repo, model=args.model, build=args.build, threads=args.threads, tokens=args.tokens,
         repack=args.repack, hz=args.hz, backend=args.backend, out=args.out, command=tuple(command),
+        roofline=not args.no_roofline,
     )
     result = profile(options)
     print(result.summary, file=sys.stderr)

@@ -9,9 +9,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from amppatch.limit import ModelRoofline, kernel_lines, summary_lines
 from amppatch.paths import write_text_atomic
 from amppatch.profile.derive import token_stats
 from amppatch.profiledoc import Profile
+from amppatch.weightpages import WeightPages
 
 if TYPE_CHECKING:
     import numpy as np
@@ -98,7 +100,8 @@ def write_document(out: Path, data: dict) -> ProfileResult:
 
 
 def _summary(data: dict) -> str:
-    """Terminal summary: top kernels with % CPU, bytes per token, achieved GB/s vs the measured ceiling."""
+    """Terminal summary: top kernels with % CPU, bytes per token, achieved GB/s vs the measured ceiling, where
+    the weights sat (huge pages) and the roofline of the weight kernels."""
     lines: list[str] = []
     tok = data.get("tokens", {})
     bw = data.get("bandwidth", {})
@@ -122,6 +125,15 @@ def _summary(data: dict) -> str:
             f"site {s['function']} loop {s['loop']} (line {s['loop_line']}) stream {s['stream']}: "
             f"distance {s['distance_bytes']} B, hint {s['hint']} ({100 * s['share']:.0f}% of CPU)"
         )
+    pages = data.get("huge_pages")
+    if isinstance(pages, dict):
+        lines.append(f"weights on huge pages: {WeightPages.from_json(pages).describe()}")
+    roofline = data.get("roofline")
+    if isinstance(roofline, dict):
+        part = ModelRoofline.from_json(roofline)
+        lines += summary_lines(part)
+        lines += [f"  {line}" for line in kernel_lines(part)]
+        lines += [f"  note: {note}" for note in part.notes]
     vis = data.get("visibility", {})
     for item in vis.get("could_not_see", []):
         lines.append(f"could not see: {item}")

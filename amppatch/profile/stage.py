@@ -1,5 +1,6 @@
 """The `amppatch profile` stage: resolve options → run the workload (workload.py) → read and symbolize the
-trace → hot functions, lines and sites (sites.py) → profile.json and its summary (document.py).
+trace → hot functions, lines and sites (sites.py) → the roofline of the model's weight kernels
+(amppatch.limit) → profile.json and its summary (document.py).
 """
 
 from __future__ import annotations
@@ -7,6 +8,7 @@ from __future__ import annotations
 import shutil
 from typing import TYPE_CHECKING
 
+from amppatch.limit import ModelRoofline, SettingRates, measure_model
 from amppatch.profile.derive import bandwidth, in_spans, summarize_regions, token_stats
 from amppatch.profile.document import ProfileResult, mark_blind, new_document, trace_visibility, write_document
 from amppatch.profile.sites import _aggregate, _model_bytes, _sites
@@ -45,19 +47,45 @@ def profile(options: ProfileOptions) -> ProfileResult:
         raise
     files = trace_files(run.trace_path)
     data = new_document(options, machine, run, tracer_loaded=bool(files))
+    if run.pages is not None:
+        data["huge_pages"] = run.pages.to_json()
+    crash_signal = 0
     if not files:
         mark_blind(data, linkage)
-        result = write_document(options.out, data)
-        _raise_if_crashed(run.done.returncode, options.out)
-        return result
-
-    # The root trace is the workload itself; children (if any) are listed.
-    trace = read_trace(files[0])
-    data.update(_from_trace(options, build, machine, trace, files, data["notes"], data["visibility"]))
-    data["machine"]["cpu_model"] = machine.cpu_model
+    else:
+        # The root trace is the workload itself; children (if any) are listed.
+        trace = read_trace(files[0])
+        data.update(_from_trace(options, build, machine, trace, files, data["notes"], data["visibility"]))
+        data["machine"]["cpu_model"] = machine.cpu_model
+        crash_signal = trace.crash_signal
+    try:
+        data["roofline"] = _roofline(options, build, data, run.done.returncode).to_json()
+    except KeyboardInterrupt:
+        # what the workload showed is kept (profile.json names its trace), then the exit status says 130
+        data["roofline"] = ModelRoofline.unavailable("not measured (interrupted)").to_json()
+        write_document(options.out, data)
+        raise
     result = write_document(options.out, data)
-    _raise_if_crashed(run.done.returncode, options.out, trace.crash_signal)
+    _raise_if_crashed(run.done.returncode, options.out, crash_signal)
     return result
+
+
+def _roofline(options: ProfileOptions, build: Build | None, data: dict, returncode: int) -> ModelRoofline:
+    """The roofline of the model's dominant weight kernels on the profiled build at the profiled thread count,
+    with the profiled run's achieved weight GB/s against it (the same helper as ab-test's)."""
+    if not options.roofline:
+        return ModelRoofline.unavailable("not measured (--no-roofline)")
+    if options.command or options.model is None or build is None:
+        return ModelRoofline.unavailable("not measured (it needs the llama-bench workload of a model on a build)")
+    if returncode != 0:
+        return ModelRoofline.unavailable("not measured (the profiled program failed)")
+    from amppatch.gguf_info import read_gguf
+
+    buffer = "cpu" if options.repack == 0 else "auto"  # --repack 0: the plain CPU buffer, as llama-bench
+    kernels = measure_model(build.dir, read_gguf(options.model), [options.threads], buffer=buffer)
+    achieved = (data.get("bandwidth") or {}).get("achieved_gbps")
+    label = f"{options.threads} thread{'s' if options.threads != 1 else ''}"
+    return kernels.assemble([SettingRates(f"t{options.threads}", label, options.threads, (("profiled", achieved),))])
 
 
 def _from_trace(options: ProfileOptions, build: Build | None, machine: MachineInfo, trace: Trace,

@@ -5,6 +5,7 @@ beside the traced run, because they do not mix with the tracer's timers).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -15,9 +16,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from amppatch import proc
+from amppatch.childpages import ChildPages
 from amppatch.errors import SubprocessError, ToolMissingError, UsageError
 from amppatch.inputs import check_gguf
 from amppatch.profile.derive import HOT_FUNCTIONS
+from amppatch.weightpages import WeightPages
 
 if TYPE_CHECKING:
     from amppatch.build import Build
@@ -38,6 +41,9 @@ class ProfileOptions:
     out: Path | None = None
     command: tuple[str, ...] = ()  # a workload to run instead of llama-bench
     timeout: float = 3600.0
+    # the roofline of the model's weight kernels after the workload; the command turns it on, callers that
+    # profile on the way to something else (run's profile stage, the bench) leave it off
+    roofline: bool = False
 
     def to_json(self) -> dict:
         data = asdict(self)
@@ -72,6 +78,7 @@ def resolve_options(options: ProfileOptions) -> ProfileOptions:
     return ProfileOptions(
         repo=repo, model=model, build=build, threads=options.threads, tokens=options.tokens, repack=options.repack,
         hz=options.hz, backend=options.backend, out=out, command=tuple(options.command), timeout=options.timeout,
+        roofline=options.roofline,
     )
 
 
@@ -238,6 +245,7 @@ class Workload:
     done: proc.Completed
     record: dict  # profile.json's "workload" entry
     extra: dict  # {"perf": ...} or {"cachegrind": ...}: the plain run under the counter/simulator backend
+    pages: WeightPages | None = None  # the model file's huge-page share in the traced run (None: no model)
 
 
 def prepare_workload(options: ProfileOptions) -> tuple[Build | None, list[str], str]:
@@ -277,21 +285,25 @@ def run_workload(options: ProfileOptions, build: Build | None, argv: list[str], 
     extra: dict = {}
     proc.progress(f"profile: running {shlex.join(argv)} under the {options.backend} backend")
     t0 = time.monotonic()
-    if options.backend == "sampler":
-        done = proc.run(argv, env=env, timeout=options.timeout, check=False, what=Path(argv[0]).name)
-    else:
+    if options.backend != "sampler":
         # counters/simulation do not mix with the tracer's timers: run plain under the tool, then once traced
         plain_env = {k: v for k, v in env.items() if not k.startswith("AMPTRACE_") and k != "LD_PRELOAD"}
         runner = _run_perf if options.backend == "perf" else _run_cachegrind
         extra[options.backend] = runner(argv, plain_env, workdir, options.timeout)
+    # the traced run is also watched for where the model's weights sit (its smaps, from this process)
+    watch = ChildPages(options.model) if options.model is not None else None
+    with watch or contextlib.nullcontext():
         done = proc.run(argv, env=env, timeout=options.timeout, check=False, what=Path(argv[0]).name)
+    pages = None
+    if watch is not None and options.model is not None:
+        pages = WeightPages.watched(watch.result, options.model.stat().st_size, "the profiled run")
     wall = time.monotonic() - t0
     record = {
         "argv": argv, "returncode": done.returncode, "ended": proc.describe_returncode(done.returncode),
         "wall_seconds": round(wall, 3), "linkage": linkage, "bench": _bench_jsonl(done.stdout),
         "stderr_tail": done.stderr[-2000:] if done.returncode != 0 else "",
     }
-    return Workload(build, argv, linkage, trace_path, done, record, extra)
+    return Workload(build, argv, linkage, trace_path, done, record, extra, pages)
 
 
 def trace_dir_for(out: Path) -> Path:

@@ -103,7 +103,7 @@ def test_cli_runs_ab_test_and_report(native_build: Build, tiny_model_q8_0: Path,
     cmd_abtest.add_arguments(parser)
     args = parser.parse_args([
         "--a", str(native_build.dir), "--b", str(native_build.dir / "manifest.json"), "-m", str(tiny_model_q8_0),
-        "--tokens", "8", "--reps", "2", "--max-time", "1", "--skip-correctness", "--latency", "off",
+        "--tokens", "8", "--reps", "2", "--max-time", "1", "--skip-correctness", "--latency", "off", "--no-roofline",
         "-o", str(tmp_path / "cli"),
     ])
     out = cmd_abtest.run(args)
@@ -127,7 +127,7 @@ def test_cli_arm_with_rejected_flags_writes_the_report_and_exits_9(
     out = tmp_path / "rejected"
     code = main(["ab-test", "--a", str(native_build.dir), "--b", f"{native_build.dir}::--no-such-flag 1",
                  "-m", str(tiny_model_q8_0), "--tokens", "8", "--reps", "1", "--rounds", "2",
-                 "--skip-correctness", "--latency", "off", "--no-llc", "-o", str(out)])
+                 "--skip-correctness", "--latency", "off", "--no-llc", "--no-roofline", "-o", str(out)])
     err = capsys.readouterr().err
     assert code == 9, err
     assert "could not measure arm B at tg8-t1" in err
@@ -137,3 +137,38 @@ def test_cli_arm_with_rejected_flags_writes_the_report_and_exits_9(
     assert main(["ab-test", "--a", str(native_build.dir), "--b", str(native_build.dir), "-m",
                  str(tiny_model_q8_0), "-o", str(out)]) == 2
     assert "--force" in capsys.readouterr().err
+
+
+def test_the_roofline_and_the_huge_pages_are_measured_in_the_same_run_by_default(
+        native_build: Build, tiny_model_q8_0: Path, tmp_path: Path) -> None:
+    from amppatch.cli import main
+    from amppatch.gguf_info import read_gguf
+
+    out = tmp_path / "limit"
+    assert main(["ab-test", "--a", str(native_build.dir), "--b", str(native_build.dir), "-m", str(tiny_model_q8_0),
+                 "--tokens", "8", "--reps", "1", "--rounds", "2", "--skip-correctness", "--latency", "off",
+                 "--no-llc", "-o", str(out)]) == 0
+    result = AbTestResult.read(out)
+    assert result.options["roofline"] is True
+    part = result.roofline
+    assert part is not None and part.available, part
+    (kernel,) = part.kernels  # the tiny Q8_0 model: one type, one thread count
+    widths = {t.shape[0] for t in read_gguf(tiny_model_q8_0).tensors}
+    assert kernel.pick.type == "q8_0" and kernel.pick.width in widths and kernel.threads == 1
+    assert kernel.result is not None and kernel.result.in_cache_gbps > 0 and kernel.result.buffer_type == "CPU"
+    assert kernel.result.build_dir == str(native_build.dir)
+    (limit,) = part.settings
+    assert limit.setting == "tg8-t1" and limit.in_cache_gbps == pytest.approx(kernel.result.in_cache_gbps, abs=1e-3)
+    assert limit.ceilings.page_4k_gbps and limit.stream_gbps
+    assert limit.roofline_gbps == min(limit.in_cache_gbps, limit.stream_gbps) and limit.binds in ("kernel", "memory")
+    for arm, gbps in limit.arms:
+        assert gbps == pytest.approx(result.arm(arm).at("tg8-t1")["bandwidth"]["gb_per_s"], rel=1e-3)  # type: ignore[union-attr]
+        assert limit.share(gbps) == pytest.approx(gbps / limit.roofline_gbps, abs=1e-3)
+    for arm in result.arms:
+        pages = arm.huge_pages
+        assert pages is not None and pages.smaps is not None and pages.during == "warmup (tg8, 1 thread)"
+        assert pages.share is not None and 0 <= pages.share <= 1
+        assert pages.smaps.range_bytes > 0.9 * tiny_model_q8_0.stat().st_size
+    md = (out / "report.md").read_text()
+    assert "## Limit" in md and "| tg8, 1 thread |" in md.split("## Limit")[1]
+    assert (out / "roofline.png").stat().st_size > 5000

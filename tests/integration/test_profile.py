@@ -32,7 +32,7 @@ def test_tiny_model_hot_function_is_a_kernel(native_build: Build, llama_repo: Pa
                                              tmp_path: Path) -> None:
     out = tmp_path / "profile.json"
     result = profile(ProfileOptions(repo=llama_repo, build=native_build.dir, model=tiny_model_q8_0, tokens=256,
-                                    out=out))
+                                    out=out, roofline=True))
     assert result.path == out
     data = json.loads(out.read_text())
     assert data["schema_version"] == 1
@@ -51,6 +51,19 @@ def test_tiny_model_hot_function_is_a_kernel(native_build: Build, llama_repo: Pa
         assert site["distance_bytes"] % 64 == 0 and site["hint"] in (0, 1, 2, 3)
         assert site["inputs"]["latency_ns"] > 0
     assert "hot functions" in result.summary
+    # where the weights sat in the profiled run, and the roofline of its kernel at its thread count
+    pages = result.profile.huge_pages
+    assert pages is not None and pages.smaps is not None and pages.share is not None and 0 <= pages.share <= 1
+    assert pages.smaps.range_bytes > 0.9 * tiny_model_q8_0.stat().st_size
+    part = result.profile.roofline
+    assert part is not None and part.available, part
+    (kernel,) = part.kernels
+    assert kernel.pick.type == "q8_0" and kernel.threads == 1 and kernel.result is not None
+    assert kernel.result.buffer_type == "CPU" and kernel.result.in_cache_gbps > 0
+    (limit,) = part.settings
+    assert limit.roofline_gbps == min(limit.in_cache_gbps or 0, limit.stream_gbps or 0) > 0
+    assert dict(limit.arms)["profiled"] == data["bandwidth"]["achieved_gbps"]
+    assert "weights on huge pages" in result.summary and "1 thread: roofline" in result.summary
 
 
 def test_program_without_llama_symbols(stress: dict[str, Path], tmp_path: Path) -> None:

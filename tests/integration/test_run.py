@@ -47,6 +47,9 @@ def test_quick_run_goes_end_to_end(quick_run: Path) -> None:
         assert [a["name"] for a in report["arms"]] == ["stock", "tuned"]
         assert report["correctness"][0]["passed"] is True
         assert "| tg16, 1 thread |" in text
+        # the final race measured the roofline of the tiny model's kernel, and run's report.md says how close
+        assert report["roofline"]["available"] is True and report["roofline"]["settings"][0]["setting"] == "tg16-t1"
+        assert "## Limit" in text and "- tg16, 1 thread: roofline " in text
     else:
         assert stages["bake"]["status"] == "skipped" and stages["final"]["status"] == "skipped"
         assert "The stock build stays the answer" in text and learned["dropped"][0]["reason"] in text

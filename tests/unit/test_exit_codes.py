@@ -46,7 +46,8 @@ def ab_args(tmp_path: Path, small_gguf: Path, monkeypatch: pytest.MonkeyPatch) -
     # nothing here may start a process: no machine probe, no tracer, no perf
     monkeypatch.setattr(runner, "stream_ceiling", lambda: (None, "not measured (test)", None))
     return ["ab-test", "--a", str(build), "--b", str(build), "-m", str(small_gguf), "--rounds", "2",
-            "--reps", "1", "--skip-correctness", "--latency", "off", "--no-llc", "-o", str(tmp_path / "out")]
+            "--reps", "1", "--skip-correctness", "--latency", "off", "--no-llc", "--no-roofline",
+            "-o", str(tmp_path / "out")]
 
 
 def test_ab_test_interrupted_writes_the_partial_report_and_exits_130(
@@ -175,3 +176,30 @@ def test_apply_failing_to_write_leaves_no_empty_out_dir(tmp_path: Path, monkeypa
     out = tmp_path / "o" / "deeper"
     assert main(["apply", "--repo", str(tmp_path), "--site", "f", "--no-build", "-o", str(out)]) == 10
     assert not (tmp_path / "o").exists()
+
+
+def test_ab_test_measures_the_roofline_by_default_and_ctrl_c_during_it_keeps_the_report(
+        ab_args: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from amppatch.limit import KernelRun
+
+    args = [a for a in ab_args if a != "--no-roofline"]
+    monkeypatch.setattr(execute, "_run_bench", _FakeBench())
+    asked: list[list[int]] = []
+
+    def measured(setup: runner.Setup) -> KernelRun:
+        asked.append([s.threads for s in setup.settings])
+        return KernelRun((), (), "", str(setup.arms[0].build.dir), ("no kernel in this test",))
+
+    monkeypatch.setattr(runner, "kernel_roofline", measured)
+    assert main(args) == 0 and asked == [[1]]
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["options"]["roofline"] is True and report["roofline"]["notes"] == ["no kernel in this test"]
+
+    def interrupted(setup: runner.Setup) -> KernelRun:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner, "kernel_roofline", interrupted)
+    assert main([*args, "--force"]) == 130
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["roofline"]["note"] == "not measured (the run was interrupted)"
+    assert report["diagnostics"]["rounds"] == 2  # every round done is in the report

@@ -172,3 +172,14 @@ def test_expert_count_without_its_keys_comes_from_the_tensor_and_counts_whole(tm
     tb = gguf_info.bytes_per_token(info)
     assert tb.experts_read == 0 and tb.n_expert == 0
     assert tb.weights_whole == EMBD_BYTES + N_LAYER * (ROUTER_BYTES + EXPS_BYTES + SHEXP_BYTES)
+
+
+@pytest.mark.parametrize("make", [lambda p: _write(p, tied=False), lambda p: _write(p, tied=True), _write_moe])
+def test_weight_reads_sum_per_type_to_the_bytes_a_token_reads(tmp_path: Path, make) -> None:
+    info = gguf_info.read_gguf(make(tmp_path / "m.gguf"))
+    per_type: dict[str, int] = {}
+    for tensor, n in gguf_info.weight_reads(info):
+        per_type[tensor.type] = per_type.get(tensor.type, 0) + n
+    assert per_type == gguf_info.bytes_per_token(info).by_type
+    names = {t.name for t, _ in gguf_info.weight_reads(info)}
+    assert ("token_embd.weight" in names) == info.tied_embeddings  # gathered one row, unless tied to the output

@@ -63,3 +63,31 @@ def test_checked_by_the_shared_checker(tmp_path: Path) -> None:
     empty.write_text(json.dumps({"schema_version": 1, "sites": []}))
     with pytest.raises(UsageError, match="lists no sites"):
         sites_from_profile(empty, None, None)
+
+
+def test_roofline_and_huge_pages_are_typed_and_summarized(tmp_path: Path) -> None:
+    from amppatch.hugepages import HugeShare
+    from amppatch.limit import KernelPick, KernelRun, MeasuredKernel, SettingRates
+    from amppatch.profile.document import write_document
+    from amppatch.roofline import Rate, RooflineResult
+    from amppatch.weightpages import WeightPages
+
+    result = RooflineResult("q8_0", 2048, 1, "CPU", "vec_dot (ggml_vec_dot_<type>_*)",
+                            Rate(1 << 20, 100, (9.0, 10.0, 11.0), (1.0,) * 3),
+                            Rate(600 << 20, 6000, (4.0, 4.1, 4.2), (1.0,) * 3), 14.2, "/b", "k")
+    run = KernelRun((MeasuredKernel(KernelPick("q8_0", 2048, 10**9, 1.0, 0.8), 1, result),),
+                    ({"threads": 1, "thp": 0, "gbps": 14.2},), "madvise", "/b")
+    part = run.assemble([SettingRates("t1", "1 thread", 1, (("profiled", 5.0),))])
+    pages = WeightPages.watched(HugeShare(1 << 30, 1 << 30, 0, 0, 1, True), 1 << 30, "the profiled run")
+    doc = {"schema_version": 1, "sites": [], "huge_pages": pages.to_json(), "roofline": part.to_json()}
+    written = write_document(tmp_path / "profile.json", doc)
+    assert written.profile.roofline == part and written.profile.huge_pages == pages
+    assert Profile.read(tmp_path / "profile.json").to_json() == doc
+    lines = written.summary.splitlines()
+    assert "weights on huge pages: 0% of the 1.07 GB mapping of the model file on huge pages, during the profiled " \
+           "run" in lines
+    assert ("1 thread: roofline 10.00 GB/s (kernel binds: in cache 10.00, stream 14.20 on 4 KiB / — on huge pages); "
+            "profiled 5.00 GB/s (50%)") in lines
+    assert any(line.startswith("  - q8_0 at width 2048") for line in lines)
+    old = Profile.from_json({"schema_version": 1, "sites": []})
+    assert old.roofline is None and old.huge_pages is None

@@ -215,3 +215,83 @@ def test_run_abtest_returns_the_result_it_wrote(tmp_path: Path, small_gguf: Path
     comp = result.comparison("B")
     assert comp is not None and comp.baseline == "A" and comp.verdict == result.verdict
     assert (result.path / "report.md").is_file()
+
+
+def _with_limit(measured: bool = True) -> dict[str, Any]:
+    """The simulated report with a roofline part (measured, or not) and each arm's huge-page share."""
+    from amppatch.hugepages import HugeShare
+    from amppatch.jsondoc import jsonable
+    from amppatch.limit import KernelPick, KernelRun, MeasuredKernel, ModelRoofline, SettingRates
+    from amppatch.roofline import Rate, RooflineResult
+    from amppatch.weightpages import WeightPages
+
+    doc = _document(False)
+    result = RooflineResult("q8_0", 2048, 1, "CPU", "vec_dot (ggml_vec_dot_<type>_*)",
+                            Rate(1 << 20, 100, (29.0, 30.0, 31.0), (1.0, 1.0, 1.0)),
+                            Rate(600 << 20, 6000, (4.0, 4.1, 4.2), (1.0, 1.0, 1.0)), 14.2, "/builds/A", "k")
+    rows = ({"threads": 1, "thp": 0, "gbps": 14.2}, {"threads": 1, "thp": 1, "gbps": 12.8})
+    run = KernelRun((MeasuredKernel(KernelPick("q8_0", 2048, 10**9, 1.0, 0.8), 1, result),), rows, "madvise",
+                    "/builds/A")
+    arms = tuple((a["name"], a["by_setting"]["tg64-t1"]["bandwidth"]["gb_per_s"]) for a in doc["arms"])
+    part = run.assemble([SettingRates("tg64-t1", "tg64, 1 thread", 1, arms)]) if measured else \
+        ModelRoofline.unavailable("not measured (--no-roofline)")
+    doc["roofline"] = part.to_json()
+    for arm, huge in zip(doc["arms"], (0, 900 << 20), strict=True):
+        arm["huge_pages"] = WeightPages.watched(HugeShare(1000 << 20, 1000 << 20, huge, 0, 1, True), 1 << 30,
+                                                "warmup (tg64, 1 thread)").to_json()
+    return jsonable(doc)  # NaN drifts as null, as in every written report
+
+
+def test_limit_section_table_pages_and_roofline_png(tmp_path: Path) -> None:
+    from amppatch.run_report import limit_lines
+
+    doc = _with_limit()
+    result = AbTestResult.from_json(doc)
+    assert result.roofline is not None and result.roofline.settings[0].binds == "memory"
+    assert result.to_json() == doc and list(result.to_json()) == list(doc)
+    report.write_report(tmp_path, result)
+    back = report.load_report(tmp_path)
+    assert back == AbTestResult.from_json(doc, tmp_path) and back.roofline == result.roofline
+    arm_b = back.arm("B")
+    assert arm_b is not None and arm_b.huge_pages is not None and arm_b.huge_pages.share == pytest.approx(0.9)
+    md = (tmp_path / "report.md").read_text()
+    limit = md.split("## Limit")[1].split("## Correctness")[0]
+    gbps = {a: d["by_setting"]["tg64-t1"]["bandwidth"]["gb_per_s"] for a, d in ((x["name"], x) for x in doc["arms"])}
+    assert (f"| tg64, 1 thread | 30.00 | 14.20 | 12.80 | 14.20 | memory | {gbps['A']:.2f} ({gbps['A'] / 14.2:.0%}) "
+            f"| {gbps['B']:.2f} ({gbps['B'] / 14.2:.0%}) |") in limit
+    assert "- q8_0 at width 2048 (100% of the weight bytes per token" in limit and "Plot: roofline.png." in limit
+    assert "- A: 0% of the 1.05 GB mapping" in limit and "- B: 90% of the 1.05 GB mapping" in limit
+    assert (tmp_path / "roofline.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    lines = limit_lines(str(tmp_path))
+    assert lines[:3] == ["", "## Limit", ""]
+    assert lines[3].startswith("- tg64, 1 thread: roofline 14.20 GB/s (memory binds: in cache 30.00")
+    assert lines[4].startswith("- weights of A: 0% of the 1.05 GB mapping") and len(lines) == 6
+    assert limit_lines(None) == []
+    from amppatch.run import RunOptions
+    from amppatch.run_report import render_summary
+
+    summary = render_summary(RunOptions(threads=(1,)), {"final": {"report": str(tmp_path), "comparisons": []}}, {})
+    assert "\n".join(lines) in summary and summary.index("## Limit") < summary.index("## Stages")
+
+
+def test_limit_section_of_a_run_without_the_roofline(tmp_path: Path) -> None:
+    report.write_report(tmp_path, AbTestResult.from_json(_with_limit(measured=False)))
+    limit = (tmp_path / "report.md").read_text().split("## Limit")[1].split("## Correctness")[0]
+    assert "Roofline: not measured (--no-roofline)." in limit and "- B: 90% of" in limit
+    assert not (tmp_path / "roofline.png").exists()
+
+
+def test_older_reports_have_no_roofline_and_keep_their_keys(tmp_path: Path) -> None:
+    from amppatch.run_report import limit_lines
+
+    old = make_report()
+    assert old.roofline is None and "roofline" not in old.to_json()
+    assert all(a.huge_pages is None for a in old.arms)
+    report.write_report(tmp_path, old)
+    assert "## Limit" not in (tmp_path / "report.md").read_text()
+    assert not (tmp_path / "roofline.png").exists()
+    assert limit_lines(str(tmp_path)) == ["", "## Limit", "", "- roofline: not in the final report"]
+    odd = {**old.to_json(), "roofline": None}  # not a record: rides along as read
+    assert AbTestResult.from_json(odd).to_json() == odd and AbTestResult.from_json(odd).roofline is None
+    with pytest.raises(UsageError, match="schema_version"):
+        AbTestResult.from_json({**_document(False), "roofline": {"schema_version": 9}})
