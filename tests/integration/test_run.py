@@ -40,16 +40,28 @@ def test_quick_run_goes_end_to_end(quick_run: Path) -> None:
     learned = json.loads(Path(stages["tune"]["outputs"]["learned"]).read_text())
     assert learned["probes"] and learned["tunable"]["manifest"] == stages["apply"]["outputs"]["manifest"]
     text = (quick_run / "report.md").read_text()
-    if learned["winners"]:
-        # the winners were baked and raced against stock
+    pages = state["options"]["thp_enabled"] != "never"
+    arms = ["stock"] + (["prefetch"] if learned["winners"] else []) + (["pages"] if pages else [])
+    arms += ["both"] if len(arms) == 3 else []
+    if len(arms) > 1:
+        # every lever that could race was baked and raced against stock, at every setting
         assert stages["bake"]["status"] == "done" and stages["final"]["status"] == "done"
+        assert list(stages["bake"]["outputs"]["arms"]) == arms[1:]
         report = json.loads(Path(stages["final"]["outputs"]["report"], "report.json").read_text())
-        assert [a["name"] for a in report["arms"]] == ["stock", "tuned"]
-        assert report["correctness"][0]["passed"] is True
-        assert "| tg16, 1 thread |" in text
-        # the final race measured the roofline of the tiny model's kernel, and run's report.md says how close
-        assert report["roofline"]["available"] is True and report["roofline"]["settings"][0]["setting"] == "tg16-t1"
-        assert "## Limit" in text and "- tg16, 1 thread: roofline " in text
+        assert [a["name"] for a in report["arms"]] == arms
+        assert all(g["passed"] is True for g in report["correctness"])
+        assert [s["id"] for s in report["settings"]] == ["tg16-t1", "tg16-d128-t1", "pp64-t1"]
+        for label in ("tg16, 1 thread", "tg16 at depth 128, 1 thread", "pp64, 1 thread"):
+            assert f"| {label} | {arms[1]} | stock |" in text
+        ships = stages["final"]["outputs"]["decision"]["ships"]
+        assert "Ships: **" in text and (ships == "stock") == ("## Carrying the patch" not in text)
+        if ships != "stock":
+            patch = Path(stages["bake"]["outputs"]["arms"][ships]["patch"])
+            assert patch.is_file() and f"am {patch}" in text
+        if pages:
+            assert "hugepages" in stages["bake"]["outputs"]["arms"]["pages"]["levers"]
+        else:
+            assert "huge pages: THP is never on this machine" in text
     else:
         assert stages["bake"]["status"] == "skipped" and stages["final"]["status"] == "skipped"
         assert "The stock build stays the answer" in text and learned["dropped"][0]["reason"] in text
