@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 THP_ENABLED = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 THP_ENABLED_ENV = "AMPPATCH_THP_ENABLED_PATH"  # the same override the lever's C++ helper reads
 ARMS = ("stock", "prefetch", "pages", "both")
+LONG_TOKENS = 16  # tokens generated at the long depth
 SHIPS = {(False, False): "stock", (True, False): "prefetch", (False, True): "pages", (True, True): "both"}
 
 
@@ -62,10 +63,12 @@ def race_pairs(arms: Sequence[str]) -> tuple[tuple[str, str], ...]:
 
 def extra_settings(first_threads: int, tokens: int, long_depth: int, prompt_tokens: int) -> tuple[Setting, ...]:
     """Beyond tg at depth 0 at every thread count: tg at the long depth and pp, at the first thread count
-    (0 leaves a setting out)."""
+    (0 leaves a setting out). The long context generates at most LONG_TOKENS tokens: every llama-bench call
+    first fills the context (untimed, once per call), and generation there is several times slower, so more
+    tokens would only lengthen a setting that is already the race's most expensive."""
     out = []
     if long_depth > 0:
-        out.append(Setting("tg", first_threads, tokens, long_depth))
+        out.append(Setting("tg", first_threads, min(tokens, LONG_TOKENS), long_depth))
     if prompt_tokens > 0:
         out.append(Setting("pp", first_threads, prompt_tokens, 0))
     return tuple(out)

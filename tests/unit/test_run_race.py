@@ -15,8 +15,8 @@ from amppatch.run_race import Decision, decide, keep_lever
 from amppatch.run_report import cmake_flags, render_summary
 
 PRIMARY = "tg64-t1"
-LABELS = {"tg64-t1": "tg64, 1 thread", "tg64-t2": "tg64, 2 threads", "tg64-d4096-t1": "tg64 at depth 4096, 1 thread",
-          "pp512-t1": "pp512, 1 thread"}
+LABELS = {"tg64-t1": "tg64, 1 thread", "tg64-t2": "tg64, 2 threads",
+          "tg16-d4096-t1": "tg16 at depth 4096, 1 thread", "pp512-t1": "pp512, 1 thread"}
 
 
 def comp(arm: str, base: str, setting: str, ratio: float | None, lo: float = 0, hi: float = 0) -> dict[str, Any]:
@@ -42,9 +42,9 @@ def test_a_ci_touching_1_at_the_primary_setting_is_no_gain() -> None:
 
 def test_a_lever_that_helps_tg_but_hurts_depth_is_not_kept() -> None:
     comps = [comp("prefetch", "stock", PRIMARY, 1.19, 1.15, 1.20),
-             comp("prefetch", "stock", "tg64-d4096-t1", 0.97, 0.95, 0.99)]
+             comp("prefetch", "stock", "tg16-d4096-t1", 0.97, 0.95, 0.99)]
     v = keep_lever("prefetch", "prefetch", "stock", comps, PRIMARY)
-    assert not v.kept and v.why == "hurts" and [h.setting for h in v.hurts] == ["tg64-d4096-t1"]
+    assert not v.kept and v.why == "hurts" and [h.setting for h in v.hurts] == ["tg16-d4096-t1"]
 
 
 def test_a_lever_unmeasured_at_the_primary_setting_is_not_kept() -> None:
@@ -94,7 +94,7 @@ def test_the_arms_follow_the_levers_present() -> None:
 
 
 def test_extra_settings_at_the_first_thread_count() -> None:
-    assert [s.id for s in run_race.extra_settings(1, 64, 4096, 512)] == ["tg64-d4096-t1", "pp512-t1"]
+    assert [s.id for s in run_race.extra_settings(1, 64, 4096, 512)] == ["tg16-d4096-t1", "pp512-t1"]
     assert run_race.extra_settings(2, 16, 0, 0) == ()
 
 
@@ -114,7 +114,7 @@ def test_race_options_race_every_arm_at_every_setting(tmp_path: Path) -> None:
     assert o.pairs == (("both", "prefetch"),) and o.max_time == 600 and o.skip_correctness
     from amppatch.abtest import settings_for
 
-    assert [s.id for s in settings_for(o)] == ["tg64-t1", "tg64-t2", "tg64-d4096-t1", "pp512-t1"]
+    assert [s.id for s in settings_for(o)] == ["tg64-t1", "tg64-t2", "tg16-d4096-t1", "pp512-t1"]
 
 
 def test_only_failures_where_stock_failed_too_are_tolerated() -> None:
@@ -221,13 +221,13 @@ def test_pages_without_gain_are_said_plainly(tmp_path: Path, monkeypatch: pytest
 def test_a_setting_that_hurts_is_visible(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     o = _options(tmp_path, monkeypatch, "always madvise [never]")
     comps = [comp("prefetch", "stock", PRIMARY, 1.19, 1.15, 1.20), comp("prefetch", "stock", "tg64-t2", 1.1, 1.05, 1.2),
-             comp("prefetch", "stock", "tg64-d4096-t1", 0.96, 0.94, 0.98),
+             comp("prefetch", "stock", "tg16-d4096-t1", 0.96, 0.94, 0.98),
              comp("prefetch", "stock", "pp512-t1", 1.0, 0.99, 1.01)]
     text = render_summary(o, {"bake": _baked("prefetch"), "final": _final(comps, ("stock", "prefetch"))}, {})
     for label in LABELS.values():  # the table lists every setting
         assert f"| {label} | prefetch | stock |" in text
-    assert "| tg64 at depth 4096, 1 thread | prefetch | stock | 0.960 | [0.940, 0.980] | below 1 |" in text
-    assert "prefetch: not kept — slower at tg64 at depth 4096, 1 thread: ratio 0.960 [0.940, 0.980]" in text
+    assert "| tg16 at depth 4096, 1 thread | prefetch | stock | 0.960 | [0.940, 0.980] | below 1 |" in text
+    assert "prefetch: not kept — slower at tg16 at depth 4096, 1 thread: ratio 0.960 [0.940, 0.980]" in text
     assert "Ships: **stock**" in text and "## Carrying the patch" not in text
 
 
