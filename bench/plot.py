@@ -65,7 +65,8 @@ def render_roofline_plot(results: dict[str, Any], path: Path) -> Path | None:
 
     ncols = min(NCOLS, len(configs))
     nrows = -(-len(configs) // ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(3.6 * ncols, 3.3 * nrows), squeeze=False)
+    # at least wide enough for the legend and the note above and below the panels
+    fig, axes = plt.subplots(nrows, ncols, figsize=(max(8.0, 3.6 * ncols), 3.3 * nrows + 0.6), squeeze=False)
     palette = plt.get_cmap("tab10")
     colors = {a: palette(i % 10) for i, a in enumerate(ARMS)}
     for ax in axes.flat[len(configs):]:
@@ -73,7 +74,7 @@ def render_roofline_plot(results: dict[str, Any], path: Path) -> Path | None:
     for ax, config in zip(axes.flat, configs, strict=False):
         xs = range(len(config.bars))
         ax.bar(xs, [b.gbps for b in config.bars], color=[colors.get(b.arm, "0.5") for b in config.bars],
-               edgecolor=["k" if b.huge_pages else "none" for b in config.bars], linewidth=0.8)
+               edgecolor=["k" if b.huge_pages else "none" for b in config.bars], linewidth=1.2)
         ax.axhline(config.in_cache_gbps, color="crimson", lw=1.6, label="kernel, weights in cache")
         if config.ceiling_4k_gbps:
             ax.axhline(config.ceiling_4k_gbps, color="0.2", lw=1.2, ls="--", label="stream read, 4 KiB pages")
@@ -95,7 +96,8 @@ def render_roofline_plot(results: dict[str, Any], path: Path) -> Path | None:
     fig.legend(list(legend.values()), list(legend), loc="upper center", ncol=3, fontsize=8, frameon=False)
     fig.text(0.5, 0.005, "bars outlined in black: weights on huge pages (held to the huge-page ceiling)",
              ha="center", fontsize=7)
-    fig.tight_layout(rect=(0, 0.02, 1, 1 - 0.35 / (3.3 * nrows)))
+    height = 3.3 * nrows + 0.6
+    fig.tight_layout(rect=(0, 0.25 / height, 1, 1 - 0.4 / height))
     tmp = path.with_name(f".{path.name}.tmp.png")
     try:
         fig.savefig(tmp, dpi=100)

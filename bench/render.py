@@ -107,10 +107,10 @@ def render_markdown(results: dict[str, Any], plot_link: str | None = None) -> st
     if shared:
         lines.append("")
         lines.append("Stock mapped the model on huge pages after the runs with page arms ("
-                     + ", ".join(f"`{cid}` {s:.0%}" for cid, s in shared) + "): the page cache is shared, and "
-                     "the large folios the lever leaves behind serve every mmap arm of the run, so there the "
-                     "4 KiB-page roofline of those arms understates their limit and the page arms' ratio to "
-                     "stock understates the lever.")
+                     + ", ".join(f"`{cid}` {s:.0%}" for cid, s in shared) + "): the arms of a run share the "
+                     "page cache, and its large folios (from a cold read, or left by the lever) serve every mmap "
+                     "arm, so there the 4 KiB-page roofline of those arms understates their limit and the page "
+                     "arms' ratio to stock measures only what the lever adds to that.")
     not_run = [c.id for c in all_configs() if c.id not in configs]
     if not_run:
         lines.append("")
