@@ -690,8 +690,9 @@ def test_pre_split_tree_early_2025(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_pre_split_tree_builds_both_arms(tmp_path: Path) -> None:
-    """The early-2025 tree's patched kernels compile: A and B of the ggml-cpu library (that tree predates
-    llama-completion, and its llama-bench is an example target, so the gate does not apply there)."""
+    """The early-2025 tree's patched kernels compile: A and B of the ggml-cpu library alone (its programs
+    are example targets there; the whole gate on an early-2025 tree runs on llama-cpp-python 0.3.9's, the
+    oldest supported, in test_old_trees.py)."""
     from amppatch.build import BuildOptions
     from amppatch.workspace import FetchOptions, fetch_llama
 
