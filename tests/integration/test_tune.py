@@ -29,7 +29,10 @@ def tuned(llama_repo: Path, native_build, tiny_model_q8_0: Path, tmp_path_factor
 
 def test_learned_json_records_every_probe(tuned: dict) -> None:
     data = tuned["learned"]
-    assert data["schema_version"] == 1 and data["tool"]["command"] == "tune"
+    assert data["schema_version"] == 2 and data["tool"]["command"] == "tune"
+    # --site without a profile: no share is known, the budget is split equally and nothing is below --min-share
+    assert data["budget"]["split"] == "equal" and data["sites"][0]["share"] is None
+    assert data["joint"]["status"] in ("single", "none", "verified", "unverified", "emptied")
     assert data["options"]["threads"] == 1 and data["options"]["sites"] == [SITE]
     assert data["code_path"]["cmake_options"] and data["base_commit"]
     assert data["budget"]["minutes"] == 0.75 and data["budget"]["spent_minutes"] > 0
