@@ -236,6 +236,12 @@ def refinement_candidates(results: Sequence[ProbeResult], threads: int, config: 
     return out
 
 
+def _measured(result: ProbeResult) -> str:
+    """A ratio with its CI, as the reasons quote it."""
+    ci = f" [{result.ci_low:.3f}, {result.ci_high:.3f}]" if result.ci95 else ""
+    return f"{result.ratio:.3f}{ci}" if result.ratio is not None else "unmeasured"
+
+
 def keep_decision(result: ProbeResult | None, min_gain: float) -> tuple[bool, str]:
     """The rollback rule at the tuning thread count."""
     if result is None or result.ratio is None or result.ci95 is None:
@@ -350,7 +356,7 @@ def tune_site(probe: ProbeFn, start: Candidate, config: SearchConfig, budget: Bu
     winner = best.candidate
     if all((r.ratio or 0.0) <= 1.0 for r in latest_by_candidate(out.results, threads).values()):
         out.winner, out.by_threads = winner, {threads: best}
-        out.reason = f"no setting beats off: the best, {winner.name}, has ratio {best.ratio:.3f}"
+        out.reason = f"no setting beats off: the best, {winner.name}, has ratio {_measured(best)}"
         out.stopped_because = "rolled back"
         return out
     # Confirmation: a fresh, longer probe of the winner decides (the search's maximum is biased upward).
@@ -412,7 +418,7 @@ def _decide(s: _Searcher, winner: Candidate, evidence: ProbeResult, *, confirmed
              if threads in r and keep_decision(r[threads], config.min_gain)[0]
              and not any(loses(x, config.loss_tolerance) for x in r.values())}
     if not valid:
-        where = ", ".join(f"{t} thread(s) ratio {r.ratio:.3f}" for c, rs in candidates.items()
+        where = ", ".join(f"{t} thread(s) ratio {_measured(r)}" for c, rs in candidates.items()
                           for t, r in rs.items() if loses(r, config.loss_tolerance) and r.ratio is not None)
         out.reason = f"faster at {threads} thread(s) but every setting tried loses elsewhere ({where})"
         out.stopped_because = "rolled back"
