@@ -142,7 +142,8 @@ def breakpoint_locations(sites: list[PlannedSite], changes: list[FileChange]) ->
 
 
 def gate_sites(build_a: Build, build_b: Build, sites: list[PlannedSite], *, model: Path | None = None,
-               extra_args: tuple[str, ...] = (), locations: dict[str, tuple[str, ...]] | None = None) -> dict:
+               extra_args: tuple[str, ...] = (), locations: dict[str, tuple[str, ...]] | None = None,
+               also_ran: tuple[str, ...] = ()) -> dict:
     """B computes exactly what A computes, and every patched function ran in B.
 
     Sites on kernels of different weight types (a Q4_0 GEMV and a Q4_K GEMV patched at once) cannot all
@@ -151,15 +152,17 @@ def gate_sites(build_a: Build, build_b: Build, sites: list[PlannedSite], *, mode
     `passed`, `tokens_a`, ...); every run is in `runs`.
 
     `model` (apply's --gate-model) replaces the synthetic models; `extra_args` (--gate-arg) go to every run.
+    `also_ran`: functions besides the sites' that must run in B, on any model (a lever's entry point); with
+    no sites the gate runs on a tiny Q8_0 model.
     """
     functions = sorted({s.function for s in sites})
     if model is not None:
-        groups: list[tuple[Path, list[str]]] = [(Path(model), functions)]
+        groups: list[tuple[Path, list[str]]] = [(Path(model), functions + list(also_ran))]
     else:
         from amppatch.model import SynthOptions, synth_model
 
-        by_type: dict[str, list[str]] = {}
-        untyped: list[str] = []
+        by_type: dict[str, list[str]] = {} if functions else {"q8_0": []}
+        untyped: list[str] = list(also_ran)
         for f in functions:
             t = model_type_for(f)
             (by_type.setdefault(t, []) if t else untyped).append(f)
