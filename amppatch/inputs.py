@@ -469,9 +469,11 @@ def write_error(path: Path, exc: OSError, what: str = "write") -> WriteError:
 
 
 @contextmanager
-def creating_dir(path: Path) -> Iterator[Path]:
+def creating_dir(path: Path, *, keep_empty: bool = True) -> Iterator[Path]:
     """Create `path` (and missing parents) for a command's output; if the command fails, remove the
-    directories created here that are still empty, so a failed command leaves nothing behind."""
+    directories created here that are still empty, so a failed command leaves nothing behind. With
+    `keep_empty=False` they are removed after success too when the command wrote nothing into them (an apply
+    that had nothing to do)."""
     path = Path(path)
     created: list[Path] = []
     p = path
@@ -485,9 +487,15 @@ def creating_dir(path: Path) -> Iterator[Path]:
     try:
         yield path
     except BaseException:
-        for d in created:  # deepest first
-            try:
-                d.rmdir()
-            except OSError:
-                break  # not empty (a partial result is kept) or gone
+        _remove_empty(created)
         raise
+    if not keep_empty:
+        _remove_empty(created)
+
+
+def _remove_empty(created: list[Path]) -> None:
+    for d in created:  # deepest first
+        try:
+            d.rmdir()
+        except OSError:
+            break  # not empty (a partial result is kept) or gone

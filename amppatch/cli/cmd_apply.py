@@ -102,8 +102,9 @@ def run(args: argparse.Namespace) -> Path | str | None:
         result = apply(options)
     else:
         # A failed apply (disk full while writing the manifest, a patch that does not build, Ctrl-C) removes its
-        # branch and files; the -o directory it needed is removed too when it created it and it stayed empty.
-        with creating_dir(args.out):
+        # branch and files; the -o directory it needed is removed too when it created it and it stayed empty,
+        # and so it is after an apply that found nothing to do.
+        with creating_dir(args.out, keep_empty=False):
             result = apply(options)
     summary = format_summary(result)
     if summary:
