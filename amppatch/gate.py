@@ -102,20 +102,31 @@ def parse_perplexity(output: str) -> tuple[float, tuple[str, ...]]:
     return float(m.group(1)), chunks
 
 
-def _completion_argv(binary: Path, options: GateOptions, side_args: Sequence[str]) -> list[str]:
+# Flags that make a run plain and quiet, passed where the program accepts them (older llama.cpp lacks some:
+# llama-perplexity took --no-warmup only later).
+COMPLETION_FLAGS = ("-no-cnv", "--no-display-prompt", "--ignore-eos", "--no-warmup", "--simple-io")
+PERPLEXITY_FLAGS = ("--no-warmup",)
+
+
+def _completion_argv(binary: Path, options: GateOptions, side_args: Sequence[str],
+                     accepted: frozenset[str] | None = None) -> list[str]:
+    from amppatch.build.accepted import supported
+
     return [
         str(binary), "-m", str(options.model), "-p", options.prompt, "-n", str(options.n_predict),
         "--temp", "0", "--seed", str(options.seed), "-t", str(options.threads), "-c", str(options.ctx * 2),
-        "-no-cnv", "--no-display-prompt", "--ignore-eos", "--no-warmup", "--simple-io",
-        *options.extra_args, *side_args,
+        *supported(COMPLETION_FLAGS, accepted), *options.extra_args, *side_args,
     ]  # fmt: skip
 
 
-def _perplexity_argv(binary: Path, options: GateOptions, text: Path, side_args: Sequence[str]) -> list[str]:
+def _perplexity_argv(binary: Path, options: GateOptions, text: Path, side_args: Sequence[str],
+                     accepted: frozenset[str] | None = None) -> list[str]:
+    from amppatch.build.accepted import supported
+
     return [
         str(binary), "-m", str(options.model), "-f", str(text), "-c", str(options.ctx),
         "--chunks", str(options.ppl_chunks), "-t", str(options.threads), "--seed", str(options.seed),
-        "--no-warmup", *options.extra_args, *side_args,
+        *supported(PERPLEXITY_FLAGS, accepted), *options.extra_args, *side_args,
     ]  # fmt: skip
 
 
@@ -140,13 +151,14 @@ class _Crash(Exception):
 # (llama.cpp issue 22142), so the last queued lines — the end of the generated text — are sometimes lost
 # when the process exits (seen here: ~1 run in 20 on a tiny model, once the whole output). Both tools log a
 # known last line after their result through the same ordered queue; a run without it is repeated.
-_COMPLETE_MARKERS = {"llama-completion": "total time =", "llama-perplexity": "Final estimate: PPL"}
+_COMPLETE_MARKERS = {"completion": "total time =", "perplexity": "Final estimate: PPL"}
 _ATTEMPTS = 6
 
 
-def _run_complete(tool: str, argv: list[str], env: Mapping[str, str], timeout: float, label: str) -> str:
+def _run_complete(role: str, argv: list[str], env: Mapping[str, str], timeout: float, label: str) -> str:
     """Run a gate tool until its output is complete; returns stdout + a separator + stderr."""
-    marker = _COMPLETE_MARKERS[tool]
+    marker = _COMPLETE_MARKERS[role]
+    tool = Path(argv[0]).name
     tail = ""
     for _ in range(_ATTEMPTS):
         done = run(argv, env=env, timeout=timeout, check=False, what=f"{tool} ({label})")
@@ -168,26 +180,28 @@ def _run_side(
     build: Build, label: str, options: GateOptions, text: Path, side_args: Sequence[str], env: Mapping[str, str]
 ) -> _SideRun:
     from amppatch.build import runtime_args
+    from amppatch.build.accepted import accepted_flags
 
     # What the build itself needs (-ub 1 for an --amx-batch1 build), unless the side already sets it.
     needed = runtime_args(build, (*options.extra_args, *side_args))
     flags = {a.split("=", 1)[0] for a in (*options.extra_args, *side_args)}
     side_args = (*side_args, *needed)
-    completion = _completion_argv(build.binary("llama-completion"), options, side_args)
+    completion = _completion_argv(build.program("completion"), options, side_args, accepted_flags(build, "completion"))
     ppl_args = side_args
     if needed and not flags & {"-b", "--batch-size"}:
         # llama-perplexity batches several sequences when the batch holds several contexts; a micro-batch
         # then carries one token per sequence, not one in all: one context per batch keeps it at one.
         ppl_args = (*side_args, "-b", str(options.ctx))
-    perplexity = _perplexity_argv(build.binary("llama-perplexity"), options, text, ppl_args)
+    perplexity = _perplexity_argv(build.program("perplexity"), options, text, ppl_args,
+                                  accepted_flags(build, "perplexity"))
     progress(f"gate: {label}: greedy completion ({options.n_predict} tokens) ...")
-    tokens = _run_complete("llama-completion", completion, env, options.timeout, label).split(_STREAM_SEPARATOR)[0]
+    tokens = _run_complete("completion", completion, env, options.timeout, label).split(_STREAM_SEPARATOR)[0]
     progress(f"gate: {label}: perplexity ({options.ppl_chunks} chunks of {options.ctx}) ...")
-    output = _run_complete("llama-perplexity", perplexity, env, options.timeout, label)
+    output = _run_complete("perplexity", perplexity, env, options.timeout, label)
     try:
         ppl, chunks = parse_perplexity(output.replace(_STREAM_SEPARATOR, "\n"))
     except ValueError as exc:
-        raise _Crash("llama-perplexity", 0, str(exc), perplexity) from None
+        raise _Crash(Path(perplexity[0]).name, 0, str(exc), perplexity) from None
     return _SideRun(tokens, ppl, chunks, (tuple(completion), tuple(perplexity)))
 
 
@@ -445,6 +459,10 @@ def kernel_test(a: Build, b: Build, functions: Sequence[str], *, timeout: float 
     from amppatch.build import source_text
 
     record: dict = {"test": QUANTIZE_FNS}
+    programs = b.manifest.get("programs")
+    if isinstance(programs, dict) and "kernel_test" in programs and programs["kernel_test"] != QUANTIZE_FNS:
+        return {**record, "status": "not available",
+                "reason": f"this llama.cpp tree declares no {QUANTIZE_FNS} target in tests/CMakeLists.txt"}
     if source_text(b, QUANTIZE_FNS_SOURCE) is None:
         return {**record, "status": "not available",
                 "reason": f"this llama.cpp tree has no {QUANTIZE_FNS_SOURCE}"}

@@ -48,17 +48,31 @@ def gate_runtime_args(functions: list[str]) -> tuple[str, ...]:
     return ("-nr",) if any(f.startswith("ggml_vec_dot_") for f in functions) else ()
 
 
+def _tree_supported(build: Build, flags: tuple[str, ...]) -> tuple[str, ...]:
+    """The runtime flags both gate programs of this tree accept: older llama.cpp has no -nr (nor extra
+    buffers for most types); the breakpoint count still proves the kernel ran."""
+    from amppatch.build.accepted import accepted_flags, supported
+
+    kept = supported(flags, accepted_flags(build, "completion"), accepted_flags(build, "perplexity"))
+    for flag in flags:
+        if flag not in kept:
+            progress(f"apply: this llama.cpp's programs take no {flag}; the gate runs without it")
+    return kept
+
+
 def count_function_hits(build: object, function: str, model: Path, args: tuple[str, ...] = (),
                         n_predict: int = 2, lines: tuple[str, ...] = ()) -> int:
-    """How often `function` ran in llama-completion of `build` (gdb breakpoint hit count) — or, given
+    """How often `function` ran in the greedy completion program of `build` (gdb breakpoint hit count) — or, given
     `lines` (FILE:LINE of code amppatch inserted), how often the most-run of those lines ran."""
     from amppatch.build import Build, run_env, runtime_args
+    from amppatch.build.accepted import accepted_flags, supported
     from amppatch.proc import require_tool, run
 
     assert isinstance(build, Build)
     args = (*args, *runtime_args(build, args))
     gdb = require_tool("gdb", install_hint="install gdb (apt-get install -y gdb) to prove the patched kernel ran")
-    binary = build.binary("llama-completion")
+    binary = build.program("completion")
+    quiet = supported(("-no-cnv", "--no-warmup"), accepted_flags(build, "completion"))
     specs = list(lines) or [function]
     breaks: list[str] = []
     for n, spec in enumerate(specs, 1):
@@ -66,7 +80,7 @@ def count_function_hits(build: object, function: str, model: Path, args: tuple[s
     argv = [gdb, "-nx", "-batch", "-ex", "set breakpoint pending on", "-ex", "set pagination off",
             "-ex", "set confirm off", *breaks, "-ex", "run",
             "-ex", "info breakpoints", "--args", str(binary), "-m", str(model), "-p", "hello", "-n", str(n_predict),
-            "-t", "1", "-c", "64", "--temp", "0", "--seed", "1", "-no-cnv", "--no-warmup", *args]
+            "-t", "1", "-c", "64", "--temp", "0", "--seed", "1", *quiet, *args]
     done = run(argv, env=run_env(build), timeout=900, check=False, what=f"gdb breakpoint count on {function}")
     if not lines:
         m = re.search(r"breakpoint already hit (\d+) time", done.stdout)
@@ -128,7 +142,8 @@ def breakpoint_locations(sites: list[PlannedSite], changes: list[FileChange]) ->
 
 
 def gate_sites(build_a: Build, build_b: Build, sites: list[PlannedSite], *, model: Path | None = None,
-               extra_args: tuple[str, ...] = (), locations: dict[str, tuple[str, ...]] | None = None) -> dict:
+               extra_args: tuple[str, ...] = (), locations: dict[str, tuple[str, ...]] | None = None,
+               also_ran: tuple[str, ...] = ()) -> dict:
     """B computes exactly what A computes, and every patched function ran in B.
 
     Sites on kernels of different weight types (a Q4_0 GEMV and a Q4_K GEMV patched at once) cannot all
@@ -137,15 +152,17 @@ def gate_sites(build_a: Build, build_b: Build, sites: list[PlannedSite], *, mode
     `passed`, `tokens_a`, ...); every run is in `runs`.
 
     `model` (apply's --gate-model) replaces the synthetic models; `extra_args` (--gate-arg) go to every run.
+    `also_ran`: functions besides the sites' that must run in B, on any model (a lever's entry point); with
+    no sites the gate runs on a tiny Q8_0 model.
     """
     functions = sorted({s.function for s in sites})
     if model is not None:
-        groups: list[tuple[Path, list[str]]] = [(Path(model), functions)]
+        groups: list[tuple[Path, list[str]]] = [(Path(model), functions + list(also_ran))]
     else:
         from amppatch.model import SynthOptions, synth_model
 
-        by_type: dict[str, list[str]] = {}
-        untyped: list[str] = []
+        by_type: dict[str, list[str]] = {} if functions else {"q8_0": []}
+        untyped: list[str] = list(also_ran)
         for f in functions:
             t = model_type_for(f)
             (by_type.setdefault(t, []) if t else untyped).append(f)
@@ -160,7 +177,7 @@ def gate_sites(build_a: Build, build_b: Build, sites: list[PlannedSite], *, mode
     hits: dict[str, int] = {}
     for gate_model, fs in groups:
         # per group: a vec_dot site needs extra buffers off (-nr), a repack GEMV needs them on
-        args = tuple(dict.fromkeys((*gate_runtime_args(fs), *extra_args)))
+        args = tuple(dict.fromkeys((*_tree_supported(build_a, gate_runtime_args(fs)), *extra_args)))
         progress(f"apply: correctness gate on {gate_model.name} (args: {' '.join(args) or 'none'}) ...")
         gate = run_gate(build_a, build_b, GateOptions(model=gate_model, mode="identical", extra_args=args))
         for f in fs:

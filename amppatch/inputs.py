@@ -44,6 +44,12 @@ class JsonKind:
     required: tuple[str, ...] = ()
     container: type[dict[str, Any]] | type[list[Any]] = dict
     advice: str = ""  # what to do instead, where "pass another one" is not the answer
+    older_versions: tuple[int, ...] = ()  # earlier schema versions this amppatch still reads
+
+    @property
+    def versions(self) -> tuple[int, ...]:
+        """Every schema_version a reader accepts, oldest first."""
+        return (*self.older_versions, self.schema_version) if self.schema_version is not None else ()
 
     @property
     def next_step(self) -> str:
@@ -51,8 +57,9 @@ class JsonKind:
 
 
 PROFILE = JsonKind("profile.json", "`amppatch profile`", 1, ("sites[].function",))
-LEARNED = JsonKind("learned.json", "`amppatch tune`", 1,
-                   ("winners[].function", "winners[].distance_bytes", "winners[].hint"))
+# learned.json 2 adds the kernel shares, the budget split and the joint verification; 1 is still read
+LEARNED = JsonKind("learned.json", "`amppatch tune`", 2,
+                   ("winners[].function", "winners[].distance_bytes", "winners[].hint"), older_versions=(1,))
 REPORT = JsonKind("report.json", "`amppatch ab-test`", 1, (
     "verdict", "options.model", "options.reps", "options.seed", "options.min_effect",
     "settings[].id", "settings[].label", "settings[].test", "settings[].threads", "settings[].n_tokens",
@@ -135,9 +142,10 @@ def check_json(data: Any, path: Path, kind: JsonKind, require: Sequence[str] = (
         version = data.get("schema_version") if isinstance(data, dict) else None  # only objects carry one
         if version is None:
             raise UsageError(f"{path} has no schema_version", next_step=kind.next_step)
-        if isinstance(version, bool) or version != kind.schema_version:
+        if isinstance(version, bool) or version not in kind.versions:
+            read = " or ".join(str(v) for v in kind.versions)
             raise UsageError(f"{path} has schema_version {version!r}; amppatch {__version__} reads {kind.name} "
-                             f"schema_version {kind.schema_version}",
+                             f"schema_version {read}",
                              next_step=kind.advice or f"regenerate it with this amppatch's {kind.producer}, or "
                                                       "use the amppatch version that wrote it")
     for spec in (*kind.required, *require):
@@ -461,9 +469,11 @@ def write_error(path: Path, exc: OSError, what: str = "write") -> WriteError:
 
 
 @contextmanager
-def creating_dir(path: Path) -> Iterator[Path]:
+def creating_dir(path: Path, *, keep_empty: bool = True) -> Iterator[Path]:
     """Create `path` (and missing parents) for a command's output; if the command fails, remove the
-    directories created here that are still empty, so a failed command leaves nothing behind."""
+    directories created here that are still empty, so a failed command leaves nothing behind. With
+    `keep_empty=False` they are removed after success too when the command wrote nothing into them (an apply
+    that had nothing to do)."""
     path = Path(path)
     created: list[Path] = []
     p = path
@@ -477,9 +487,15 @@ def creating_dir(path: Path) -> Iterator[Path]:
     try:
         yield path
     except BaseException:
-        for d in created:  # deepest first
-            try:
-                d.rmdir()
-            except OSError:
-                break  # not empty (a partial result is kept) or gone
+        _remove_empty(created)
         raise
+    if not keep_empty:
+        _remove_empty(created)
+
+
+def _remove_empty(created: list[Path]) -> None:
+    for d in created:  # deepest first
+        try:
+            d.rmdir()
+        except OSError:
+            break  # not empty (a partial result is kept) or gone

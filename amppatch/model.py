@@ -349,7 +349,7 @@ def synth_model(options: SynthOptions) -> Path:
     else:
         if not isinstance(bld, Build):
             bld = build(BuildOptions(repo=repo, targets=("llama-quantize",)))
-        quantize = bld.binary("llama-quantize")
+        quantize = bld.program("quantize")
         if not isinstance(bld.manifest.get("commit"), str):
             raise UsageError(f"build {bld.dir}'s manifest names no commit (it keys the quantized model)",
                              next_step="pass a build made by `amppatch build`")

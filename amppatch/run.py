@@ -38,6 +38,7 @@ from amppatch.proc import progress
 from amppatch.report import require_measured
 from amppatch.run_report import render_summary
 from amppatch.runstate import SCHEMA_VERSION, STAGES, RunStateDoc, StageRecord, outputs_exist
+from amppatch.tune.shares import DEFAULT_MIN_SHARE
 
 if TYPE_CHECKING:
     from amppatch.build import BuildOptions
@@ -62,6 +63,7 @@ class RunOptions:
     lock: Path | None = None
     seed: int = 0
     model: Path | None = None  # the user's GGUF in place of the synthetic model (shape and type unused)
+    min_share: float = DEFAULT_MIN_SHARE  # tune --min-share: kernels with a smaller sample share are not tuned
     long_depth: int | None = None  # final race: tg at this depth at the first thread count (0: none; None: default)
     prompt_tokens: int | None = None  # final race: pp of this many tokens at the first thread count (0: none)
     thp_enabled: str | None = None  # this machine's THP mode, read when resolved; "never": no huge-page lever
@@ -71,8 +73,10 @@ class RunOptions:
 
     @property
     def hugepages(self) -> bool:
-        """Whether the huge-page lever races: not where THP is `never` (the lever would map small pages)."""
-        return self.thp_enabled != "never"
+        """Whether the huge-page lever races: not where THP is `never` or absent (it would map small pages)."""
+        from amppatch.run_race import NO_THP
+
+        return self.thp_enabled not in NO_THP
 
 
 LONG_DEPTH, QUICK_LONG_DEPTH = 4096, 128
@@ -101,6 +105,9 @@ def resolve_options(options: RunOptions) -> RunOptions:
         raise UsageError("--budget and --final-minutes must be positive", next_step="e.g. --budget 20")
     if options.profile_tokens < 1:  # else found by the profile stage, after fetch, build and model
         raise UsageError("--profile-tokens must be at least 1", next_step="e.g. --profile-tokens 32")
+    if not 0 <= options.min_share < 1:  # nan too; else found by the tune stage, after the builds
+        raise UsageError(f"--min-share must be a fraction in [0, 1), not {options.min_share}",
+                         next_step="e.g. --min-share 0.05 (0 tunes every site)")
     long_depth = options.long_depth
     if long_depth is None:
         long_depth = QUICK_LONG_DEPTH if options.quick else LONG_DEPTH
@@ -110,9 +117,9 @@ def resolve_options(options: RunOptions) -> RunOptions:
     if long_depth < 0 or prompt_tokens < 0:
         raise UsageError("--long-depth and --prompt-tokens must not be negative (0 leaves that setting out)",
                          next_step="e.g. --long-depth 4096 --prompt-tokens 512")
-    from amppatch.run_race import thp_enabled
+    from amppatch.pages import thp_enabled_mode
 
-    thp = options.thp_enabled or thp_enabled()
+    thp = options.thp_enabled or thp_enabled_mode()
     lock = options.lock
     if lock is None and os.environ.get("AMPPATCH_MEASURE_LOCK"):
         lock = Path(os.environ["AMPPATCH_MEASURE_LOCK"])
@@ -335,15 +342,23 @@ class _Runner:
         assert o.threads is not None
         quick: dict[str, Any] = dict(probe_tokens=16, probe_rounds=2, confirm_rounds=3, refine_levels=1,
                                      max_batch=6, grid_min=1024, grid_max=8192) if o.quick else {}
+        # the profile gives the kernel shares: the budget split and --min-share
         result = tune(TuneOptions(
             repo=Path(self.outputs["fetch"]["repo"]), model=Path(self.outputs["model"]["model"]),
-            tunable_manifest=Path(self.outputs["apply"]["manifest"]), threads=o.threads[0],
-            verify_threads=tuple(o.threads[1:]), budget_minutes=o.budget_minutes, out=self.out / "tune",
-            bench_args=self.bench_args(), lock=o.lock, seed=o.seed, **quick))
-        winners = result.learned.winners
+            tunable_manifest=Path(self.outputs["apply"]["manifest"]), profile=Path(self.outputs["profile"]["profile"]),
+            threads=o.threads[0], verify_threads=tuple(o.threads[1:]), budget_minutes=o.budget_minutes,
+            out=self.out / "tune", bench_args=self.bench_args(), lock=o.lock, seed=o.seed, min_share=o.min_share,
+            **quick))
+        learned = result.learned
+        winners = learned.winners
+        b = learned.budget
+        # report.md's Tune section is rendered from these (render_summary reads no file)
         return "done", {"learned": str(result.path), "paths": [str(result.path)], "kept": len(winners),
-                        "dropped": len(result.learned.dropped),
-                        "winners": [f"{w.key} d={w.distance_bytes} h={w.hint}" for w in winners]}
+                        "dropped": len(learned.dropped),
+                        "winners": [f"{w.key} d={w.distance_bytes} h={w.hint}" for w in winners],
+                        "kernels": learned.kernel_rows(), "joint": learned.joint,
+                        "budget": {k: b.get(k) for k in ("minutes", "spent_minutes", "stopped_because", "split",
+                                                         "min_share")} | {"probes": len(learned.probes)}}
 
     def bake(self) -> tuple[str, dict[str, Any]]:
         """One build per lever that races, and one with both (`run_race.race_arms`), each from its own apply."""
@@ -431,6 +446,11 @@ def _run(options: RunOptions) -> Path:
     r.stage("build", build_inputs, r.build)
     r.stage("model", model_stage_inputs(options), r.model)
     r.stage("profile", [options.threads[0], options.profile_tokens, options.repack], r.profile)
+    r.stage("apply", [], r.apply_tunable)
+    r.stage("tune", [options.threads, options.budget_minutes, options.quick, options.repack, options.min_share],
+            r.tune)
+    r.stage("bake", [], r.bake)
+    r.stage("final", [options.threads, options.final_minutes, options.quick], r.final)
     r.stage("apply", [options.hugepages], r.apply_tunable)
     r.stage("tune", [options.threads, options.budget_minutes, options.quick, options.repack], r.tune)
     r.stage("bake", [options.hugepages], r.bake)

@@ -12,13 +12,12 @@ stock; pages against stock, or both against prefetch when prefetch is kept — h
 the primary setting (the first one: tg at depth 0 at the first thread count), and no setting has a CI wholly
 below 1. What ships is the arm of the kept levers.
 
-Pure (the statistics are ab-test's, passed in as its result or the comparisons' JSON), apart from
-`thp_enabled`, which reads one sysfs file.
+Pure: the statistics are ab-test's, passed in as its result or the comparisons' JSON; the THP mode is read by
+`pages.thp_enabled_mode` when run's options are resolved.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,28 +25,14 @@ from typing import TYPE_CHECKING, Any
 
 from amppatch.abtest.options import AbTestOptions, ArmSpec, Setting
 from amppatch.abtest.result import REPORT_JSON, AbTestResult
-from amppatch.hugepages import selected_mode
 
 if TYPE_CHECKING:
     from amppatch.patch.manifest import ApplyManifest
 
-THP_ENABLED = Path("/sys/kernel/mm/transparent_hugepage/enabled")
-THP_ENABLED_ENV = "AMPPATCH_THP_ENABLED_PATH"  # the same override the lever's C++ helper reads
+NO_THP = ("never", "unavailable")  # THP modes (`pages.thp_enabled_mode`) where the lever maps small pages
 ARMS = ("stock", "prefetch", "pages", "both")
 LONG_TOKENS = 16  # tokens generated at the long depth
 SHIPS = {(False, False): "stock", (True, False): "prefetch", (False, True): "pages", (True, True): "both"}
-
-
-def thp_enabled(environ: Mapping[str, str] | None = None) -> str:
-    """The selected THP mode ("always", "madvise", "never"; "unknown" without the file), read from sysfs or
-    from the file `$AMPPATCH_THP_ENABLED_PATH` names."""
-    env = os.environ if environ is None else environ
-    path = Path(env.get(THP_ENABLED_ENV) or THP_ENABLED)
-    try:
-        text = path.read_text()
-    except OSError:
-        text = None
-    return selected_mode(text)
 
 
 def race_arms(prefetch: bool, pages: bool) -> tuple[str, ...]:

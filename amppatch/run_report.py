@@ -6,11 +6,10 @@ run (cheap) and tested without running anything."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from amppatch.learned import Learned
 from amppatch.run_race import Decision, LeverVerdict
 from amppatch.runstate import STAGES, StageRecord
 
@@ -29,6 +28,83 @@ def model_line(o: RunOptions, model: Mapping[str, Any]) -> str:
     return line + (f"\n- note: {model['gate_note']}" if model.get("gate_note") else "")
 
 
+def _ci(ratio: Any, ci: Any) -> str:
+    if not isinstance(ratio, int | float):
+        return "—"
+    return f"{ratio:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if isinstance(ci, Sequence) and len(ci) == 2 else "")
+
+
+def _cell(text: Any) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _site_label(site: Mapping[str, Any]) -> str:
+    return f"loop {site.get('loop')} {site.get('stream')}" if site.get("stream") else str(site.get("key"))
+
+
+def _outcome(site: Mapping[str, Any]) -> str:
+    if site.get("kept"):
+        return f"{site.get('distance_bytes')} B, hint {site.get('hint')}"
+    by = site.get("dropped_by")
+    return f"dropped{f' ({by})' if by else ''}: {site.get('reason') or 'no reason recorded'}"
+
+
+def kernel_table(kernels: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The per-kernel table: share, sites, the tuned setting or why each site was dropped, its contribution."""
+    lines = ["| kernel | share | site(s) | tuned setting (distance, hint), or why dropped | contribution vs off "
+             "(95% CI) |", "|---|---|---|---|---|"]
+    for k in kernels:
+        sites = list(k.get("sites") or [])
+        several = len(sites) > 1
+        share = k.get("share")
+        cells = [
+            f"`{k.get('function')}`", f"{share:.1%}" if isinstance(share, int | float) else "—",
+            "; ".join(_site_label(s) for s in sites),
+            "; ".join((f"{_site_label(s)}: " if several else "") + _outcome(s) for s in sites),
+            "; ".join((f"{_site_label(s)}: " if several else "") + _ci(s.get("ratio"), s.get("ci95")) for s in sites),
+        ]
+        lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
+    return lines
+
+
+def joint_line(joint: Mapping[str, Any] | None) -> str:
+    """The joint verification's result in one line."""
+    if not joint:
+        return "Joint verification: not recorded (learned.json of schema 1)."
+    status, reason = joint.get("status"), joint.get("reason") or ""
+    ci = _ci(joint.get("ratio"), joint.get("ci95"))
+    drops = len(joint.get("dropped") or [])
+    after = f" after dropping {drops} site(s)" if drops else ""
+    if status == "verified":
+        return (f"Joint verification: {', '.join(joint.get('sites') or [])} together against every site off at "
+                f"{joint.get('threads')} thread(s){after}: {ci}, wholly above {joint.get('threshold', 1.0):.3f}.")
+    if status == "single":
+        return f"Joint verification: one site kept{after}, measured alone against every site off: {ci}."
+    if status == "emptied":
+        return f"Joint verification dropped every kept site ({drops}); the stock build stays the answer."
+    if status == "none":
+        return "Joint verification: no site was kept, nothing to verify."
+    return f"Joint verification: not done — {reason}."
+
+
+def tune_section(tune_out: Mapping[str, Any]) -> list[str]:
+    """report.md's Tune section from the tune stage's outputs: per-kernel table, joint line, budget."""
+    lines = [f"learned.json: {tune_out.get('learned')}", ""]
+    kernels = tune_out.get("kernels")
+    if kernels is None:  # a tune stage recorded before the per-kernel outputs existed
+        kept = ", ".join(tune_out.get("winners") or []) or "none"
+        return [*lines, f"- kept: {kept}; dropped: {tune_out.get('dropped')}"]
+    lines += kernel_table(kernels) if kernels else ["No site was tuned."]
+    lines += ["", joint_line(tune_out.get("joint"))]
+    b = tune_out.get("budget") or {}
+    share = b.get("min_share")
+    lines.append(f"- budget: {b.get('spent_minutes')} of {b.get('minutes')} min ({b.get('stopped_because')}), "
+                 f"{b.get('probes')} probe results"
+                 + (f"; split by {b['split']}" if b.get("split") else "")
+                 + (f"; --min-share {share:.0%}" if isinstance(share, int | float) else ""))
+    return lines
+
+
 def render_summary(o: RunOptions, outputs: dict[str, dict[str, Any]], stages: Mapping[str, StageRecord]) -> str:
     """report.md of the run: what ran, what tune kept, the final race, what ships and how to carry it."""
     lines = ["# amppatch run", ""]
@@ -45,15 +121,7 @@ def render_summary(o: RunOptions, outputs: dict[str, dict[str, Any]], stages: Ma
                      + f"; sites: {', '.join(prof.get('sites') or prof.get('fallback_sites') or []) or 'none'}")
     lines += ["", "## Tune", ""]
     if tune_out:
-        lines.append(f"learned.json: {tune_out.get('learned')}")
-        kept = ", ".join(tune_out.get("winners") or []) or "none"
-        lines.append(f"- kept: {kept}; dropped: {tune_out.get('dropped')}")
-        learned = Learned.read(Path(tune_out["learned"]))
-        for d in learned.dropped:
-            lines.append(f"- dropped {d.get('key')}: {d.get('reason')}")
-        b = learned.budget
-        lines.append(f"- budget: {b.get('spent_minutes')} of {b.get('minutes')} min ({b.get('stopped_because')}), "
-                     f"{len(learned.probes)} probe results")
+        lines += tune_section(tune_out)
     lines += race_section(o, outputs)
     lines += limit_lines((outputs.get("final") or {}).get("report"))
     lines += ["", "## Stages", "", "| stage | status | seconds |", "|---|---|---|"]
@@ -76,8 +144,8 @@ def race_section(o: RunOptions, outputs: Mapping[str, Mapping[str, Any]]) -> lis
     if not final.get("report"):
         reason = (final or outputs.get("bake") or {}).get("reason", "not run")
         lines.append(f"No final ab-test: {reason}. The stock build stays the answer.")
-        if o.thp_enabled == "never":
-            lines.append(f"- {_pages_never()}")
+        if not o.hugepages:
+            lines.append(f"- {_pages_not_raced(o.thp_enabled)}")
         return lines
     lines += ["| setting | arm | against | ratio | 95% CI | CI vs 1 | verdict |", "|---|---|---|---|---|---|---|"]
     for setting in final.get("settings") or []:
@@ -101,8 +169,9 @@ def race_section(o: RunOptions, outputs: Mapping[str, Mapping[str, Any]]) -> lis
     return lines + ships_section(o, outputs, decision) + carry_section(outputs, decision, final.get("cpu_model"))
 
 
-def _pages_never() -> str:
-    return "huge pages: THP is never on this machine — not raced, stock behaviour"
+def _pages_not_raced(thp: str | None) -> str:
+    why = "THP is never on this machine" if thp == "never" else "this kernel offers no transparent huge pages"
+    return f"huge pages: {why} — not raced, stock behaviour"
 
 
 def lever_line(v: LeverVerdict) -> str:
@@ -136,8 +205,8 @@ def ships_section(o: RunOptions, outputs: Mapping[str, Mapping[str, Any]], decis
     lines.append(f"- {lever_line(prefetch)}" if prefetch else "- prefetch: tune kept no site — not raced")
     if pages is not None:
         lines.append(f"- {lever_line(pages)}")
-    elif o.thp_enabled == "never":
-        lines.append(f"- {_pages_never()}")
+    elif not o.hugepages:
+        lines.append(f"- {_pages_not_raced(o.thp_enabled)}")
     for arm in ("pages", "both"):
         check = (baked.get(arm) or {}).get("hugepages")
         if check:

@@ -18,6 +18,11 @@ from amppatch.paths import FileLock, cache_dir
 from amppatch.proc import progress, require_tool, run
 
 PINNED_VERSION = "0.3.36"
+# The oldest llama.cpp amppatch is verified on end to end (fetch, build, apply with its gate): the tree
+# llama-cpp-python of this version vendors. Older trees are refused where they lack what amppatch needs
+# (too_old_error); the ones in between that have it are attempted, not verified.
+OLDEST_SUPPORTED_VERSION = "0.3.9"
+_FETCHED_MARKER = "amppatch-fetched"
 _VERSION_RE = re.compile(r"^\d+\.\d+\.\d+$")
 # Fixed identity and date make the import commit identical on every machine, so build keys (which
 # contain the commit) are comparable across machines and CI runs.
@@ -53,13 +58,63 @@ def check_llama_tree(path: Path) -> Path:
         )
     root = root.resolve()
     missing = [p for p in ("CMakeLists.txt", "include/llama.h", "ggml/src") if not (root / p).exists()]
-    if missing or not cpu_backend_dir(root).is_dir():
+    if missing:
         raise UsageError(
-            f"{root} is not a llama.cpp source tree (missing {', '.join(missing) or 'ggml/src/ggml-cpu'})",
+            f"{root} is not a llama.cpp source tree (missing {', '.join(missing)})",
             next_step="pass the top directory of llama.cpp (the one with CMakeLists.txt and include/llama.h), "
             "or run `amppatch llama fetch`",
         )
+    if not cpu_backend_dir(root).is_dir():
+        # llama.cpp before late 2024 kept the CPU kernels in ggml/src/ggml.c and friends
+        raise too_old_error(describe_tree(root), "it has no ggml/src/ggml-cpu directory (the CPU backend's "
+                            "own directory, where amppatch finds the kernels)")
     return root
+
+
+def too_old_error(tree: str, missing: str) -> UsageError:
+    """The one error for a llama.cpp older than amppatch supports: the tree, what it lacks, and the oldest
+    supported version."""
+    return UsageError(
+        f"{tree} is older than amppatch supports: {missing}; the oldest supported llama.cpp is the one "
+        f"llama-cpp-python {OLDEST_SUPPORTED_VERSION} vendors",
+        next_step="update the checkout to a newer llama.cpp, or use a supported tree (`amppatch llama fetch` "
+        f"for the pinned one, `amppatch llama fetch --version {OLDEST_SUPPORTED_VERSION}` for the oldest)",
+    )
+
+
+def describe_tree(root: Path, commit: str | None = None) -> str:
+    """A tree as an error names it: its path, and which llama.cpp it is — the llama-cpp-python version a
+    fetched tree came from, else its commit (given, or read from .git without running git)."""
+    root = Path(root)
+    marker = root / ".git" / _FETCHED_MARKER
+    try:
+        fetched = marker.read_text().strip() if marker.is_file() else ""
+    except OSError:
+        fetched = ""
+    if fetched:
+        return f"{root} ({fetched.replace('==', ' ')}'s llama.cpp)"
+    commit = commit or _head_commit(root)
+    return f"{root} (commit {commit[:12]})" if commit else str(root)
+
+
+def _head_commit(root: Path) -> str | None:
+    """HEAD's commit from a plain .git directory (detached, a loose ref or a packed one); None otherwise."""
+    git_dir = root / ".git"
+    try:
+        head = (git_dir / "HEAD").read_text().strip()
+        if not head.startswith("ref: "):
+            return head if re.fullmatch(r"[0-9a-f]{40,64}", head) else None
+        ref = head[5:].strip()
+        if (git_dir / ref).is_file():
+            return (git_dir / ref).read_text().strip() or None
+        packed = git_dir / "packed-refs"
+        for line in packed.read_text().splitlines() if packed.is_file() else ():
+            sha, _, name = line.partition(" ")
+            if name == ref:
+                return sha
+    except OSError:
+        return None
+    return None
 
 
 def cpu_backend_dir(repo: Path) -> Path:
@@ -76,7 +131,7 @@ def _tree_path(version: str) -> Path:
 
 
 def _is_complete_tree(tree: Path) -> bool:
-    return (tree / ".git" / "amppatch-fetched").is_file()
+    return (tree / ".git" / _FETCHED_MARKER).is_file()
 
 
 def _check_free_space(where: Path) -> None:
@@ -191,7 +246,7 @@ def _init_repo(src: Path, version: str) -> None:
         ],
         env=env,
     )
-    (src / ".git" / "amppatch-fetched").write_text(f"llama-cpp-python=={version}\n")
+    (src / ".git" / _FETCHED_MARKER).write_text(f"llama-cpp-python=={version}\n")
 
 
 def fetch_llama(options: FetchOptions) -> Path:
@@ -210,9 +265,17 @@ def fetch_llama(options: FetchOptions) -> Path:
         if not _is_complete_tree(tree):
             archive = _download_archive(version)
             _extract_tree(archive, version, tree)
+    check_llama_tree(tree)  # a tree too old to use is refused here, not at the first build
+    if _version_tuple(version) < _version_tuple(OLDEST_SUPPORTED_VERSION):
+        progress(f"note: llama-cpp-python {version} is older than the oldest version amppatch is verified on "
+                 f"({OLDEST_SUPPORTED_VERSION}); its tree has what amppatch looks for, so it is used as is")
     if options.dest is None:
         return tree
     return _clone_to(tree, Path(options.dest).expanduser())
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in version.split("."))
 
 
 def _clone_to(tree: Path, dest: Path) -> Path:

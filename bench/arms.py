@@ -22,12 +22,17 @@ class ArmDef:
     """An arm as the bench races it: which build (by role), extra llama-bench flags and environment."""
 
     name: str
-    build_role: str  # stock | gcc-prefetch | pgo | amppatch | amppatch-pgo (hugepages arms reuse one of them)
+    # stock | gcc-prefetch | pgo | amppatch | amppatch-pgo | pages | amppatch-pages (the hugepages arms
+    # reuse stock's or amppatch's build)
+    build_role: str
     bench_args: tuple[str, ...] = ()
     env: tuple[tuple[str, str], ...] = ()
     label: str = ""
     # Its weights sit on transparent huge pages: the THP ceiling is its limit, not the 4 KiB-page one.
     huge_pages: bool = False
+    # Its build carries amppatch's file-backed huge-page lever (amppatch/pages.py): the model stays mmapped,
+    # and the share of the file that landed on huge pages is measured after its run.
+    page_lever: bool = False
     # It runs amppatch's branch, so on the amx path it is raced only where a learned.json tuned the weight
     # type's AMX kernel (the quick search never sees those kernels: the branch would leave them unpatched).
     amppatch: bool = False
@@ -40,20 +45,30 @@ def hugepages_arm(name: str = "hugepages", build_role: str = "stock") -> ArmDef:
                   huge_pages=True, amppatch=build_role == "amppatch")
 
 
+def pages_arm(name: str = "pages", base: str = "stock") -> ArmDef:
+    """`base`'s source with the file-backed huge-page lever compiled in, run as usual (mmap)."""
+    return ArmDef(name, name, label=f"{base} + amppatch's file-backed huge-page lever (mmapped weights on THP)",
+                  huge_pages=True, page_lever=True, amppatch=base == "amppatch")
+
+
 # The registry, in the order rows and labels are listed. amppatch-hugepages: the amppatch build with the
 # hugepages arm's runtime; whether the two levers stack is what an engineer who has both wants to know
-# (neither needs the other).
+# (neither needs the other). pages / amppatch-pages: the same question for the file-backed lever, which keeps
+# the mmap (no copy of the weights); hugepages stays as the anonymous-copy alternative it is compared with.
 ARM_REGISTRY: dict[str, ArmDef] = {arm.name: arm for arm in (
     ArmDef("stock", "stock"),
     ArmDef("gcc-prefetch", "gcc-prefetch"),
     ArmDef("pgo", "pgo"),
     hugepages_arm(),
+    pages_arm(),
     ArmDef("amppatch", "amppatch", amppatch=True),
     ArmDef("amppatch-pgo", "amppatch-pgo", amppatch=True),
     hugepages_arm("amppatch-hugepages", "amppatch"),
+    pages_arm("amppatch-pages", "amppatch"),
 )}
 ARMS = tuple(ARM_REGISTRY)
 HUGEPAGE_ARMS = tuple(a.name for a in ARM_REGISTRY.values() if a.huge_pages)
+PAGE_LEVER_ARMS = tuple(a.name for a in ARM_REGISTRY.values() if a.page_lever)
 AMPPATCH_ARMS = tuple(a.name for a in ARM_REGISTRY.values() if a.amppatch)
 
 

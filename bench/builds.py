@@ -75,8 +75,13 @@ def locked_build(options: BuildOptions) -> Build:
         return build(options)
 
 
-def arm_build(ctx: Context, family: str, arm: ArmDef, weight_type: str) -> Path:
-    """The build directory an arm runs on a code-path family for a weight type."""
+def arm_build_of(ctx: Context, family: str, arm: ArmDef, weight_type: str) -> Build:
+    """The build an arm runs on a code-path family for a weight type."""
     variants = ctx.type_variants.get(arm.name)
     key = arm.name if variants is None else f"{arm.name}|{variants[weight_type]}"
-    return ctx.builds[(family, key)].dir
+    return ctx.builds[(family, key)]
+
+
+def arm_build(ctx: Context, family: str, arm: ArmDef, weight_type: str) -> Path:
+    """The build directory an arm runs on a code-path family for a weight type."""
+    return arm_build_of(ctx, family, arm, weight_type).dir

@@ -13,9 +13,15 @@ settings of that run, every arm raced against `stock` of the same code path:
   generates tokens with). Ids are ``TYPE:PATH:THREADS``, e.g. ``q8_0:noamx:1``.
 * arms: `stock`; `gcc-prefetch` (stock + ``-fprefetch-loop-arrays`` with the `--param`s that won a small
   measured grid, see `select_gcc_params`); `pgo`; `hugepages` (glibc's malloc THP tunable with non-mmap
-  loading, where THP is not `never`); `amppatch` (baked prefetches, from tune's learned.json when given, else
-  from the profiles' sites with a distance/hint picked by a quick measured search — the label says which);
-  `amppatch-pgo`; `amppatch-hugepages` (the amppatch build with the hugepages arm's runtime).
+  loading, where THP is not `never`); `pages` (stock + amppatch's file-backed huge-page lever, mmap as
+  usual, where THP is not `never`; its share of the model on huge pages is measured after the run);
+  `amppatch` (baked prefetches, from tune's learned.json when given, else from the profiles' sites with a
+  distance/hint picked by a quick measured search — the label says which); `amppatch-pgo`;
+  `amppatch-hugepages` (the amppatch build with the hugepages arm's runtime); `amppatch-pages` (the amppatch
+  branch + the lever).
+* roofline: per configuration the kernel's in-cache rate (`amppatch roofline` on the path's stock build),
+  measured once and cached; every row's GB/s as % of the lower of that and its pages' stream ceiling, and
+  which side binds; bench/roofline.png draws them.
 
 Budget: the timed runs share `--budget` minutes; each run gets ab-test's `max_time` stop rule with a share of
 what is left (weighted by its expected cost), so runs that turn decisive early leave their time to later,
@@ -27,8 +33,10 @@ last stdout line is the results.json path.
 
 The code: bench/configs.py (configurations and runs), bench/arms.py (the arm registry), bench/options.py,
 bench/measure.py (lock, machine, one race), bench/builds.py and bench/prepare.py (builds per arm),
-bench/selection.py (GCC's grid, amppatch's sites), bench/runs.py (the budgeted runs), bench/rows.py and
-bench/render.py (results rows, the RESULTS.md table, --render-only). This module is the command line.
+bench/selection.py (GCC's grid, amppatch's sites), bench/levers.py (the huge-page lever's branches and
+shares), bench/roofline.py (the rooflines), bench/runs.py (the budgeted runs), bench/rows.py, bench/render.py
+and bench/plot.py (results rows, the RESULTS.md table, roofline.png, --render-only). This module is the
+command line.
 """
 
 from __future__ import annotations
@@ -51,12 +59,14 @@ from bench.arms import (
     ARMS,
     HUGEPAGE_ARMS,
     NO_AMX_TUNE,
+    PAGE_LEVER_ARMS,
     ArmDef,
     arm_def,
     arms_for,
     hugepages_arm,
+    pages_arm,
 )
-from bench.builds import NOAMX_DEFINES, Context, arm_build, build_options_for, is_cached, locked_build
+from bench.builds import NOAMX_DEFINES, Context, arm_build, arm_build_of, build_options_for, is_cached, locked_build
 from bench.configs import (
     CODE_PATHS,
     MODEL_SHAPE,
@@ -71,27 +81,34 @@ from bench.configs import (
     priority,
     quick_configs,
 )
-from bench.measure import MEASURE_LOCK, has_amx, hugepages_status, measure_lock, race, thp_mode
+from bench.levers import lever_branch, measure_page_shares
+from bench.measure import MEASURE_LOCK, has_amx, hugepages_status, measure_lock, race, thp_mode, thp_status
 from bench.options import DEFAULT_RESULTS, DEFAULT_RESULTS_MD, REPO_ROOT, BenchOptions, resolve_options
-from bench.prepare import PREPARATIONS, prepare
+from bench.plot import render_roofline_plot, roofline_bars
+from bench.prepare import PREPARATIONS, Plan, prepare
 from bench.render import (
     BEGIN_MARK,
     END_MARK,
+    PLOT_NAME,
     SECTION_TITLE,
     render_markdown,
     render_only,
     update_results_md,
     write_results,
 )
+from bench.roofline import ROW_WIDTH, add_roofline, measure_rooflines, roofline_options
 from bench.rows import (
     add_page_ceiling,
+    add_page_shares,
     amppatch_vs_best_other,
+    huge_page_ceiling,
+    machine_ceilings,
     merge_rows,
     missing_rows,
     rows_from_report,
     small_page_ceiling,
 )
-from bench.runs import SCHEMA_VERSION, run_bench, run_weights, time_share
+from bench.runs import SCHEMA_VERSION, page_shares, run_bench, run_weights, time_share
 from bench.selection import (
     GCC_GRID,
     GCC_GRID_BORROW,
@@ -115,15 +132,18 @@ from bench.selection import (
 __all__ = [
     "AMPPATCH_ARMS", "ARMS", "ARM_REGISTRY", "BEGIN_MARK", "CODE_PATHS", "DEFAULT_RESULTS", "DEFAULT_RESULTS_MD",
     "END_MARK", "GCC_GRID", "GCC_GRID_BORROW", "GCC_GRID_TYPES", "HUGEPAGE_ARMS", "MEASURE_LOCK", "MODEL_SHAPE",
-    "NOAMX_DEFINES", "NO_AMX_TUNE", "PREPARATIONS", "PROFILE_RUNS", "REPO_ROOT", "SCHEMA_VERSION", "SEARCH_GRID",
-    "SEARCH_TARGETS", "SECTION_TITLE", "SELECTION_ROUNDS", "THREADS", "WEIGHT_TYPES", "ArmDef", "BenchOptions",
-    "CodePath", "Config", "Context", "RunGroup", "add_page_ceiling", "all_configs", "amppatch_branch",
-    "amppatch_vs_best_other", "arm_build", "arm_def", "arms_for", "build_options_for", "gcc_flags",
-    "group_runs", "has_amx", "hugepages_arm", "hugepages_status", "is_cached", "learned_amx_types",
-    "locked_build", "main", "measure_lock", "merge_rows", "merged_sites", "missing_rows", "parse_args",
-    "parse_only", "pick_best", "prepare", "priority", "profiles", "quick_configs", "quick_search", "race",
-    "render_markdown", "render_only", "resolve_options", "rows_from_report", "run_bench", "run_weights",
-    "search_target", "select_gcc_params", "small_page_ceiling", "thp_mode", "time_share", "update_results_md",
+    "NOAMX_DEFINES", "NO_AMX_TUNE", "PAGE_LEVER_ARMS", "PLOT_NAME", "PREPARATIONS", "PROFILE_RUNS", "REPO_ROOT",
+    "ROW_WIDTH", "SCHEMA_VERSION", "SEARCH_GRID", "SEARCH_TARGETS", "SECTION_TITLE", "SELECTION_ROUNDS", "THREADS",
+    "WEIGHT_TYPES", "ArmDef", "BenchOptions", "CodePath", "Config", "Context", "Plan", "RunGroup",
+    "add_page_ceiling", "add_page_shares", "add_roofline", "all_configs", "amppatch_branch",
+    "amppatch_vs_best_other", "arm_build", "arm_build_of", "arm_def", "arms_for", "build_options_for",
+    "gcc_flags", "group_runs", "has_amx", "huge_page_ceiling", "hugepages_arm", "hugepages_status", "is_cached",
+    "learned_amx_types", "lever_branch", "locked_build", "machine_ceilings", "main", "measure_lock",
+    "measure_page_shares", "measure_rooflines", "merge_rows", "merged_sites", "missing_rows", "page_shares",
+    "pages_arm", "parse_args", "parse_only", "pick_best", "prepare", "priority", "profiles", "quick_configs",
+    "quick_search", "race", "render_markdown", "render_only", "render_roofline_plot", "resolve_options",
+    "roofline_bars", "roofline_options", "rows_from_report", "run_bench", "run_weights", "search_target",
+    "select_gcc_params", "small_page_ceiling", "thp_mode", "thp_status", "time_share", "update_results_md",
     "write_profile", "write_results",
 ]
 

@@ -43,15 +43,27 @@ def measure_lock(what: str) -> Iterator[None]:
         os.close(fd)
 
 
-def hugepages_status() -> str | None:
-    """None when the hugepages arm can run here, else why not."""
+THP_ENABLED = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+
+
+def thp_status(enabled: Path = THP_ENABLED) -> str | None:
+    """None when transparent huge pages can back memory here (mode `always` or `madvise`), else why not: what
+    the file-backed lever's arms need (the lever itself maps like stock where THP is `never`)."""
     try:
-        thp = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+        thp = enabled.read_text()
     except OSError:
         return "no transparent huge pages in this kernel (/sys/kernel/mm/transparent_hugepage missing)"
     mode = re.search(r"\[(\w+)\]", thp)
     if mode and mode.group(1) == "never":
         return "transparent huge pages are disabled (mode never)"
+    return None
+
+
+def hugepages_status(enabled: Path = THP_ENABLED) -> str | None:
+    """None when the hugepages arm (glibc's malloc THP tunable) can run here, else why not."""
+    reason = thp_status(enabled)
+    if reason:
+        return reason
     try:
         libc = os.confstr("CS_GNU_LIBC_VERSION") or ""
     except (ValueError, OSError):
@@ -64,7 +76,7 @@ def hugepages_status() -> str | None:
 
 def thp_mode() -> str:
     try:
-        m = re.search(r"\[(\w+)\]", Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text())
+        m = re.search(r"\[(\w+)\]", THP_ENABLED.read_text())
         return m.group(1) if m else "?"
     except OSError:
         return "unavailable"

@@ -16,7 +16,8 @@ from amppatch.proc import progress
 from bench.arms import AMPPATCH_ARMS, ARM_REGISTRY, ARMS, NO_AMX_TUNE
 from bench.builds import Context, build_options_for, locked_build
 from bench.configs import MODEL_SHAPE, WEIGHT_TYPES
-from bench.measure import hugepages_status, thp_mode
+from bench.levers import lever_branch
+from bench.measure import THP_ENABLED, hugepages_status, thp_mode, thp_status
 from bench.options import BenchOptions
 from bench.selection import amppatch_branch, gcc_flags, learned_amx_types, select_gcc_params
 
@@ -29,6 +30,7 @@ class Plan:
     families: set[str]  # code-path families whose stock build exists
     arms: set[str]  # the arms asked for
     pgo_models: tuple[Path, ...]  # PGO's training models
+    thp_enabled: Path = THP_ENABLED  # the kernel's THP mode file (the huge-page arms need a mode other than never)
 
 
 @contextlib.contextmanager
@@ -45,7 +47,7 @@ def _attempt(ctx: Context, arm: str) -> Iterator[None]:
 
 def _hugepages(ctx: Context, plan: Plan) -> None:
     """The stock builds as they are: the arm only changes the runtime, where THP and glibc allow it."""
-    reason = hugepages_status()
+    reason = hugepages_status(plan.thp_enabled)
     if reason:
         ctx.unavailable["hugepages"] = reason
         return
@@ -106,7 +108,7 @@ def _amppatch(ctx: Context, plan: Plan) -> None:
 
 def _amppatch_hugepages(ctx: Context, plan: Plan) -> None:
     """No build of its own: the amppatch arm's, so it needs that arm and the hugepages arm's runtime."""
-    why = hugepages_status() or ctx.unavailable.get("amppatch") or (
+    why = hugepages_status(plan.thp_enabled) or ctx.unavailable.get("amppatch") or (
         None if "amppatch" in plan.arms else "needs the amppatch arm's build (add amppatch to --arms)")
     if why:
         ctx.unavailable["amppatch-hugepages"] = why
@@ -116,22 +118,58 @@ def _amppatch_hugepages(ctx: Context, plan: Plan) -> None:
             ctx.builds[(fam, "amppatch-hugepages")] = ctx.builds[(fam, "amppatch")]
 
 
+def _pages(ctx: Context, plan: Plan) -> None:
+    """The huge-page lever on stock's commit (`pages`) and on the amppatch arm's branch (`amppatch-pages`),
+    each built like its base; both need transparent huge pages (where THP is `never` the lever maps like
+    stock, so the arm would be stock under another name)."""
+    wanted = [a for a in ("pages", "amppatch-pages") if a in plan.arms]
+    reason = thp_status(plan.thp_enabled)
+    if reason:
+        ctx.unavailable.update(dict.fromkeys(wanted, reason))
+        return
+    if "pages" in wanted:
+        with _attempt(ctx, "pages"):
+            branch = lever_branch(plan.repo)
+            for fam in sorted(plan.families):
+                ctx.builds[(fam, "pages")] = locked_build(build_options_for(plan.repo, fam, ref=branch,
+                                                                            name=f"bench {fam} pages"))
+            ctx.labels["pages"] = ARM_REGISTRY["pages"].label + f", branch {branch} (THP mode {thp_mode()})"
+    if "amppatch-pages" not in wanted:
+        return
+    base = (ctx.evidence.get("amppatch") or {}).get("branch")
+    if base is None:
+        ctx.unavailable["amppatch-pages"] = ctx.unavailable.get("amppatch") or "the amppatch arm's branch was not made"
+        return
+    with _attempt(ctx, "amppatch-pages"):
+        branch = lever_branch(plan.repo, base)
+        for fam in sorted(plan.families):
+            if (fam, "amppatch-pages") in ctx.family_unavailable:
+                continue
+            ctx.builds[(fam, "amppatch-pages")] = locked_build(build_options_for(
+                plan.repo, fam, ref=branch, name=f"bench {fam} amppatch pages"))
+        ctx.labels["amppatch-pages"] = (f"the `amppatch` arm's branch + the huge-page lever, branch {branch} "
+                                        f"(THP mode {thp_mode()})")
+
+
 @dataclass(frozen=True)
 class Preparation:
-    """A step that builds some arms: it runs when any of `arms` is asked for."""
+    """A step that builds some arms: it runs when any of `arms`, or of the arms that build on its output
+    (`feeds`), is asked for."""
 
     arms: tuple[str, ...]
     step: Callable[[Context, Plan], None]
+    feeds: tuple[str, ...] = ()
 
 
-# In this order: a later step may reuse an earlier one's builds (amppatch-hugepages runs amppatch's), and
-# the order is the order of the results' labels and unavailable arms.
+# In this order: a later step may reuse an earlier one's builds (amppatch-hugepages runs amppatch's build,
+# amppatch-pages builds on its branch), and the order is the order of the results' labels and unavailable arms.
 PREPARATIONS: tuple[Preparation, ...] = (
     Preparation(("hugepages",), _hugepages),
     Preparation(("pgo",), _pgo),
     Preparation(("gcc-prefetch",), _gcc_prefetch),
-    Preparation(("amppatch", "amppatch-pgo"), _amppatch),
+    Preparation(("amppatch", "amppatch-pgo"), _amppatch, feeds=("amppatch-pages",)),
     Preparation(("amppatch-hugepages",), _amppatch_hugepages),
+    Preparation(("pages", "amppatch-pages"), _pages),
 )
 
 
@@ -177,6 +215,6 @@ def prepare(options: BenchOptions, families: set[str]) -> Context:
     # 1.1B training did not remove it, see RESULTS).
     plan = Plan(repo, families, set(options.arms), tuple(ctx.models[wt] for wt in WEIGHT_TYPES))
     for prep in PREPARATIONS:
-        if plan.arms.intersection(prep.arms):
+        if plan.arms.intersection(prep.arms + prep.feeds):
             prep.step(ctx, plan)
     return ctx

@@ -1,6 +1,6 @@
 """The bench's results rows (pure): one row per configuration and arm from an ab-test report, the rows of
-arms that could not run, the 4 KiB-page ceiling, amppatch against the fastest other arm, and the merge of
-an `--only` rerun into earlier results."""
+arms that could not run, the 4 KiB-page and huge-page ceilings, the measured huge-page share of the page
+arms, amppatch against the fastest other arm, and the merge of an `--only` rerun into earlier results."""
 
 from __future__ import annotations
 
@@ -105,6 +105,35 @@ def small_page_ceiling(stream: Sequence[dict[str, Any]]) -> dict[int, float]:
         if not m.get("thp") and m.get("gbps"):
             best[int(m["threads"])] = max(best.get(int(m["threads"]), 0.0), float(m["gbps"]))
     return best
+
+
+def huge_page_ceiling(stream: Sequence[dict[str, Any]]) -> dict[int, float]:
+    """Best stream read per thread count on transparent huge pages: the ceiling of the huge-page arms."""
+    best: dict[int, float] = {}
+    for m in stream:
+        if m.get("thp") and m.get("gbps"):
+            best[int(m["threads"])] = max(best.get(int(m["threads"]), 0.0), float(m["gbps"]))
+    return best
+
+
+def machine_ceilings(machine: dict[str, Any]) -> tuple[dict[int, float], dict[int, float]]:
+    """results.json's (4 KiB-page, huge-page) stream ceilings per thread count. Files written before the
+    huge-page one was recorded have the probe's best of all configurations, which is a huge-page one where
+    THP is available (and the page arms run only there)."""
+    def per_threads(data: Any) -> dict[int, float]:
+        return {int(k): float(v) for k, v in (data or {}).items()}
+
+    return (per_threads(machine.get("ceiling_4k_gbps")),
+            per_threads(machine.get("ceiling_huge_gbps") or machine.get("ceiling_gbps")))
+
+
+def add_page_shares(rows: list[dict[str, Any]], shares: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """`huge_page_share` (0..1 of the model file on huge pages once loaded, measured after the run) on the
+    measured rows of every arm whose share was measured; None where its measurement failed."""
+    for r in rows:
+        if r["arm"] in shares and r.get("median_tok_s") is not None:
+            r["huge_page_share"] = shares[r["arm"]].get("share")
+    return rows
 
 
 def add_page_ceiling(rows: list[dict[str, Any]], ceiling_4k: dict[int, float]) -> list[dict[str, Any]]:

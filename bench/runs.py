@@ -15,13 +15,24 @@ from typing import TYPE_CHECKING, Any
 from amppatch.errors import AmppatchError
 from amppatch.proc import progress
 from bench.arms import AMPPATCH_ARMS, ARMS, NO_AMX_TUNE, ArmDef, arms_for
-from bench.builds import Context, arm_build
+from bench.builds import Context, arm_build, arm_build_of
 from bench.configs import CODE_PATHS, RunGroup, all_configs, group_runs, parse_only, quick_configs
+from bench.levers import measure_page_shares
 from bench.measure import has_amx, measure_lock, race, read_json, thp_mode
 from bench.options import BenchOptions, resolve_options
 from bench.prepare import prepare
 from bench.render import fmt, write_results
-from bench.rows import add_page_ceiling, merge_rows, missing_rows, rows_from_report, small_page_ceiling
+from bench.roofline import add_roofline, measure_rooflines
+from bench.rows import (
+    add_page_ceiling,
+    add_page_shares,
+    huge_page_ceiling,
+    machine_ceilings,
+    merge_rows,
+    missing_rows,
+    rows_from_report,
+    small_page_ceiling,
+)
 
 if TYPE_CHECKING:
     from amppatch.machine import MachineInfo
@@ -46,9 +57,10 @@ def _utc_now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
-def new_results(options: BenchOptions, ctx: Context, machine: MachineInfo) -> dict[str, Any]:
-    """results.json before this bench's runs: this machine and preparation, with the runs, rows, labels and
-    evidence of the previous file kept (an `--only` rerun replaces just its rows)."""
+def new_results(options: BenchOptions, ctx: Context, machine: MachineInfo,
+                rooflines: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """results.json before this bench's runs: this machine, preparation and rooflines, with the runs, rows,
+    labels, evidence and rooflines of the previous file kept (an `--only` rerun replaces just its rows)."""
     previous = read_json(options.results) or {}
     uname = os.uname()
     results: dict[str, Any] = {
@@ -63,6 +75,7 @@ def new_results(options: BenchOptions, ctx: Context, machine: MachineInfo) -> di
         "arm_labels": {**(previous.get("arm_labels") or {}), **ctx.labels},
         "unavailable_arms": ctx.unavailable,
         "evidence": {**(previous.get("evidence") or {}), **json.loads(json.dumps(ctx.evidence, default=str))},
+        "rooflines": {**(previous.get("rooflines") or {}), **rooflines},
         "notes": [
             "On this CPU there is no AMX: the native path's Q4_0 goes through CPU_REPACK (gemv) and Q8_0/F16 "
             "through ggml_vec_dot_*; the native rows are not AMX rows."
@@ -74,6 +87,7 @@ def new_results(options: BenchOptions, ctx: Context, machine: MachineInfo) -> di
         "rows": list(previous.get("rows") or []),
     }
     results["machine"]["ceiling_4k_gbps"] = {str(k): v for k, v in small_page_ceiling(machine.stream).items()}
+    results["machine"]["ceiling_huge_gbps"] = {str(k): v for k, v in huge_page_ceiling(machine.stream).items()}
     return results
 
 
@@ -103,11 +117,25 @@ def _print_rows(rows: Sequence[dict[str, Any]]) -> None:
             ci = r.get("ci95")
             progress(f"  {r['config']['id']:22s} {r['arm']:13s} {r['median_tok_s']:7.2f} tok/s  ratio "
                      f"{fmt(r.get('ratio'), '.3f')}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
-                     + f"  {fmt(r.get('ceiling_pct'), '.0f')} % of ceiling")
+                     + f"  {fmt(r.get('ceiling_pct'), '.0f')} % of ceiling, {fmt(r.get('roofline_pct'), '.0f')} % "
+                     f"of roofline ({r.get('binds') or '?'} binds)")
+
+
+def page_shares(ctx: Context, group: RunGroup, arms: Sequence[ArmDef]) -> dict[str, dict[str, Any]]:
+    """After a run with page arms: the huge-page share of the model file for stock (first: the state the run
+    left, which every mmap arm shared) and each page arm's build."""
+    measured = [a for a in arms if a.name == "stock" or a.page_lever]
+    if len(measured) < 2:
+        return {}
+    family = CODE_PATHS[group.code_path].build
+    with measure_lock(f"huge-page share {group.id}"):
+        return measure_page_shares({a.name: arm_build_of(ctx, family, a, group.weight_type) for a in measured},
+                                   ctx.models[group.weight_type], bench_args={a.name: a.bench_args for a in measured},
+                                   env={a.name: dict(a.env) for a in measured})
 
 
 def run_group(ctx: Context, results: dict[str, Any], group: RunGroup, arms: Sequence[ArmDef],
-              missing: dict[str, str], *, share: float, fixed: int | None, ceiling_4k: dict[int, float]) -> None:
+              missing: dict[str, str], *, share: float, fixed: int | None) -> None:
     """Race one run's arms and merge its rows into `results` (written at once); a failed run is recorded
     as such and the bench goes on."""
     options = ctx.options
@@ -133,8 +161,13 @@ def run_group(ctx: Context, results: dict[str, Any], group: RunGroup, arms: Sequ
                 "gate_note": gate_note,
                 "correctness": [{"arm": c.arm, "mode": c.mode, "passed": c.passed, "detail": c.detail}
                                 for c in report.correctness]}
-    new_rows = add_page_ceiling(rows_from_report(report, group, arms, {"report": str(out)}),
-                                ceiling_4k) + missing_rows(group, missing)
+    shares = page_shares(ctx, group, arms)
+    if shares:
+        run_info["page_shares"] = shares
+    ceiling_4k, ceiling_huge = machine_ceilings(results["machine"])
+    measured = add_page_ceiling(rows_from_report(report, group, arms, {"report": str(out)}), ceiling_4k)
+    measured = add_roofline(add_page_shares(measured, shares), results["rooflines"], ceiling_4k, ceiling_huge)
+    new_rows = measured + missing_rows(group, missing)
     results["rows"] = merge_rows(results["rows"], new_rows)
     results["runs"] = [r for r in results["runs"] if r["group"] != group.id] + [run_info]
     results["updated_utc"] = _utc_now()
@@ -156,9 +189,9 @@ def run_bench(options: BenchOptions) -> Path:
     with measure_lock("machine probe"):
         machine = probe_machine()
     ctx = prepare(options, families)
+    rooflines = measure_rooflines(ctx, configs)
     progress(f"bench: preparation took {(time.monotonic() - t_start) / 60:.1f} min")
-    results = new_results(options, ctx, machine)
-    ceiling_4k = small_page_ceiling(machine.stream)
+    results = new_results(options, ctx, machine, rooflines)
     weights = run_weights(groups, {wt: p.stat().st_size for wt, p in ctx.models.items()})
     for g in groups:  # a path that cannot run here takes no share of the budget
         if ctx.family_unavailable.get((CODE_PATHS[g.code_path].build, "stock")):
@@ -176,7 +209,7 @@ def run_bench(options: BenchOptions) -> Path:
         fixed = options.rounds if options.rounds is not None else (2 if options.quick else None)
         progress(f"bench: run {i + 1}/{len(groups)} {group.id}: {len(arms)} arms "
                  + (f"{fixed} rounds" if fixed else f"max {share / 60:.1f} min"))
-        run_group(ctx, results, group, arms, missing, share=share, fixed=fixed, ceiling_4k=ceiling_4k)
+        run_group(ctx, results, group, arms, missing, share=share, fixed=fixed)
     results["updated_utc"] = _utc_now()
     write_results(results, options)
     progress(f"bench: done in {(time.monotonic() - t_start) / 60:.1f} min")

@@ -8,11 +8,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from amppatch.build.programs import CANDIDATES, CURRENT_NAMES
 from amppatch.errors import UsageError
 from amppatch.inputs import BUILD_MANIFEST, read_json
 
 SCHEMA_VERSION = 1
-DEFAULT_TARGETS = ("llama-bench", "llama-completion", "llama-quantize", "llama-perplexity")
+# The programs amppatch runs, by their current names; each stands for its role, so a tree that names one
+# otherwise builds its own (programs.TreePrograms.target_for).
+DEFAULT_TARGETS = tuple(CURRENT_NAMES.values())
 
 # Options that keep a build CPU-only and offline. Each is passed only when this llama.cpp version declares
 # it (options come and go between versions; passing an unknown one only warns, but the manifest should say
@@ -72,6 +75,23 @@ class Build:
                 next_step=f"rebuild with that target (amppatch build --repo {self.manifest.get('repo') or 'DIR'} ...)",
             )
         return path
+
+    def program_name(self, role: str) -> str:
+        """The name this build's tree gives a role's program (`completion`: llama-completion, or llama-cli
+        in older trees), as its manifest records; a manifest from before that record: the current name."""
+        recorded = self.manifest.get("programs")
+        if not isinstance(recorded, dict) or role not in recorded:
+            return CURRENT_NAMES[role]
+        name = recorded[role]
+        if not name:
+            raise UsageError(
+                f"build {self.dir} is of a llama.cpp that declares no {' or '.join(CANDIDATES[role])} program",
+                next_step="use a newer llama.cpp tree (`amppatch llama fetch`)")
+        return str(name)
+
+    def program(self, role: str) -> Path:
+        """The binary of a role (bench, completion, perplexity, quantize) in this build."""
+        return self.binary(self.program_name(role))
 
 
 def run_env(build: Build) -> dict[str, str]:

@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 
 def _pgo_train(rb: ResolvedBuild, build_dir: Path) -> None:
     tmp_build = Build(build_dir, {"amx_batch1": rb.amx_batch1}, Path(rb.source_dir))  # same runtime needs
-    bench = tmp_build.binary("llama-bench")
+    bench = tmp_build.program("bench")
     models = pgo_training_models(rb.pgo_training)
     for i, model in enumerate(models, 1):
         progress(f"pgo: training run {i}/{len(models)} (llama-bench token generation on {model.name}) ...")

@@ -15,6 +15,7 @@ from pathlib import Path
 from amppatch import __version__
 from amppatch.build.options import _ALWAYS, _OFFLINE_CPU_OPTIONS, Build, BuildOptions
 from amppatch.build.pgo import pgo_training_models
+from amppatch.build.programs import PROGRAM_DIRS, TreePrograms, choose_programs, declared_executables
 from amppatch.errors import UsageError
 from amppatch.features import IsaReport, disable_flags, probe_isa
 from amppatch.inputs import check_gguf
@@ -73,6 +74,32 @@ def _declared_at_commit(repo: Path, commit: str) -> set[str]:
     for rel in _CMAKE_LISTS:
         names.update(_OPTION_RE.findall(_git(repo, "show", f"{commit}:{rel}", check=False)))
     return names
+
+
+# The CMakeLists lines declarations are read from (whatever else those files hold does not matter).
+_DECLARATION_GREP = r"set\s*\(\s*TARGET|add_executable|llama_(build_and_test|target_and_test|build)\s*\("
+_GREP_LINE_RE = re.compile(r"^[0-9a-f]+:(.+?):\d+:(.*)$")
+
+
+def _program_cmake_texts(repo: Path, commit: str, in_place: bool) -> dict[str, str]:
+    """The CMakeLists under tools/, examples/ and tests/ that will be built: the working tree's for an
+    in-place build, else the commit's declaration lines (one `git grep`, whatever is checked out)."""
+    if in_place:
+        return {str(p.relative_to(repo)): p.read_text(errors="replace")
+                for d in PROGRAM_DIRS for p in sorted((repo / d).rglob("CMakeLists.txt")) if p.is_file()}
+    out = _git(repo, "grep", "-n", "-I", "--no-color", "-E", _DECLARATION_GREP, commit, "--",
+               *(f"{d}/*CMakeLists.txt" for d in PROGRAM_DIRS), check=False)  # exit 1: no line matched
+    texts: dict[str, list[str]] = {}
+    for line in out.splitlines():
+        m = _GREP_LINE_RE.match(line)
+        if m:
+            texts.setdefault(m.group(1), []).append(m.group(2))
+    return {path: "\n".join(lines) for path, lines in texts.items()}
+
+
+def tree_programs(repo: Path, commit: str, in_place: bool) -> TreePrograms:
+    """The programs (bench, greedy completion, perplexity, quantize, kernel test) this tree declares."""
+    return choose_programs(declared_executables(_program_cmake_texts(repo, commit, in_place)))
 
 
 def _compiler_identity() -> tuple[str, str]:
@@ -156,6 +183,11 @@ def shared_checkout() -> Path:
 
 
 def resolve(options: BuildOptions, isa: IsaReport | None = None) -> ResolvedBuild:
+    return resolve_with_programs(options, isa)[0]
+
+
+def resolve_with_programs(options: BuildOptions, isa: IsaReport | None = None) -> tuple[ResolvedBuild, TreePrograms]:
+    """The resolved build and the programs its tree declares (which CMake options it needs depend on them)."""
     repo = check_llama_tree(options.repo)
     _require_git_repo(repo)
     for key, _ in options.defines:
@@ -177,6 +209,10 @@ def resolve(options: BuildOptions, isa: IsaReport | None = None) -> ResolvedBuil
     declared = declared_cmake_options(repo) if in_place else _declared_at_commit(repo, commit)
     cmake_options = {k: v for k, v in _OFFLINE_CPU_OPTIONS.items() if k in declared or k in _ALWAYS}
     cmake_options["CMAKE_EXPORT_COMPILE_COMMANDS"] = "ON"
+    programs = tree_programs(repo, commit, in_place)
+    if programs.needs_examples() and "LLAMA_BUILD_EXAMPLES" in cmake_options:
+        # a tree from before llama.cpp moved its programs to tools/: they are examples there
+        cmake_options["LLAMA_BUILD_EXAMPLES"] = "ON"
     cmake_options.update(dict(options.defines))
     isa_disabled: tuple[str, ...] = ()
     if cmake_options.get("GGML_NATIVE", "ON").upper() in ("ON", "1", "TRUE") and not options.allow_faulting_isa:
@@ -194,7 +230,7 @@ def resolve(options: BuildOptions, isa: IsaReport | None = None) -> ResolvedBuil
             check_gguf(model, what="PGO training model")
             entries.append(f"{model}:{model.stat().st_size}")
         training = ";".join(entries)  # one model reads exactly as before, so existing build keys stay
-    return ResolvedBuild(
+    resolved = ResolvedBuild(
         repo=str(repo),
         source_dir=str(source_dir),
         in_place=in_place,
@@ -210,6 +246,7 @@ def resolve(options: BuildOptions, isa: IsaReport | None = None) -> ResolvedBuil
         isa_disabled=isa_disabled,
         amx_batch1=options.amx_batch1,
     )
+    return resolved, programs
 
 
 def _prepare_worktree(repo: Path, worktree: Path, commit: str) -> None:

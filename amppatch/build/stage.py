@@ -14,34 +14,39 @@ from amppatch.build.cleanup import _removed_unless_finished, remove_abandoned_bu
 from amppatch.build.cmake import _configure_and_build
 from amppatch.build.options import SCHEMA_VERSION, Build, BuildOptions, load_build
 from amppatch.build.pgo import _pgo_train
+from amppatch.build.programs import TreePrograms, require_programs
 from amppatch.build.resolution import (
     ResolvedBuild,
     _check_source_unchanged,
     _prepare_worktree,
     _resolved_of,
-    resolve,
+    resolve_with_programs,
 )
 from amppatch.errors import BuildError
 from amppatch.features import probe_isa
 from amppatch.paths import FileLock, cache_dir, write_text_atomic
 from amppatch.proc import progress, require_tool, run
+from amppatch.workspace import describe_tree
 
 
-def _reused(existing: Build, rb: ResolvedBuild, manifest_path: Path) -> Build:
+def _reused(existing: Build, rb: ResolvedBuild, manifest_path: Path, programs: TreePrograms) -> Build:
     """A finished build found for a request. Its key does not depend on the repository (for a clean or
     --ref build), so another clone may find it: the manifest's `repo` is updated to the repository that
-    asked last (what `--like` and model synthesis read), everything else stays as built."""
-    if existing.manifest.get("repo") == rb.repo:
+    asked last (what `--like` and model synthesis read), and `programs` is added to a manifest written
+    before manifests recorded them; everything else stays as built."""
+    if existing.manifest.get("repo") == rb.repo and existing.manifest.get("programs") == programs.to_json():
         return existing
-    manifest = {**existing.manifest, "repo": rb.repo}
+    manifest = {**existing.manifest, "repo": rb.repo, "programs": programs.to_json()}
     write_text_atomic(manifest_path, json.dumps(manifest, indent=2) + "\n")
     return Build(existing.dir, manifest, existing.source_dir)
 
 
 def build(options: BuildOptions) -> Build:
     """Build (or reuse) llama.cpp for `options`; returns the finished build."""
-    rb = resolve(options)
-    targets = tuple(dict.fromkeys(options.targets))
+    rb, programs = resolve_with_programs(options)
+    # The default targets name roles (llama-completion: a greedy completion); a tree may call them otherwise
+    require_programs(programs, programs.roles_of(options.targets), describe_tree(Path(rb.repo), rb.commit))
+    targets = tuple(dict.fromkeys(programs.target_for(t) for t in options.targets))
     builds = cache_dir("builds")
     remove_abandoned_builds(builds)
     build_dir = builds / rb.dir_key
@@ -53,7 +58,7 @@ def build(options: BuildOptions) -> Build:
             existing = None  # the same tree with other uncommitted changes: rebuild incrementally
         if existing is not None and all((build_dir / "bin" / t).is_file() for t in targets):
             progress(f"{label}: reusing {build_dir}")
-            return _reused(existing, rb, manifest_path)
+            return _reused(existing, rb, manifest_path, programs)
         previous_targets = existing.manifest.get("targets", []) if existing is not None else []
         source_lock = FileLock(Path(rb.source_dir + ".lock")) if not rb.in_place else contextlib.nullcontext()
         start = time.monotonic()
@@ -85,6 +90,7 @@ def build(options: BuildOptions) -> Build:
                 "kernel_flags_applied": kernel,
                 "isa": _isa_summary(rb),
                 "targets": sorted(set(previous_targets) | set(targets)),
+                "programs": programs.to_json(),
                 "build_seconds": round(seconds, 1),
                 "build_dir": str(build_dir),
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

@@ -1,4 +1,5 @@
-"""`amppatch apply`: insert prefetches at sites, commit them on a branch, build A and B, run the gate."""
+"""`amppatch apply`: insert prefetches at sites (and/or the huge-page lever), commit them on a branch, build A
+and B, run the gate."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from amppatch.patch import DEFAULT_DISTANCE, DEFAULT_HINT, ApplyOptions, apply, 
 from amppatch.proc import progress
 
 NAME = "apply"
-HELP = "insert __builtin_prefetch at kernel loops (from a profile or --site), commit on a branch, build A/B, gate"
+HELP = ("insert __builtin_prefetch at kernel loops (from a profile or --site) and/or the huge-page lever, commit on "
+        "a branch, build A/B, gate")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -33,6 +35,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"__builtin_prefetch locality 0-3 (default {DEFAULT_HINT}; overrides the profile)")
     source.add_argument("--tunable", action="store_true",
                         help="read each site's distance and hint once from the environment (for `amppatch tune`)")
+    source.add_argument("--hugepages", action="store_true",
+                        help="also (or, without sites, only) map the model's weights on file-backed transparent huge "
+                             "pages (the huge-page lever, same commit); the gate measures the share on huge pages")
     parser.add_argument("--dry-run", action="store_true", help="print the unified diff; change nothing")
     parser.add_argument("--no-build", action="store_true", help="commit and export only; do not build A and B")
     parser.add_argument("--like", type=Path, metavar="BUILD",
@@ -91,13 +96,15 @@ def run(args: argparse.Namespace) -> Path | str | None:
         gate=not args.no_gate,
         gate_model=args.gate_model,
         gate_args=tuple(args.gate_arg),
+        hugepages=args.hugepages,
     )
     if args.dry_run:
         result = apply(options)
     else:
         # A failed apply (disk full while writing the manifest, a patch that does not build, Ctrl-C) removes its
-        # branch and files; the -o directory it needed is removed too when it created it and it stayed empty.
-        with creating_dir(args.out):
+        # branch and files; the -o directory it needed is removed too when it created it and it stayed empty,
+        # and so it is after an apply that found nothing to do.
+        with creating_dir(args.out, keep_empty=False):
             result = apply(options)
     summary = format_summary(result)
     if summary:
@@ -115,6 +122,9 @@ def run(args: argparse.Namespace) -> Path | str | None:
         if result.gate:
             hits = ", ".join(f"{f} ran {n} times" for f, n in result.gate.get("function_hits", {}).items())
             progress(f"apply: gate passed: {result.gate.get('detail')}; {hits}")
+        pages = result.manifest.hugepages if result.manifest is not None else None
+        if pages:
+            progress(f"apply: huge pages: {pages['status']}: {pages['note']}")
         repack = "::--repack 0" if repack_off_keeps_sites_running([s.function for s in result.sites]) else ""
         model = (result.gate or {}).get("model", "MODEL.gguf")
         progress(f"next: amppatch ab-test --a '{result.builds['a']}{repack}' --b '{result.builds['b']}{repack}' "

@@ -11,7 +11,8 @@ from amppatch.cli import add_flag_argument
 from amppatch.errors import UsageError
 
 NAME = "build"
-HELP = "build llama-bench, llama-completion, llama-quantize and llama-perplexity (cached by commit + flags)"
+HELP = ("build llama-bench, llama-completion (llama-cli in older trees), llama-quantize and llama-perplexity "
+        "(cached by commit + flags)")
 
 
 def parse_define(text: str) -> tuple[str, str]:
@@ -85,7 +86,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ref", help="build this commit or branch (from amppatch's worktree) instead of HEAD")
     parser.add_argument("--name", help="a label for progress and the manifest (not part of the cache key)")
     parser.add_argument("--target", action="append", dest="targets", metavar="TARGET",
-                        help=f"CMake target, repeatable (default: {' '.join(DEFAULT_TARGETS)})")
+                        help=f"CMake target, repeatable (default: {' '.join(DEFAULT_TARGETS)}; each stands for "
+                             "the program the tree declares for its role, e.g. llama-cli for llama-completion)")
     add_build_arguments(parser)
 
 

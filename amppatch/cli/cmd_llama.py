@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from amppatch.workspace import PINNED_VERSION, FetchOptions, fetch_llama
+from amppatch.workspace import OLDEST_SUPPORTED_VERSION, PINNED_VERSION, FetchOptions, fetch_llama
 
 NAME = "llama"
 HELP = "get llama.cpp's source tree (from the llama-cpp-python source distribution)"
@@ -15,7 +15,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="llama_command", metavar="ACTION", required=True)
     fetch = sub.add_parser("fetch", help="fetch (or reuse the cached) llama.cpp tree and print its path")
     fetch.add_argument("--version", default=PINNED_VERSION,
-                       help=f"llama-cpp-python version whose vendor/llama.cpp to use (default {PINNED_VERSION})")
+                       help=f"llama-cpp-python version whose vendor/llama.cpp to use (default {PINNED_VERSION}; "
+                            f"the oldest supported is {OLDEST_SUPPORTED_VERSION})")
     fetch.add_argument("--dest", type=Path, help="also clone the tree there (default: use the cached tree)")
 
 

@@ -9,6 +9,7 @@ from amppatch.cli.cmd_build import add_build_arguments, build_options_from_args
 from amppatch.cli.cmd_tune import parse_int_list
 from amppatch.run import RunOptions
 from amppatch.run import run as run_pipeline
+from amppatch.tune.shares import DEFAULT_MIN_SHARE
 
 NAME = "run"
 HELP = ("the whole job: fetch, build, model (synthetic or --model), profile, apply, tune (budgeted), bake the levers "
@@ -27,6 +28,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", metavar="LIST",
                         help="thread counts, the first is tuned, the others verified (default 1,<CPU count>)")
     parser.add_argument("--budget", type=float, default=20.0, metavar="MINUTES", help="tune budget (default 20)")
+    parser.add_argument("--min-share", type=float, default=DEFAULT_MIN_SHARE, metavar="FRACTION",
+                        help="tune no site whose kernel has a smaller share of the profile's samples "
+                             f"(default {DEFAULT_MIN_SHARE})")
     parser.add_argument("--final-minutes", type=float, default=10.0,
                         help="time limit of the final ab-test (default 10; it stops earlier when decisive)")
     parser.add_argument("--profile-tokens", type=int, default=32, help="tokens the profile generates (default 32)")
@@ -79,4 +83,5 @@ def run(args: argparse.Namespace) -> Path:
         quick=args.quick,
         lock=args.lock,
         seed=args.seed,
+        min_share=args.min_share,
     ))

@@ -9,7 +9,7 @@ from pathlib import Path
 from amppatch.cli import add_flag_argument
 from amppatch.cli.cmd_build import add_build_arguments, build_options_from_args, load_like
 from amppatch.errors import UsageError
-from amppatch.tune import DEFAULT_GRID_MAX, DEFAULT_GRID_MIN, TuneOptions, tune
+from amppatch.tune import DEFAULT_GRID_MAX, DEFAULT_GRID_MIN, DEFAULT_MIN_SHARE, TuneOptions, tune
 
 NAME = "tune"
 HELP = ("search prefetch distance and hint per site (interleaved mini A/Bs against 'off' on the tunable build), "
@@ -30,8 +30,10 @@ def parse_int_list(text: str, what: str) -> tuple[int, ...]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repo", type=Path, required=True, help="llama.cpp source tree (a clean git repository)")
     parser.add_argument("--model", "-m", type=Path, required=True, help="GGUF model to time (e.g. the 1.1B one)")
-    sites = parser.add_argument_group("sites (exactly one)")
-    sites.add_argument("--profile", type=Path, help="profile.json from `amppatch profile` (its sites and start values)")
+    sites = parser.add_argument_group("sites (--site or --tunable-manifest, else the profile's)")
+    sites.add_argument("--profile", type=Path,
+                       help="profile.json from `amppatch profile`: its sites and start values, and the kernel "
+                            "shares that split the budget (with --site or --tunable-manifest: the shares only)")
     sites.add_argument("--site", action="append", default=[], metavar="SPEC",
                        help="FUNCTION[:LOOP[:STREAM]] as for apply, repeatable (manual start: apply's defaults)")
     sites.add_argument("--tunable-manifest", type=Path, metavar="JSON",
@@ -41,6 +43,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="other thread counts the winner is verified at (default: the CPU count)")
     parser.add_argument("--budget", type=float, default=20.0, metavar="MINUTES",
                         help="working time for the search (default 20; lock waits do not count)")
+    parser.add_argument("--min-share", type=float, default=DEFAULT_MIN_SHARE, metavar="FRACTION",
+                        help="tune no site whose kernel has a smaller share of the profile's samples (default "
+                             f"{DEFAULT_MIN_SHARE}; only with --profile, which knows the shares; 0 tunes every site)")
     parser.add_argument("-o", "--out", type=Path, metavar="DIR",
                         help="output dir: learned.json, probes/, tunable/ (default ./amppatch-tune)")
     parser.add_argument("--like", type=Path, metavar="BUILD",
@@ -90,6 +95,9 @@ def check_numbers(args: argparse.Namespace) -> None:
     if not 0 <= args.loss_tolerance < 1:
         raise UsageError(f"--loss-tolerance must be a fraction in [0, 1), not {args.loss_tolerance}",
                          next_step="e.g. --loss-tolerance 0.01")
+    if not 0 <= args.min_share < 1:
+        raise UsageError(f"--min-share must be a fraction in [0, 1), not {args.min_share}",
+                         next_step=f"e.g. --min-share {DEFAULT_MIN_SHARE} (0 tunes every site)")
 
 
 def run(args: argparse.Namespace) -> Path:
@@ -131,6 +139,7 @@ def run(args: argparse.Namespace) -> Path:
         probe_seconds=args.probe_seconds,
         min_gain=args.min_gain,
         loss_tolerance=args.loss_tolerance,
+        min_share=args.min_share,
         lock=args.lock,
         gate=not args.no_gate,
         gate_model=args.gate_model,

@@ -20,9 +20,15 @@
   its tip is the very commit the request makes; a reset, amended or extended branch is refused.
   ``<id>.patch`` (format-patch) and ``<id>.json`` (the manifest) go to the output directory, after
   ``check_export`` found them consistent (commit, base, files, added lines, each site's parameters).
+* **Levers** (``--hugepages``): whole-program edits committed beside the sites, or alone. The huge-page
+  lever (``amppatch.pages``) edits llama.cpp's weight mapping; the request id then also covers where it went
+  and its own templates' digest, the commit message gets a ``Lever:`` line, the manifest lists ``levers``
+  and pins the lever's added lines (``added_sha256`` of its file entry), and the gate proves the lever ran
+  and records the share of the model file on huge pages in A and B (``hugepages``).
 
 Modules, in the order apply uses them: ``plan`` (requests and planning), ``render`` (templates, edits,
-file changes), ``gitrepo`` (request id, commit, export check), ``stage`` (``apply`` itself); the gate's
+file changes), ``levers`` (what id, message and export check know of a lever), ``gitrepo`` (request id,
+commit, export check), ``stage`` (``apply`` itself); the gate's
 helpers (which model runs a kernel, proof that it ran) are ``amppatch.gate_sites``. Every public name is
 importable from ``amppatch.patch``; a test that monkeypatches a helper must patch the module that calls it
 (``amppatch.patch.stage.check_export``, ``amppatch.patch.render.render_site``).
@@ -49,6 +55,15 @@ from amppatch.patch.gitrepo import (
     parse_format_patch,
     request_id,
     templates_digest,
+)
+from amppatch.patch.levers import (
+    HUGEPAGES,
+    LEVERS,
+    LeverEdit,
+    check_levers,
+    lever_marker,
+    lever_of,
+    lever_templates_digest,
 )
 from amppatch.patch.manifest import ApplyManifest
 from amppatch.patch.plan import (
@@ -87,12 +102,15 @@ from amppatch.patch.render import (
 from amppatch.patch.stage import SCHEMA_VERSION, ApplyOptions, ApplyResult, apply, format_summary
 
 __all__ = [
-    "BRANCH_PREFIX", "DEFAULT_DISTANCE", "DEFAULT_HINT", "MAX_DISTANCE", "SCHEMA_VERSION", "TUNABLES_HEADER",
-    "ApplyManifest", "ApplyOptions", "ApplyResult", "Edit", "FileChange", "GitRepo", "ParsedPatch", "PatchFile", "Plan",
+    "BRANCH_PREFIX", "DEFAULT_DISTANCE", "DEFAULT_HINT", "HUGEPAGES", "LEVERS", "MAX_DISTANCE", "SCHEMA_VERSION",
+    "TUNABLES_HEADER", "ApplyManifest", "ApplyOptions", "ApplyResult", "Edit", "FileChange", "GitRepo", "LeverEdit",
+    "ParsedPatch", "PatchFile", "Plan",
     "PlannedSite", "SiteRequest", "Skipped",
     "already_applied", "analyze_requests", "apply", "breakpoint_locations", "build_changes", "cache_line_size",
-    "check_export", "comment_safe", "commit_message", "count_function_hits", "environment", "format_summary",
-    "gate_runtime_args", "gate_sites", "include_edit", "line_breakpoint_hits", "marker", "model_type_for",
+    "check_export", "check_levers", "comment_safe", "commit_message", "count_function_hits", "environment",
+    "format_summary",
+    "gate_runtime_args", "gate_sites", "include_edit", "lever_marker", "lever_of", "lever_templates_digest",
+    "line_breakpoint_hits", "marker", "model_type_for",
     "new_marked_lines", "parse_format_patch", "parse_loop_key", "parse_site_spec", "plan_sites",
     "render_site", "render_tunables_header", "request_id", "site_edits", "sites_from_learned",
     "sites_from_profile", "splice", "templates_digest", "unified_diff",

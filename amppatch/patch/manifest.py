@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from amppatch.errors import UsageError
 from amppatch.inputs import APPLY_MANIFEST, check_json, read_json
 from amppatch.jsondoc import ordered, rest_of
 
@@ -38,24 +39,34 @@ class ApplyManifest:
     patch: str | None = None
     builds: dict[str, str] = field(default_factory=dict)
     gate: dict[str, Any] | None = None
+    # the levers the patch carries (["hugepages"]); absent in manifests written before levers existed
+    levers: tuple[str, ...] = ()
+    # the huge-page lever's measured record: thp_enabled, status (verified | small-pages | thp-never |
+    # not-measured), share_a, share_b, huge_bytes_b, weight_bytes, note; None without the lever
+    hugepages: dict[str, Any] | None = None
     path: Path | None = None
     order: tuple[str, ...] = ()
     rest: dict[str, Any] = field(default_factory=dict)
 
     _TYPED = ("schema_version", "sites", "files", "id", "branch", "base_commit", "commit", "repo", "tunable",
-              "line_size", "options", "skipped", "warnings", "patch", "builds", "gate")
+              "line_size", "options", "skipped", "warnings", "patch", "builds", "gate", "levers", "hugepages")
 
     @classmethod
     def from_json(cls, doc: Any, path: Path | None = None) -> ApplyManifest:
         """The manifest of a `<id>.json` document, checked as `amppatch.inputs.APPLY_MANIFEST` (a UsageError
         naming the file otherwise)."""
         doc = check_json(doc, Path(path or "manifest.json"), APPLY_MANIFEST)
+        levers, hugepages = doc.get("levers") or [], doc.get("hugepages")
+        if not isinstance(levers, list) or not all(isinstance(n, str) for n in levers) or not (
+                hugepages is None or isinstance(hugepages, dict)):
+            raise UsageError(f"{path or 'manifest.json'} is not an apply manifest: `levers` must be a list of "
+                             "lever names and `hugepages` an object", next_step=APPLY_MANIFEST.next_step)
         return cls(doc["schema_version"], tuple(doc["sites"]), tuple(doc.get("files") or ()), doc.get("id"),
                    doc.get("branch"), doc.get("base_commit"), doc.get("commit"), doc.get("repo"),
                    doc.get("tunable", False), doc.get("line_size"), dict(doc.get("options") or {}),
                    tuple(doc.get("skipped") or ()), tuple(doc.get("warnings") or ()), doc.get("patch"),
-                   dict(doc.get("builds") or {}), doc.get("gate"), None if path is None else Path(path),
-                   tuple(doc), rest_of(doc, cls._TYPED))
+                   dict(doc.get("builds") or {}), doc.get("gate"), tuple(doc.get("levers") or ()),
+                   doc.get("hugepages"), None if path is None else Path(path), tuple(doc), rest_of(doc, cls._TYPED))
 
     @classmethod
     def read(cls, path: Path) -> ApplyManifest:
@@ -68,7 +79,7 @@ class ApplyManifest:
             "id": self.id, "branch": self.branch, "base_commit": self.base_commit, "commit": self.commit,
             "repo": self.repo, "tunable": self.tunable, "line_size": self.line_size, "options": self.options,
             "skipped": list(self.skipped), "warnings": list(self.warnings), "patch": self.patch,
-            "builds": self.builds, "gate": self.gate,
+            "builds": self.builds, "gate": self.gate, "levers": list(self.levers), "hugepages": self.hugepages,
         }
         return ordered(self.order, typed, self.rest)  # keys the document lacked stay absent
 

@@ -17,6 +17,7 @@ from amppatch.errors import AmppatchError, BuildError, UsageError
 from amppatch.gate_sites import breakpoint_locations, gate_sites
 from amppatch.machine import cpu_model
 from amppatch.patch.gitrepo import BRANCH_PREFIX, GitRepo, check_export, commit_message, request_id
+from amppatch.patch.levers import LeverEdit
 from amppatch.patch.manifest import ApplyManifest
 from amppatch.patch.plan import (
     Plan,
@@ -62,6 +63,8 @@ class ApplyOptions:
     gate_model: Path | None = None
     gate_args: tuple[str, ...] = ()
     line_size: int | None = None  # cache line size; None = this machine's (sysfs), else 64
+    # the huge-page lever (amppatch.pages): the weights' mapping on file-backed THP, in the same commit
+    hugepages: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.learned, (str, Path)):  # one file given the pre-tuple way
@@ -84,6 +87,7 @@ class ApplyResult:
     gate: dict | None = None
     reused: bool = False
     manifest: ApplyManifest | None = None  # the <id>.json as written (its `path` is manifest_path)
+    levers: list[LeverEdit] = field(default_factory=list)  # the levers this patch carries
 
 
 def _resolve_requests(options: ApplyOptions) -> tuple[list[SiteRequest], list[dict]]:
@@ -102,7 +106,13 @@ def _resolve_requests(options: ApplyOptions) -> tuple[list[SiteRequest], list[di
         requests, profile = sites_from_profile(options.profile, options.distance, options.hint)
         return requests, [profile.to_json()]
     if not options.sites:
-        raise UsageError("no sites given", next_step="pass --site FUNCTION[:LOOP[:STREAM]] or --profile profile.json")
+        if not options.hugepages:
+            raise UsageError("no sites given", next_step="pass --site FUNCTION[:LOOP[:STREAM]], --profile "
+                                                         "profile.json, --learned learned.json or --hugepages")
+        if options.distance is not None or options.hint is not None or options.tunable:
+            raise UsageError("--distance, --hint and --tunable set prefetch sites; --hugepages alone has none",
+                             next_step="add --site/--profile, or drop them")
+        return [], []  # the lever alone
     return [parse_site_spec(s, options.distance, options.hint) for s in options.sites], []
 
 
@@ -158,6 +168,7 @@ def apply(options: ApplyOptions) -> ApplyResult:
     warnings = _provenance_warnings(options, sources, base)
     _check_functions_exist(repo, requests)
     line_size = options.line_size or cache_line_size()
+    levers = _levers(options, repo, warnings)  # before any build: a tree without the mapping fails fast
 
     build_a = None
     if options.build and not options.dry_run:
@@ -165,21 +176,33 @@ def apply(options: ApplyOptions) -> ApplyResult:
 
         progress("apply: building the baseline (A) ...")
         build_a = build(_build_options(options, repo, base, "A (baseline)"))
-    plan = _plan(repo, requests, _compile_db(options, repo, base, build_a), line_size, warnings)
-    changes, applied = build_changes(plan, repo, tunable=options.tunable, line_size=line_size)
+    if requests:
+        plan = _plan(repo, requests, _compile_db(options, repo, base, build_a), line_size, warnings)
+        changes, applied = build_changes(plan, repo, tunable=options.tunable, line_size=line_size)
+    else:
+        plan, changes, applied = Plan([], [], {}, warnings), [], []
+        for w in warnings:
+            progress(f"apply: warning: {w}")
+    clash = {c.relpath for c in changes} & {lv.change.relpath for lv in levers}
+    if clash:
+        raise AmppatchError(f"a prefetch site and a lever both edit {', '.join(sorted(clash))}",
+                            next_step="apply the lever and the sites in separate requests")
+    changes += [lv.change for lv in levers]
     diff = unified_diff(changes)
-    result = ApplyResult(None, None, None, base, None, None, diff, applied, plan.skipped, plan.warnings)
+    result = ApplyResult(None, None, None, base, None, None, diff, applied, plan.skipped, plan.warnings,
+                         levers=levers)
     if options.dry_run:
         return result
     if not changes:
-        progress("apply: every site already carries its amppatch prefetch; nothing to do")
+        progress("apply: the tree already carries everything asked for; nothing to do")
         return result
-    rid = request_id(base, applied, tunable=options.tunable, line_size=line_size)
+    rid = request_id(base, applied, tunable=options.tunable, line_size=line_size, levers=levers)
     branch = f"{BRANCH_PREFIX}{rid}"
     out_dir = Path(options.out or Path.cwd() / "amppatch-out").expanduser().resolve()
     patch_path, manifest_path = out_dir / f"{rid}.patch", out_dir / f"{rid}.json"
     result.id, result.branch = rid, branch
     created = _commit(git, repo, result, changes, tunable=options.tunable)
+    lever_files = {lv.change.relpath: lv.file_entry() for lv in levers}
     manifest = {
         "schema_version": SCHEMA_VERSION,
         "tool": "amppatch",
@@ -195,7 +218,9 @@ def apply(options: ApplyOptions) -> ApplyResult:
         "sites": [s.to_dict(tunable=options.tunable) for s in applied],
         "skipped": [s.to_dict() for s in plan.skipped],
         "warnings": plan.warnings,
-        "files": [{"path": c.relpath, "inserted_lines": c.inserted_lines} for c in changes],
+        "files": [lever_files.get(c.relpath) or {"path": c.relpath, "inserted_lines": c.inserted_lines}
+                  for c in changes],
+        "levers": [lv.name for lv in levers],
         "patch": patch_path.name,
     }
     try:
@@ -210,6 +235,12 @@ def apply(options: ApplyOptions) -> ApplyResult:
             _build_and_gate(options, repo, build_a, result, manifest, changes)
         if manifest_path.is_file() and result.reused:
             _carry_over(manifest_path, manifest)
+        if levers and "hugepages" not in manifest:
+            from amppatch.pages import share_record, thp_enabled_mode
+
+            why = "apply ran with --no-gate" if build_a is not None else "apply ran with --no-build"
+            manifest["hugepages"] = share_record(thp_enabled_mode(), None, None,
+                                                 not_measured=f"{why}: the huge-page share was not measured")
         write_text_atomic(patch_path, patch_text)
         text = json.dumps(manifest, indent=2, default=str) + "\n"
         write_text_atomic(manifest_path, text)
@@ -251,6 +282,20 @@ def _provenance_warnings(options: ApplyOptions, sources: list[dict], base: str) 
             warnings.append(f"{name} was tuned on commit {learned_base[:12]}, the tree is at {base[:12]}: "
                             "the kernels may have changed (re-tune)")
     return list(dict.fromkeys(warnings))  # the same learned.json passed twice warns once
+
+
+def _levers(options: ApplyOptions, repo: Path, warnings: list[str]) -> list[LeverEdit]:
+    """The levers' edits of the tree (the huge-page lever with --hugepages); one the tree already carries
+    is left alone, with a warning."""
+    if not options.hugepages:
+        return []
+    from amppatch.pages import hugepages_lever
+
+    lever = hugepages_lever(repo)
+    if lever is None:
+        warnings.append("hugepages: the tree already carries the huge-page lever; unchanged")
+        return []
+    return [lever]
 
 
 def _check_functions_exist(repo: Path, requests: list[SiteRequest]) -> None:
@@ -303,7 +348,7 @@ def _commit(git: GitRepo, repo: Path, result: ApplyResult, changes: list[FileCha
     # written to the object database and compared with an existing branch: a branch someone reset, amended
     # or committed to would otherwise be exported and built as if it held this request.
     commit = git.make_commit(base, {c.relpath: c.after for c in changes},
-                             commit_message(rid, base, result.sites, tunable=tunable))
+                             commit_message(rid, base, result.sites, tunable=tunable, levers=result.levers))
     existing = git.branch_commit(branch)
     created = False
     if existing is not None:
@@ -339,9 +384,16 @@ def _build_and_gate(options: ApplyOptions, repo: Path, build_a: Build, result: A
     result.builds = {"a": str(build_a.dir), "b": str(build_b.dir)}
     manifest["builds"] = result.builds
     if options.gate:
+        from amppatch.pages import ENTRY, verify_hugepages
+
+        # a lever proves it ran like a site does: a breakpoint on its entry point in B
+        also_ran = (ENTRY,) if result.levers else ()
         manifest["gate"] = result.gate = gate_sites(build_a, build_b, result.sites, model=options.gate_model,
                                                     extra_args=options.gate_args,
-                                                    locations=breakpoint_locations(result.sites, changes))
+                                                    locations=breakpoint_locations(result.sites, changes),
+                                                    also_ran=also_ran)
+        if result.levers:
+            manifest["hugepages"] = verify_hugepages(build_a, build_b, Path(result.gate["model"]))
 
 
 def _carry_over(manifest_path: Path, manifest: dict) -> None:
@@ -352,7 +404,7 @@ def _carry_over(manifest_path: Path, manifest: dict) -> None:
     except (OSError, ValueError):  # unreadable or not UTF-8/JSON: nothing to carry over
         previous = {}
     if isinstance(previous, dict) and previous.get("commit") == manifest["commit"]:
-        for key in ("builds", "gate"):
+        for key in ("builds", "gate", "hugepages"):
             if key not in manifest and key in previous:
                 manifest[key] = previous[key]
 
@@ -374,5 +426,6 @@ def format_summary(result: ApplyResult) -> str:
         lines.append(f"  site {s.key}: {s.file}:{s.loop.start_line} ({s.loop.guard or 'no #if'}), "
                      f"{s.stream.kind} stream {s.stream.expression}, {per_iter}, "
                      f"distance {s.request.distance_bytes} B, hint {s.request.hint}")
+    lines += [f"  {lv.message_line().replace('Lever: ', 'lever ', 1)}" for lv in result.levers]
     return "\n".join(lines)
 

@@ -1,28 +1,34 @@
 """amppatch tune: search each prefetch site's distance and hint on the tunable build, roll back the sites
-that do not pay, and write learned.json (which `apply --learned` bakes into constants).
+that do not pay, verify the kept ones together, and write learned.json (which `apply --learned` bakes into
+constants).
 
-The package is split by question: ``search`` (pure: candidates, grid, `tune_site`, `Budget`), ``probing``
-(`_Prober`, which runs each batch as a mini ab-test) and this module, the stage: options, `tune()` and the
-learned.json document. The stage stays in the package's own namespace because `tune()` looks `tune_site`
-up here, where the tests replace it. The search itself is described in amppatch/tune/search.py.
+The package is split by question: ``search`` (pure: candidates, grid, `tune_site`), ``budget`` (pure: the
+time budget and its split by kernel share), ``shares`` (a site's kernel share from the profile), ``joint``
+(pure: the joint verification and its drop loop), ``passes`` (threshold, search, extension and joint passes
+over the sites), ``probing`` (`_Prober`, which runs each batch as a mini ab-test), ``document`` (learned.json)
+and this module, the stage: options and `tune()`. The stage stays in the package's own namespace because
+`tune()` looks `tune_site` up here, where the tests replace it. The search itself is described in
+amppatch/tune/search.py.
 """
 
 from __future__ import annotations
 
-import json
+import math
 import os
-import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from amppatch import __version__
 from amppatch.errors import AmppatchError, UsageError
 from amppatch.inputs import check_gguf, creating_dir
 from amppatch.learned import Learned
-from amppatch.paths import options_json, write_text_atomic
+from amppatch.paths import options_json
 from amppatch.proc import progress
 from amppatch.profiledoc import Profile
+from amppatch.tune.budget import Budget, SubBudget, site_weights, split_budget
+from amppatch.tune.document import SCHEMA_VERSION, LearnedWriter
+from amppatch.tune.joint import JointOutcome, Member, RaceResult, verify_jointly
+from amppatch.tune.passes import SiteOutcome, SitePasses
 from amppatch.tune.plot import render_landscape
 from amppatch.tune.probing import _Prober
 from amppatch.tune.search import (
@@ -32,15 +38,14 @@ from amppatch.tune.search import (
     PRIMARY_HINTS,
     RULE,
     SECONDARY_HINTS,
-    Budget,
     Candidate,
     ProbeFn,
     ProbeResult,
     SearchConfig,
     SiteSearch,
-    _SubBudget,
     best_result,
     expansion_candidates,
+    extend_confirmation,
     initial_candidates,
     keep_decision,
     latest_by_candidate,
@@ -52,20 +57,21 @@ from amppatch.tune.search import (
     round_to_line,
     tune_site,
 )
+from amppatch.tune.shares import DEFAULT_MIN_SHARE, kernel_share
 
 if TYPE_CHECKING:
-    from amppatch.build import Build, BuildOptions
+    from amppatch.build import BuildOptions
     from amppatch.patch.manifest import ApplyManifest
 
 __all__ = [
-    "DEFAULT_GRID_MAX", "DEFAULT_GRID_MIN", "OFF", "PRIMARY_HINTS", "RULE", "SCHEMA_VERSION", "SECONDARY_HINTS",
-    "Budget", "Candidate", "ProbeFn", "ProbeResult", "SearchConfig", "SiteSearch", "TuneOptions", "TuneResult",
-    "best_result", "expansion_candidates", "initial_candidates", "keep_decision", "latest_by_candidate", "loses",
-    "nearest_grid_index", "power_grid", "promising", "refinement_candidates", "resolve_options",
-    "round_to_line", "search_config", "tune", "tune_site",
+    "DEFAULT_GRID_MAX", "DEFAULT_GRID_MIN", "DEFAULT_MIN_SHARE", "OFF", "PRIMARY_HINTS", "RULE", "SCHEMA_VERSION",
+    "SECONDARY_HINTS", "Budget", "Candidate", "JointOutcome", "Member", "ProbeFn", "ProbeResult", "RaceResult",
+    "SearchConfig", "SiteOutcome", "SitePasses", "SiteSearch", "SubBudget", "TuneOptions", "TuneResult",
+    "best_result", "expansion_candidates", "extend_confirmation", "initial_candidates", "keep_decision",
+    "latest_by_candidate", "loses", "nearest_grid_index", "power_grid", "promising", "refinement_candidates",
+    "resolve_options", "round_to_line", "search_config", "site_weights", "split_budget", "tune", "tune_site",
+    "verify_jointly",
 ]
-
-SCHEMA_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -95,6 +101,7 @@ class TuneOptions:
     min_gain: float = 0.0
     loss_tolerance: float = 0.01
     min_effect: float = 0.05
+    min_share: float = DEFAULT_MIN_SHARE  # sites of kernels with a smaller sample share are not tuned
     lock: Path | None = None
     gate: bool = True
     gate_model: Path | None = None
@@ -108,11 +115,15 @@ def resolve_options(options: TuneOptions) -> TuneOptions:
     """Check and complete the options in one place."""
     from amppatch.workspace import check_llama_tree
 
-    sources = sum(x is not None and x != () for x in (options.profile, options.sites or None,
-                                                       options.tunable_manifest))
-    if sources != 1:
-        raise UsageError("tune needs exactly one of --profile, --site or --tunable-manifest",
+    if options.sites and options.tunable_manifest is not None:
+        raise UsageError("--site and --tunable-manifest both name the sites to tune; pass one",
+                         next_step="drop --site (the manifest's sites are tuned) or --tunable-manifest")
+    if not options.sites and options.tunable_manifest is None and options.profile is None:
+        raise UsageError("tune needs --profile, --site or --tunable-manifest",
                          next_step="e.g. --profile profile.json (from `amppatch profile`)")
+    if not 0 <= options.min_share < 1 or not math.isfinite(options.min_share):
+        raise UsageError(f"--min-share must be a fraction in [0, 1), not {options.min_share}",
+                         next_step=f"e.g. --min-share {DEFAULT_MIN_SHARE} (0 tunes every site)")
     model = Path(options.model).expanduser().resolve()
     check_gguf(model)  # before the tunable build: a cut file fails here in milliseconds
     if options.gate_model is not None:
@@ -175,7 +186,9 @@ def _tunable_variant(options: TuneOptions) -> ApplyManifest:
 
         progress("tune: building the tunable variant (apply --tunable) ...")
         assert options.out is not None, "resolve_options sets out"
-        result = apply(ApplyOptions(repo=options.repo, sites=options.sites, profile=options.profile, tunable=True,
+        # --site names the sites itself; a profile beside it only gives the kernel shares
+        profile = None if options.sites else options.profile
+        result = apply(ApplyOptions(repo=options.repo, sites=options.sites, profile=profile, tunable=True,
                                     build_options=options.build_options, like=options.like,
                                     out=options.out / "tunable", gate=options.gate, gate_model=options.gate_model))
         if result.manifest is None:
@@ -197,12 +210,6 @@ class TuneResult:
     learned: Learned
 
 
-def _code_path(build_manifest: dict[str, Any]) -> dict[str, Any]:
-    keys = ("key", "compiler", "compiler_version", "cflags", "kernel_cflags", "cmake_options", "pgo",
-            "isa_features", "commit")
-    return {k: build_manifest.get(k) for k in keys if k in build_manifest}
-
-
 def tune(options: TuneOptions) -> TuneResult:
     """Run the whole tune stage and write learned.json (its path is returned). Ctrl-C writes learned.json
     with what was reached, then re-raises KeyboardInterrupt."""
@@ -212,83 +219,17 @@ def tune(options: TuneOptions) -> TuneResult:
         return _tune(options)
 
 
-@dataclass
-class _Learned:
-    """learned.json as the search fills it, rewritten after every site so an interrupted or failed tune
-    keeps what it reached."""
 
-    path: Path
-    options: TuneOptions
-    manifest: ApplyManifest
-    build: Build
-    config: SearchConfig
-    budget: Budget
-    started: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
-    sites: list[dict[str, Any]] = field(default_factory=list)
-    probes: list[dict[str, Any]] = field(default_factory=list)
-
-    def write(self, stopped: str) -> Learned:
-        from amppatch.machine import cpu_model
-
-        options, manifest, config, budget = self.options, self.manifest, self.config, self.budget
-        winners = [r["winner"] | {k: r[k] for k in ("key", "function", "loop", "stream", "file")}
-                   for r in self.sites if r["kept"]]
-        data = {
-            "schema_version": SCHEMA_VERSION,
-            "tool": {"name": "amppatch", "version": __version__, "command": "tune"},
-            "created_utc": self.started,
-            "options": options.to_json(),
-            "rule": RULE,
-            "search": {"grid": list(config.grid), "line_size": config.line_size, "hints": list(config.hints),
-                       "secondary_hints": list(config.secondary_hints), "refine_levels": config.refine_levels},
-            "machine": {"cpu_model": cpu_model(), "cpus": os.cpu_count()},
-            "code_path": _code_path(self.build.manifest),
-            "repo": str(options.repo),
-            "base_commit": manifest.base_commit,
-            "tunable": {"manifest": str(manifest.path), "branch": manifest.branch,
-                        "commit": manifest.commit, "build": str(self.build.dir),
-                        "stock_build": manifest.build_a},
-            "model": str(options.model),
-            "threads": options.threads,
-            "verify_threads": list(options.verify_threads or ()),
-            "budget": {"minutes": options.budget_minutes, "spent_minutes": round(budget.spent() / 60, 2),
-                       "lock_wait_minutes": round(budget.excluded / 60, 2),
-                       "exhausted": budget.remaining() <= 0 or any(r["phases_skipped"] for r in self.sites),
-                       "stopped_because": stopped},
-            "sites": self.sites,
-            "probes": self.probes,
-            "winners": winners,
-            "dropped": [{k: r[k] for k in ("key", "function", "loop", "stream")} | {"reason": r["reason"],
-                        "best": r["best"]} for r in self.sites if not r["kept"]],
-        }
-        text = json.dumps(data, indent=1, default=str) + "\n"
-        write_text_atomic(self.path, text)
-        return Learned.from_json(json.loads(text), self.path)  # the document as written (paths as text)
-
-
-def _site_record(site: dict[str, Any], start: Candidate, search: SiteSearch, threads: int,
-                 probes: list[int]) -> dict[str, Any]:
-    """learned.json's entry for one searched site (`probes`: indices into its probe list)."""
-    best = best_result(search.results, threads)
-    record = {
-        "key": site["key"], "function": site["function"], "loop": site["loop"], "stream": site["stream"],
-        "file": site.get("file"), "env": site.get("env"), "start": {"distance_bytes": start.distance,
-                                                                    "hint": start.hint},
-        "kept": search.kept, "reason": search.reason, "confirmed": search.confirmed,
-        "stopped_because": search.stopped_because, "phases_skipped": search.phases_skipped,
-        "best": best.to_json() | {"samples_ns": None, "off_samples_ns": None} if best else None,
-        "evidence": {str(t): r.to_json() | {"samples_ns": None, "off_samples_ns": None}
-                     for t, r in search.by_threads.items()},
-        "probes": probes,
-        "winner": None,
-    }
-    if search.winner is not None and search.kept:
-        ev = search.by_threads.get(threads)
-        record["winner"] = {"distance_bytes": search.winner.distance, "hint": search.winner.hint,
-                            "ratio": ev.ratio if ev else None,
-                            "ci95": list(ev.ci95) if ev and ev.ci95 else None,
-                            "ratio_by_threads": {str(t): r.ratio for t, r in search.by_threads.items()}}
-    return record
+def site_outcomes(sites: list[dict[str, Any]], profile: Profile | None) -> tuple[list[SiteOutcome], str]:
+    """Each manifest site with its kernel's share (from the profile; unknown without one) and its weight in
+    the budget split, and how the split is made ("kernel share" or "equal")."""
+    hot = list(profile.hot_functions) if profile else []
+    prof_sites = [s.to_json() for s in profile.sites] if profile else []
+    shares = [kernel_share(s, hot, prof_sites) if profile else None for s in sites]
+    weights = site_weights(shares, [str(s.get("function")) for s in sites])
+    split = "kernel share" if any(x is not None for x in shares) else "equal"
+    return [SiteOutcome(i, s, share, w, Candidate(int(s["distance_bytes"]), int(s["hint"])))
+            for i, (s, share, w) in enumerate(zip(sites, shares, weights, strict=True))], split
 
 
 def _tune(options: TuneOptions) -> TuneResult:
@@ -300,45 +241,31 @@ def _tune(options: TuneOptions) -> TuneResult:
     budget = Budget(options.budget_minutes * 60.0)  # the search's time; building the variant is not part of it
     assert manifest.build_b is not None, "_tunable_variant checks it"
     tunable_build = load_build(Path(manifest.build_b))
-    line_size = int(manifest.line_size or cache_line_size())
-    config = search_config(options, line_size)
+    config = search_config(options, int(manifest.line_size or cache_line_size()))
     sites = list(manifest.sites)
+    outcomes, split = site_outcomes(sites, Profile.read(options.profile) if options.profile else None)
     prober = _Prober(options, tunable_build.dir, sites, budget)
-    learned = _Learned(options.out / "learned.json", options, manifest, tunable_build, config, budget)
+    writer = LearnedWriter(options.out / "learned.json", options, manifest, tunable_build, config, budget, outcomes,
+                           split)
 
+    def save() -> None:  # after every decision, so an interrupted or failed tune keeps what it reached
+        writer.joint = passes.joint
+        writer.write("running")
+
+    # tune_site is looked up here, in the package namespace, where tests replace it
+    passes = SitePasses(outcomes, prober, config, budget, threads=options.threads,
+                        verify_threads=options.verify_threads or (), min_share=options.min_share, search=tune_site,
+                        on_change=save)
     stopped = "done"
     interrupted = False
     try:
-        for i, site in enumerate(sites):
-            prober.site = i
-            left = len(sites) - i
-            share = budget.remaining() / left
-            site_budget = _SubBudget(budget, share)
-            start = Candidate(int(site["distance_bytes"]), int(site["hint"]))
-            progress(f"tune: site {i + 1}/{len(sites)} {site['key']}: start {start.name}, "
-                     f"{share / 60:.1f} min of budget, tuned at {options.threads} thread(s), verified at "
-                     f"{', '.join(map(str, options.verify_threads or ())) or 'no other count'}")
-            probes_before = len(learned.probes)
-            prober.budget = site_budget
-            search = tune_site(prober, start, config, site_budget, threads=options.threads,
-                               verify_threads=options.verify_threads or ())
-            for r in search.results:
-                learned.probes.append({"site": site["key"], **r.to_json()})
-            record = _site_record(site, start, search, options.threads,
-                                  list(range(probes_before, len(learned.probes))))
-            if record["winner"] is not None and search.winner is not None:
-                prober.fixed[i] = search.winner  # later sites are tuned with this one at its winner
-            learned.sites.append(record)
-            verdict = "kept" if search.kept else "dropped"
-            progress(f"tune: site {site['key']}: {verdict} — {search.reason}")
-            learned.write("running")
+        writer.joint = passes.run()
     except KeyboardInterrupt:
-        stopped = "interrupted"
-        interrupted = True
+        stopped, interrupted = "interrupted", True
         progress("tune: interrupted; writing what was reached")
-    if any(r["phases_skipped"] for r in learned.sites):
+    if any(o.search and o.search.phases_skipped for o in outcomes):
         stopped = "budget spent" if stopped == "done" else stopped
-    result = learned.write(stopped)
+    result = writer.write(stopped)
     data = result.to_json()
     plot = render_landscape(data, options.out / "tune.png")
     if plot is not None:
@@ -347,8 +274,8 @@ def _tune(options: TuneOptions) -> TuneResult:
     progress(f"tune: {len(kept)} of {len(sites)} site(s) kept ({'; '.join(kept) or 'none'}); "
              f"{data['budget']['spent_minutes']:.1f} of {options.budget_minutes:g} min used ({stopped})")
     if interrupted:
-        progress(f"tune: partial result in {learned.path}")
+        progress(f"tune: partial result in {writer.path}")
         raise KeyboardInterrupt  # the exit status says tune did not finish (130); learned.json is kept
     if data["winners"]:
-        progress(f"next: amppatch apply --repo {options.repo} --learned {learned.path}")
-    return TuneResult(learned.path, result)
+        progress(f"next: amppatch apply --repo {options.repo} --learned {writer.path}")
+    return TuneResult(writer.path, result)

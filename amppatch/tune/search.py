@@ -32,9 +32,12 @@ tunable build; prefetches never change results) and so are latency hooks and LLC
 is compared with "off" of its own batch, so slow drift between batches cancels in the ratio.
 
 **Budget.** Wall time minutes, excluding time spent waiting for the measurement lock (``--lock``), which other
-processes hold while they measure. Before each batch the search estimates its cost from the batches so far;
-a phase that does not fit is skipped, time for confirmation and verification is reserved. When the budget
-runs out the best result reached is reported (``budget.exhausted``) and decided on its own probe's CI.
+processes hold while they measure. Each site searches on its share of one budget (amppatch/tune/budget.py:
+by kernel share, unused time back to the pool). Before each batch the search estimates its cost from the
+batches so far; a phase that does not fit is skipped, time for confirmation and verification is reserved.
+When the budget runs out the best result reached is reported (``budget.exhausted``) and decided on its own
+probe's CI. A site whose decision is still open afterwards may get leftover time as more confirmation rounds
+(`extend_confirmation`, phase "extend", pooled with the first confirmation's blocks).
 
 The search core (`tune_site` and the grid helpers) is pure: it gets the probe as a function, so
 tests/unit/test_tune_search.py drives it with synthetic probe results.
@@ -43,13 +46,13 @@ tests/unit/test_tune_search.py drives it with synthetic probe results.
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from amppatch.errors import AmppatchError, UsageError
 from amppatch.proc import progress
+from amppatch.tune.budget import Budget
 
 OFF = -1
 PRIMARY_HINTS = (3, 0)
@@ -58,7 +61,12 @@ DEFAULT_GRID_MIN = 512
 DEFAULT_GRID_MAX = 16384
 RULE = ("keep a site iff its confirmation probe's 95% CI lower bound exceeds 1 + min_gain against the site "
         "switched off, and at no verified thread count it loses (CI upper bound < 1, or ratio < "
-        "1 - loss_tolerance); otherwise drop it")
+        "1 - loss_tolerance); otherwise drop it. An open decision (ratio above 1 + min_gain, CI lower bound not) "
+        "may get more confirmation rounds from leftover budget, pooled with the first. Then the kept sites race "
+        "together against all off; while that CI is not wholly above 1 + min_gain the site with the smallest own "
+        "ratio is dropped and the rest race again")
+# Phases whose probe decides a site: the confirmation, and its extension with leftover budget (pooled blocks).
+CONFIRMING = ("confirm", "extend")
 
 
 @dataclass(frozen=True, order=True)
@@ -166,7 +174,7 @@ def latest_by_candidate(results: Sequence[ProbeResult], threads: int) -> dict[Ca
     out: dict[Candidate, ProbeResult] = {}
     for r in _at(results, threads):
         prev = out.get(r.candidate)
-        if prev is None or r.phase == "confirm" or prev.phase != "confirm":
+        if prev is None or r.phase in CONFIRMING or prev.phase not in CONFIRMING:
             out[r.candidate] = r
     return out
 
@@ -228,6 +236,12 @@ def refinement_candidates(results: Sequence[ProbeResult], threads: int, config: 
     return out
 
 
+def _measured(result: ProbeResult) -> str:
+    """A ratio with its CI, as the reasons quote it."""
+    ci = f" [{result.ci_low:.3f}, {result.ci_high:.3f}]" if result.ci95 else ""
+    return f"{result.ratio:.3f}{ci}" if result.ratio is not None else "unmeasured"
+
+
 def keep_decision(result: ProbeResult | None, min_gain: float) -> tuple[bool, str]:
     """The rollback rule at the tuning thread count."""
     if result is None or result.ratio is None or result.ci95 is None:
@@ -245,44 +259,6 @@ def loses(result: ProbeResult | None, tolerance: float) -> bool:
     if result is None or result.ratio is None:
         return False
     return result.ci_high < 1.0 or result.ratio < 1.0 - tolerance
-
-
-class Budget:
-    """Working seconds left (lock waits excluded) and the cost estimate of a batch from those so far."""
-
-    def __init__(self, seconds: float, clock: Callable[[], float] = time.monotonic) -> None:
-        self.seconds = seconds
-        self.clock = clock
-        self.start = clock()
-        self.excluded = 0.0
-        self._runs = 0.0  # llama-bench calls measured so far
-        self._run_seconds = 0.0
-
-    def spent(self) -> float:
-        return self.clock() - self.start - self.excluded
-
-    def remaining(self) -> float:
-        return self.seconds - self.spent()
-
-    def exclude(self, seconds: float) -> None:
-        self.excluded += max(0.0, seconds)
-
-    def record(self, n_candidates: int, rounds: int, seconds: float) -> None:
-        # one warmup call per arm plus one per arm and round; "off" is an arm too
-        self._runs += (n_candidates + 1) * (rounds + 1)
-        self._run_seconds += seconds
-
-    def estimate(self, n_candidates: int, rounds: int) -> float | None:
-        """Seconds a batch will take, or None before anything was measured."""
-        if self._runs == 0:
-            return None
-        return self._run_seconds / self._runs * (n_candidates + 1) * (rounds + 1)
-
-    def fits(self, n_candidates: int, rounds: int, reserve: float = 0.0) -> bool:
-        est = self.estimate(n_candidates, rounds)
-        if est is None:
-            return self.remaining() > reserve
-        return self.remaining() - reserve >= est
 
 
 @dataclass
@@ -380,18 +356,41 @@ def tune_site(probe: ProbeFn, start: Candidate, config: SearchConfig, budget: Bu
     winner = best.candidate
     if all((r.ratio or 0.0) <= 1.0 for r in latest_by_candidate(out.results, threads).values()):
         out.winner, out.by_threads = winner, {threads: best}
-        out.reason = f"no setting beats off: the best, {winner.name}, has ratio {best.ratio:.3f}"
+        out.reason = f"no setting beats off: the best, {winner.name}, has ratio {_measured(best)}"
         out.stopped_because = "rolled back"
         return out
     # Confirmation: a fresh, longer probe of the winner decides (the search's maximum is biased upward).
     confirm = s.confirm(winner, threads)
-    out.confirmed = confirm is not None
-    evidence = confirm or best
+    return _decide(s, winner, confirm or best, confirmed=confirm is not None)
+
+
+def extend_confirmation(probe: ProbeFn, prior: SiteSearch, config: SearchConfig, budget: Budget, rounds: int, *,
+                        threads: int = 1, verify_threads: Sequence[int] = ()) -> SiteSearch:
+    """More rounds for a site whose decision is still open (see budget.open_width): its chosen setting against
+    off once more, in phase "extend" — the probe pools these blocks with the site's earlier confirmation — and
+    the same rollback rule and verification on the pooled evidence. `prior` is updated and returned; when the
+    extension does not fit `budget`, it keeps its decision and says so in `phases_skipped`."""
+    if prior.winner is None:
+        raise ValueError("only a searched site with a chosen setting can be extended")
+    s = _Searcher(probe, config, budget, threads, verify_threads)
+    s.out = prior
+    s.batch = max((r.batch for r in prior.results), default=0)
+    got = s.run([prior.winner], threads, "extend", rounds)
+    if not got:
+        return prior
+    return _decide(s, prior.winner, got[0], confirmed=True)
+
+
+def _decide(s: _Searcher, winner: Candidate, evidence: ProbeResult, *, confirmed: bool) -> SiteSearch:
+    """The rollback rule on the winner's confirming evidence, then verification at the other thread counts
+    (retuning where it loses); fills and returns `s.out`."""
+    out, config, threads = s.out, s.config, s.threads
+    out.confirmed = confirmed
     out.by_threads = {threads: evidence}
     keep, why = keep_decision(evidence, config.min_gain)
-    out.winner = winner
+    out.winner, out.kept = winner, False
     if not keep:
-        out.kept, out.reason = False, why + ("" if out.confirmed else " (unconfirmed: the budget ran out)")
+        out.reason = why + ("" if out.confirmed else " (unconfirmed: the budget ran out)")
         out.stopped_because = "rolled back"
         return out
     # Verification at the other thread counts (one constant build serves them all).
@@ -419,9 +418,8 @@ def tune_site(probe: ProbeFn, start: Candidate, config: SearchConfig, budget: Bu
              if threads in r and keep_decision(r[threads], config.min_gain)[0]
              and not any(loses(x, config.loss_tolerance) for x in r.values())}
     if not valid:
-        where = ", ".join(f"{t} thread(s) ratio {r.ratio:.3f}" for c, rs in candidates.items()
+        where = ", ".join(f"{t} thread(s) ratio {_measured(r)}" for c, rs in candidates.items()
                           for t, r in rs.items() if loses(r, config.loss_tolerance) and r.ratio is not None)
-        out.kept = False
         out.reason = f"faster at {threads} thread(s) but every setting tried loses elsewhere ({where})"
         out.stopped_because = "rolled back"
         return out
@@ -433,27 +431,3 @@ def tune_site(probe: ProbeFn, start: Candidate, config: SearchConfig, budget: Bu
     out.reason += f"; checked at {', '.join(str(t) for t in checked)} thread(s)"
     out.stopped_because = "done" if not out.phases_skipped else "budget"
     return out
-
-
-class _SubBudget(Budget):
-    """A share of a parent budget: spends (and excludes) on the parent's clock, capped at `seconds`."""
-
-    def __init__(self, parent: Budget, seconds: float) -> None:
-        super().__init__(seconds, parent.clock)
-        self.parent = parent
-
-    def exclude(self, seconds: float) -> None:
-        super().exclude(seconds)
-        self.parent.exclude(seconds)
-
-    def remaining(self) -> float:
-        return min(super().remaining(), self.parent.remaining())
-
-    def record(self, n_candidates: int, rounds: int, seconds: float) -> None:
-        super().record(n_candidates, rounds, seconds)
-        self.parent.record(n_candidates, rounds, seconds)
-
-    def estimate(self, n_candidates: int, rounds: int) -> float | None:
-        # a later site starts with what the earlier ones measured (same binary, model and machine)
-        own = super().estimate(n_candidates, rounds)
-        return own if own is not None else self.parent.estimate(n_candidates, rounds)

@@ -120,6 +120,35 @@ def test_apply_commits_on_a_branch_and_leaves_the_user_alone(fixture_repo: tuple
     assert on_patched.diff == ""
 
 
+def test_a_user_branch_with_local_commits_stays_as_it_was(fixture_repo: tuple[Path, Path], tmp_path: Path) -> None:
+    """A clone on a branch of its own, with commits of its own and an ignored build directory: apply bases
+    its branch on that branch's commit and leaves the branch, HEAD, index and every file where they were."""
+    repo, db = fixture_repo
+    _git(repo, "switch", "-q", "-c", "my-work")
+    kernels = repo / "ggml/src/ggml-cpu/fx_kernels.c"
+    kernels.write_text(kernels.read_text() + "\n/* a local change */\n")
+    (repo / ".gitignore").write_text("build/\n")
+    _git(repo, "commit", "-qam", "local change")
+    _git(repo, "add", ".gitignore")
+    _git(repo, "commit", "-qm", "ignore the build directory")
+    (repo / "build").mkdir()
+    (repo / "build" / "stale.o").write_bytes(b"\x7fELF")
+    head = _git(repo, "rev-parse", "HEAD").strip()
+    main_tip = _git(repo, "rev-parse", "main").strip()
+    files = {p: p.read_bytes() for p in repo.rglob("*") if p.is_file() and ".git" not in p.parts}
+    result = apply(ApplyOptions(repo=repo, sites=("fx_dot_blocks",), build=False, compile_db=db,
+                                out=tmp_path / "out", distance=512, hint=3, line_size=64))
+    assert result.base_commit == head and result.branch == f"amppatch/{result.id}"
+    assert _git(repo, "rev-parse", f"{result.branch}^").strip() == head  # built on the user's commits
+    assert "/* a local change */" in _git(repo, "show", f"{result.branch}:ggml/src/ggml-cpu/fx_kernels.c")
+    # the user's branch, HEAD, index, the other branches and every file are as they were
+    assert _git(repo, "symbolic-ref", "--short", "HEAD").strip() == "my-work"
+    assert _git(repo, "rev-parse", "HEAD").strip() == head and _git(repo, "rev-parse", "main").strip() == main_tip
+    assert _git(repo, "status", "--porcelain", "--ignored") == "!! build/\n"
+    assert {p: p.read_bytes() for p in repo.rglob("*") if p.is_file() and ".git" not in p.parts} == files
+    assert _git(repo, "branch", "--list", "--format=%(refname:short)").split() == [result.branch, "main", "my-work"]
+
+
 def test_dirty_tree_is_refused_naming_the_files(fixture_repo: tuple[Path, Path]) -> None:
     repo, db = fixture_repo
     (repo / "ggml/src/ggml-cpu/fx_vec.cpp").write_text("// changed\n")
@@ -661,8 +690,9 @@ def test_pre_split_tree_early_2025(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_pre_split_tree_builds_both_arms(tmp_path: Path) -> None:
-    """The early-2025 tree's patched kernels compile: A and B of the ggml-cpu library (that tree predates
-    llama-completion, and its llama-bench is an example target, so the gate does not apply there)."""
+    """The early-2025 tree's patched kernels compile: A and B of the ggml-cpu library alone (its programs
+    are example targets there; the whole gate on an early-2025 tree runs on llama-cpp-python 0.3.9's, the
+    oldest supported, in test_old_trees.py)."""
     from amppatch.build import BuildOptions
     from amppatch.workspace import FetchOptions, fetch_llama
 

@@ -1,8 +1,8 @@
 """`python -m bench.compare --quick`: one configuration per code path, every arm, two rounds (slow tier).
 
-The first run builds every arm (stock, no-AMX, gcc grid, PGO, amppatch) and runs the gcc grid and the quick
-distance search; all of that is cached (builds by the build layer, decisions in the bench work dir), so later
-runs only time. Results go to a temporary file; docs/RESULTS.md is not touched.
+The first run builds every arm (stock, no-AMX, gcc grid, PGO, the huge-page lever, amppatch) and runs the gcc
+grid, the quick distance search and the rooflines; all of that is cached (builds by the build layer, decisions
+in the bench work dir), so later runs only time. Results go to a temporary file; docs/RESULTS.md is not touched.
 """
 
 from __future__ import annotations
@@ -46,3 +46,9 @@ def test_quick_bench_writes_one_row_per_configuration_and_arm(tmp_path: Path) ->
     repack0 = [r for r in rows if r["config"]["code_path"] == "noamx-repack0" and r["bench_args"]]
     assert all(r["bench_args"][:2] == ["--repack", "0"] for r in repack0)
     assert all(run.get("loadavg_start") for run in data["runs"])
+    # every measured row is held against its configuration's roofline (empty fields where it was not measured)
+    measured = [r for r in rows if r["median_tok_s"] is not None]
+    assert all({"roofline_gbps", "roofline_pct", "binds"} <= set(r) for r in measured)
+    assert all(r["binds"] in ("kernel", "memory") for r in measured
+               if "in_cache_gbps" in data["rooflines"].get(r["config"]["id"], {}))
+    assert all("huge_page_share" in r for r in measured if r["arm"] in compare.PAGE_LEVER_ARMS)

@@ -29,7 +29,10 @@ def tuned(llama_repo: Path, native_build, tiny_model_q8_0: Path, tmp_path_factor
 
 def test_learned_json_records_every_probe(tuned: dict) -> None:
     data = tuned["learned"]
-    assert data["schema_version"] == 1 and data["tool"]["command"] == "tune"
+    assert data["schema_version"] == 2 and data["tool"]["command"] == "tune"
+    # --site without a profile: no share is known, the budget is split equally and nothing is below --min-share
+    assert data["budget"]["split"] == "equal" and data["sites"][0]["share"] is None
+    assert data["joint"]["status"] in ("single", "none", "verified", "unverified", "emptied")
     assert data["options"]["threads"] == 1 and data["options"]["sites"] == [SITE]
     assert data["code_path"]["cmake_options"] and data["base_commit"]
     assert data["budget"]["minutes"] == 0.75 and data["budget"]["spent_minutes"] > 0
@@ -100,3 +103,26 @@ def test_apply_learned_without_winners_says_why(tuned: dict, llama_repo: Path, t
         apply(ApplyOptions(repo=llama_repo, learned=(learned,), dry_run=True))
     with pytest.raises(UsageError, match="cannot be combined"):
         apply(ApplyOptions(repo=llama_repo, learned=(learned,), sites=(SITE,), dry_run=True))
+
+
+def test_the_joint_race_sets_the_kept_sites_against_every_site_off(tuned: dict, llama_repo: Path,
+                                                                    tiny_model_q8_0: Path, tmp_path: Path) -> None:
+    """The joint verification's race: one interleaved ab-test of the tunable build, 'off' with every site's
+    hint -1, 'joint' with the given sites at their settings; its ratio and CI come back as a RaceResult."""
+    from amppatch.patch.manifest import ApplyManifest
+    from amppatch.tune import Budget, Candidate
+    from amppatch.tune.probing import _Prober
+
+    data = tuned["learned"]
+    manifest = ApplyManifest.read(Path(data["tunable"]["manifest"]))
+    options = TuneOptions(repo=llama_repo, model=tiny_model_q8_0, out=tmp_path, probe_tokens=16, probe_reps=2,
+                          bench_args=())
+    prober = _Prober(options, Path(data["tunable"]["build"]), list(manifest.sites), Budget(120.0))
+    result = prober.race({0: Candidate(2048, 3)}, 1, 2)
+    assert result.ratio is not None and result.ci95 is not None
+    assert result.ci95[0] <= result.ratio <= result.ci95[1] and result.rounds == 2
+    report = json.loads(Path(result.extra["report"], "report.json").read_text())
+    arms = {a["name"]: a for a in report["options"]["arms"]}
+    env = manifest.sites[0]["env"]
+    assert arms["off"]["env"][env["hint"]] == "-1"
+    assert arms["joint"]["env"] == {env["distance"]: "2048", env["hint"]: "3"}

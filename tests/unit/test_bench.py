@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -60,11 +61,11 @@ def test_runs_group_thread_counts_of_one_type_and_path() -> None:
 def test_arms_put_stock_first_add_path_flags_and_explain_what_is_missing() -> None:
     group = compare.group_runs(compare.parse_only("q4_0:noamx-repack0:1"))[0]
     never = "transparent huge pages are disabled (mode never)"
-    available = {a: None for a in compare.ARMS} | {"hugepages": never, "amppatch-hugepages": never}
+    available = {a: None for a in compare.ARMS} | dict.fromkeys(compare.HUGEPAGE_ARMS, never)
     arms, missing = compare.arms_for(group, compare.ARMS, available, {"pgo": "PGO label"})
     assert [a.name for a in arms] == ["stock", "gcc-prefetch", "pgo", "amppatch", "amppatch-pgo"]
     assert all(a.bench_args[:2] == ("--repack", "0") for a in arms)
-    assert missing == {"hugepages": never, "amppatch-hugepages": never}
+    assert missing == {"hugepages": never, "pages": never, "amppatch-hugepages": never, "amppatch-pages": never}
     assert arms[2].label == "PGO label"
 
 
@@ -86,8 +87,9 @@ def test_hugepages_arm_runs_stock_without_mmap_under_the_glibc_tunable() -> None
 
 def test_every_arm_is_registered_once_and_prepared_by_one_step() -> None:
     assert tuple(compare.ARM_REGISTRY) == compare.ARMS and compare.ARMS[0] == "stock"
-    assert compare.HUGEPAGE_ARMS == ("hugepages", "amppatch-hugepages")
-    assert compare.AMPPATCH_ARMS == ("amppatch", "amppatch-pgo", "amppatch-hugepages")
+    assert compare.HUGEPAGE_ARMS == ("hugepages", "pages", "amppatch-hugepages", "amppatch-pages")
+    assert compare.PAGE_LEVER_ARMS == ("pages", "amppatch-pages")
+    assert compare.AMPPATCH_ARMS == ("amppatch", "amppatch-pgo", "amppatch-hugepages", "amppatch-pages")
     covered = [a for prep in compare.PREPARATIONS for a in prep.arms]
     assert sorted(covered) == sorted(a for a in compare.ARMS if a != "stock")  # stock is always built
 
@@ -275,6 +277,9 @@ def test_rows_get_the_4k_page_ceiling_and_render_only_rewrites_the_table(tmp_pat
         expected = 100.0 * r["gb_per_s"] / (34.0 if r["config"]["threads"] == 1 else 44.0)
         assert r["ceiling_4k_pct"] == pytest.approx(expected)
     assert "% of 4 KiB-page ceiling" in md.read_text() and "1 thread(s) 34.0 GB/s" in md.read_text()
+    # a file from before the roofline: its rows render the new columns empty and no plot is drawn
+    assert all(r["roofline_gbps"] is None for r in rows) and "| — | — | — |" in md.read_text()
+    assert not (tmp_path / "roofline.png").exists()
 
 
 def test_amx_path_builds_the_amx_buffer_for_batch_one() -> None:
@@ -316,3 +321,199 @@ def test_amppatch_is_compared_with_the_fastest_other_arm_by_block() -> None:
     assert v is not None and v["arm"] == "hugepages"
     assert v["ratio"] == pytest.approx(800 / 900, rel=0.02) and v["ci95"][1] < 1 and v["verdict"] == "slower"
     assert compare.amppatch_vs_best_other(samples, "tg32-t2", min_effect=0.03) is None
+
+
+# ---- the huge-page lever's arms ------------------------------------------------------------------------------
+
+
+def test_page_lever_arms_run_their_own_builds_mmapped_and_count_as_huge_page_arms() -> None:
+    group = compare.group_runs(compare.parse_only("q4_0:noamx-repack0:1"))[0]
+    wanted = ("stock", "hugepages", "pages", "amppatch-pages")
+    arms, missing = compare.arms_for(group, wanted, dict.fromkeys(wanted), {"pages": "lever label"})
+    assert [a.name for a in arms] == ["stock", "hugepages", "pages", "amppatch-pages"] and not missing
+    pages, amp_pages = arms[2], arms[3]
+    # the usual mmap: only the path's flags, no -lm none and no glibc tunable (that is the hugepages arm)
+    assert pages.bench_args == amp_pages.bench_args == ("--repack", "0") and pages.env == amp_pages.env == ()
+    assert (pages.build_role, amp_pages.build_role) == ("pages", "amppatch-pages")
+    assert pages.label == "lever label" and pages.page_lever and pages.huge_pages and not pages.amppatch
+    assert amp_pages.page_lever and amp_pages.amppatch  # so the amx path without an AMX tune drops it too
+    assert not compare.arm_def("hugepages").page_lever
+
+
+def test_thp_never_drops_every_huge_page_arm_with_the_reason(tmp_path: Path) -> None:
+    enabled = tmp_path / "enabled"
+    enabled.write_text("always madvise [never]\n")
+    never = "transparent huge pages are disabled (mode never)"
+    assert compare.thp_status(enabled) == compare.hugepages_status(enabled) == never
+    assert "missing" in (compare.thp_status(tmp_path / "absent") or "")
+    ctx = compare.Context(compare.BenchOptions(), Path("/r"))
+    plan = compare.Plan(Path("/r"), {"native"}, set(compare.ARMS), (), thp_enabled=enabled)
+    for prep in compare.PREPARATIONS:  # the steps of the huge-page arms: none may build or branch anything
+        if set(prep.arms) & set(compare.HUGEPAGE_ARMS):
+            prep.step(ctx, plan)
+    assert ctx.unavailable == dict.fromkeys(compare.HUGEPAGE_ARMS, never)
+    assert not ctx.builds and not ctx.labels
+    enabled.write_text("always [madvise] never\n")
+    assert compare.thp_status(enabled) is None
+
+
+def test_amppatch_pages_says_why_when_the_amppatch_branch_is_missing(tmp_path: Path) -> None:
+    enabled = tmp_path / "enabled"
+    enabled.write_text("always [madvise] never\n")
+    ctx = compare.Context(compare.BenchOptions(), Path("/r"))
+    ctx.unavailable["amppatch"] = "the quick search rolled back every site"
+    plan = compare.Plan(Path("/r"), {"native"}, {"stock", "amppatch-pages"}, (), thp_enabled=enabled)
+    (step,) = [p for p in compare.PREPARATIONS if "amppatch-pages" in p.arms]
+    step.step(ctx, plan)
+    assert ctx.unavailable["amppatch-pages"] == "the quick search rolled back every site" and not ctx.builds
+    # the amppatch step makes the branch amppatch-pages builds on, also when only amppatch-pages is asked for
+    (amppatch_step,) = [p for p in compare.PREPARATIONS if "amppatch" in p.arms]
+    assert "amppatch-pages" in amppatch_step.feeds
+
+
+def test_page_shares_are_measured_stock_first_and_only_with_a_page_arm(monkeypatch: pytest.MonkeyPatch) -> None:
+    from bench import runs
+
+    calls: list[tuple[list[str], dict]] = []
+
+    def fake(builds: dict, model: Path, *, bench_args: dict, env: dict) -> dict:
+        calls.append((list(builds), bench_args))
+        return {name: {"share": 0.5} for name in builds}
+
+    monkeypatch.setattr(runs, "measure_page_shares", fake)
+    monkeypatch.setattr(runs, "measure_lock", lambda what: contextlib.nullcontext())
+    ctx = compare.Context(compare.BenchOptions(), Path("/r"))
+    ctx.models["q8_0"] = Path("/m.gguf")
+    for arm in ("stock", "pgo", "pages"):
+        ctx.builds[("native", arm)] = SimpleNamespace(dir=Path(f"/{arm}"))  # type: ignore[assignment]
+    group = compare.group_runs(compare.parse_only("q8_0:native:1"))[0]
+    arms = [compare.arm_def("stock"), compare.arm_def("pgo"), compare.arm_def("pages")]
+    assert set(compare.page_shares(ctx, group, arms)) == {"stock", "pages"}
+    assert calls == [(["stock", "pages"], {"stock": (), "pages": ()})]
+    assert compare.page_shares(ctx, group, arms[:2]) == {} and len(calls) == 1  # no page arm: nothing to measure
+
+
+# ---- the roofline ------------------------------------------------------------------------------------------------
+
+
+def _rows_with_pages() -> list[dict]:
+    group = compare.group_runs(compare.parse_only("q8_0:native:*"))[0]
+    rows = compare.rows_from_report(_report(), group, [compare.ArmDef("stock", "stock"),
+                                                       compare.ArmDef("amppatch", "amppatch")])
+    pages = [{**r, "arm": "pages"} for r in rows if r["arm"] == "stock"]
+    return compare.merge_rows([], rows + pages)  # in registry order
+
+
+ROOFLINES = {"q8_0:native:1": {"in_cache_gbps": 50.0}, "q8_0:native:2": {"in_cache_gbps": 30.0}}
+
+
+def test_rows_get_the_lower_side_of_their_roofline() -> None:
+    rows = compare.add_roofline(_rows_with_pages(), ROOFLINES, {1: 34.0, 2: 44.0}, {1: 43.0, 2: 51.0})
+    by = {(r["config"]["threads"], r["arm"]): r for r in rows}
+    stock1, pages1, stock2 = by[(1, "stock")], by[(1, "pages")], by[(2, "stock")]
+    # 1 thread: the kernel in cache (50) outruns both stream ceilings, so the pages' ceiling is the roofline
+    assert (stock1["roofline_gbps"], stock1["binds"], stock1["roofline_pages"]) == (34.0, "memory", "4k")
+    assert stock1["roofline_pct"] == pytest.approx(100 * 22.0 / 34.0)
+    assert (pages1["roofline_gbps"], pages1["binds"], pages1["roofline_pages"]) == (43.0, "memory", "huge")
+    # 2 threads: the kernel (30 GB/s in cache) is below the ceiling; stock's 33 GB/s is over 100 % of it
+    assert (stock2["roofline_gbps"], stock2["binds"]) == (30.0, "kernel")
+    assert stock2["roofline_pct"] == pytest.approx(110.0)
+    assert stock2["roofline_in_cache_gbps"] == 30.0 and stock2["roofline_stream_gbps"] == 44.0
+    # without a roofline measurement (or a ceiling) the fields are there and empty
+    bare = compare.add_roofline(_rows_with_pages(), {}, {1: 34.0}, {})
+    assert all(r["roofline_gbps"] is None and r["binds"] is None and r["roofline_pct"] is None for r in bare)
+
+
+def test_roofline_options_follow_the_configuration() -> None:
+    (repack0,) = compare.parse_only("q4_0:noamx-repack0:2")
+    opts = compare.roofline_options(repack0, Path("/b"))
+    assert (opts.type, opts.width, opts.threads, opts.buffer) == ("q4_0", compare.ROW_WIDTH, 2, "cpu")
+    assert opts.width == 2048 and opts.build == Path("/b") and opts.seconds < 0.3  # short: the default is 0.3 s
+    (native,) = compare.parse_only("q4_0:native:1")
+    assert compare.roofline_options(native, Path("/b")).buffer == "auto"  # CPU_REPACK, as llama-bench runs it
+
+
+def _roofline_result(gbps: float) -> Any:
+    from amppatch.roofline import Rate, RooflineResult
+
+    rate = Rate(1 << 20, 16, (gbps, gbps, gbps), (1.0, 1.0, 1.0))
+    return RooflineResult("q8_0", 2048, 1, "CPU", "vec_dot", rate, rate, None, "/b", "k")
+
+
+def test_rooflines_are_measured_once_and_cached_by_build_and_options(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    import amppatch.roofline
+    from bench import roofline
+
+    measured: list[Any] = []
+
+    def fake(options: Any) -> Any:
+        measured.append(options)
+        if options.threads == 2:
+            raise UsageError("the probe refused")
+        return _roofline_result(48.0)
+
+    monkeypatch.setattr(amppatch.roofline, "measure_roofline", fake)
+    monkeypatch.setattr(roofline, "measure_lock", lambda what: contextlib.nullcontext())
+    ctx = compare.Context(compare.BenchOptions(work=tmp_path), Path("/r"))
+    ctx.stock["native"] = SimpleNamespace(dir=Path("/b"), manifest={"key": "k1"})  # type: ignore[assignment]
+    configs = compare.parse_only("q8_0:native:*,q8_0:noamx:1")  # noamx has no stock build here: skipped
+    first = compare.measure_rooflines(ctx, configs)
+    assert first["q8_0:native:1"]["in_cache_gbps"] == 48.0 and "error" in first["q8_0:native:2"]
+    assert "q8_0:noamx:1" not in first and len(measured) == 2
+    again = compare.measure_rooflines(ctx, configs)
+    assert again["q8_0:native:1"] == first["q8_0:native:1"] and len(measured) == 3  # the failure is retried
+    ctx.stock["native"] = SimpleNamespace(dir=Path("/b"), manifest={"key": "k2"})  # type: ignore[assignment]
+    compare.measure_rooflines(ctx, configs[:1])
+    assert len(measured) == 4  # another build: measured again
+
+
+def test_markdown_shows_roofline_share_and_binding_side_and_old_rows_render_empty() -> None:
+    rows = compare.add_roofline(_rows_with_pages(), ROOFLINES, {1: 34.0, 2: 44.0}, {1: 43.0, 2: 51.0})
+    rows = compare.add_page_shares(rows, {"pages": {"share": 0.996}, "stock": {"share": 0.0}})
+    results = {"rows": rows, "machine": {}, "command": "cmd", "runs": [], "arm_labels": {},
+               "rooflines": ROOFLINES}
+    md = compare.render_markdown(results, "../bench/roofline.png")
+    assert "| % of roofline | binds |" in md
+    assert "| q8_0:native:1 | stock | 20.00 |" in md and "| 0 % | 65 | memory (4 KiB pages) |" in md
+    assert "| q8_0:native:1 | pages | 20.00 |" in md and "| 100 % | 51 | memory (huge pages) |" in md
+    assert "| 110 | kernel |" in md and "`q8_0:native:1` 50.0, `q8_0:native:2` 30.0" in md
+    assert "[roofline.png](../bench/roofline.png)" in md and "Stock mapped the model" not in md
+    rows[0]["huge_page_share"] = 0.99  # stock found the lever's large folios
+    assert "Stock mapped the model on huge pages after the runs with page arms (`q8_0:native:1` 99%)" in \
+        compare.render_markdown(results)
+    old = compare.render_markdown({"rows": compare.rows_from_report(_report(), compare.group_runs(
+        compare.parse_only("q8_0:native:*"))[0], [compare.ArmDef("stock", "stock")]), "machine": {}, "runs": []})
+    assert "| 55 | – | — | — | — |" in old and "Roofline:" not in old and "roofline.png" not in old
+
+
+def test_plot_draws_each_arm_against_both_sides_of_the_roofline(tmp_path: Path) -> None:
+    rows = _rows_with_pages()
+    results = {"rows": rows, "machine": {"ceiling_4k_gbps": {"1": 34.0, "2": 44.0}, "ceiling_gbps": {"1": 43.0}},
+               "rooflines": {"q8_0:native:1": {"in_cache_gbps": 50.0}}}
+    (bars,) = compare.roofline_bars(results)  # q8_0:native:2 has no roofline
+    assert (bars.config, bars.in_cache_gbps, bars.ceiling_4k_gbps, bars.ceiling_huge_gbps) == (
+        "q8_0:native:1", 50.0, 34.0, 43.0)  # an older file's best ceiling stands for the huge-page one
+    assert [(b.arm, b.gbps, b.huge_pages) for b in bars.bars] == [
+        ("stock", 22.0, False), ("pages", 22.0, True), ("amppatch", pytest.approx(30.8), False)]
+    out = compare.render_roofline_plot(results, tmp_path / "roofline.png")
+    assert out == tmp_path / "roofline.png" and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["roofline.png"]
+    assert compare.render_roofline_plot({**results, "rooflines": {}}, tmp_path / "none.png") is None
+
+
+def test_render_only_adds_the_roofline_and_links_the_plot(tmp_path: Path) -> None:
+    group = compare.group_runs(compare.parse_only("q8_0:native:*"))[0]
+    rows = compare.rows_from_report(_report(), group, [compare.ArmDef("stock", "stock")])
+    results = {"rows": rows, "machine": {"ceiling_4k_gbps": {"1": 34.0, "2": 44.0},
+                                         "ceiling_huge_gbps": {"1": 43.0, "2": 51.0}},
+               "command": "cmd", "runs": [], "arm_labels": {}, "rooflines": ROOFLINES}
+    (tmp_path / "bench").mkdir()
+    (tmp_path / "docs").mkdir()
+    out, md = tmp_path / "bench" / "results.json", tmp_path / "docs" / "RESULTS.md"
+    out.write_text(json.dumps(results))
+    assert compare.main(["--render-only", "--results", str(out), "--results-md", str(md)]) == 0
+    stock1 = json.loads(out.read_text())["rows"][0]
+    assert stock1["roofline_gbps"] == 34.0 and stock1["binds"] == "memory"
+    assert (tmp_path / "bench" / "roofline.png").is_file()
+    assert "[roofline.png](../bench/roofline.png)" in md.read_text()

@@ -92,7 +92,8 @@ def test_ctrl_c_while_the_commands_import_is_130_without_a_traceback(monkeypatch
 @pytest.mark.parametrize("extra", [["--budget", "nan"], ["--budget", "inf"], ["--budget", "-5"],
                                    ["--probe-seconds", "nan"], ["--probe-seconds", "0"], ["--refine-levels", "-1"],
                                    ["--min-gain", "-1"], ["--min-gain", "nan"], ["--loss-tolerance", "2"],
-                                   ["--loss-tolerance", "nan"]])
+                                   ["--loss-tolerance", "nan"], ["--min-share", "1"], ["--min-share", "-0.1"],
+                                   ["--min-share", "nan"]])
 def test_tune_refuses_numbers_its_search_cannot_use(tmp_path, capsys, extra):
     # nan passed tune's `<= 0` checks and went on to the tunable build
     (tmp_path / "m.gguf").write_bytes(b"")
@@ -105,12 +106,15 @@ def test_tune_refuses_numbers_its_search_cannot_use(tmp_path, capsys, extra):
 
 @pytest.mark.parametrize("extra, message", [(["--budget", "nan"], "--budget and --final-minutes"),
                                             (["--final-minutes", "inf"], "--budget and --final-minutes"),
-                                            (["--profile-tokens", "0"], "--profile-tokens must be")])
+                                            (["--profile-tokens", "0"], "--profile-tokens must be"),
+                                            (["--min-share", "nan"], "--min-share must be"),
+                                            (["--min-share", "1.5"], "--min-share must be")])
 def test_run_refuses_numbers_before_any_stage(tmp_path, extra, message):
     from amppatch.errors import UsageError
     from amppatch.run import RunOptions, resolve_options
 
-    kwargs = {"budget": "budget_minutes", "final-minutes": "final_minutes", "profile-tokens": "profile_tokens"}
+    kwargs = {"budget": "budget_minutes", "final-minutes": "final_minutes", "profile-tokens": "profile_tokens",
+              "min-share": "min_share"}
     field = kwargs[extra[0].lstrip("-")]
     value = float(extra[1]) if field != "profile_tokens" else int(extra[1])
     with pytest.raises(UsageError, match=message):
@@ -184,3 +188,16 @@ def test_a_path_argument_that_is_a_symlink_loop_is_a_usage_error(tmp_path, small
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert "symlink that points to itself" in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("sources, message", [
+    (["--site", "f", "--tunable-manifest", "M"], "--site and --tunable-manifest both name the sites"),
+    ([], "tune needs --profile, --site or --tunable-manifest"),
+])
+def test_tune_needs_one_source_of_sites(tmp_path, capsys, sources, message):
+    # --profile may come with either: then it gives only the kernel shares
+    (tmp_path / "m.gguf").write_bytes(b"")
+    argv = ["tune", "--repo", str(tmp_path), "--model", str(tmp_path / "m.gguf"), "-o", str(tmp_path / "o"), *sources]
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

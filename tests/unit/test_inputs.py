@@ -328,6 +328,20 @@ def test_creating_dir_removes_only_what_it_created_and_only_when_empty(tmp_path:
     assert d.is_dir()
 
 
+def test_creating_dir_without_keep_empty_removes_an_unused_directory_after_success(tmp_path: Path) -> None:
+    with creating_dir(tmp_path / "a" / "b", keep_empty=False):
+        pass  # e.g. an apply that found nothing to do
+    assert list(tmp_path.iterdir()) == []
+    with creating_dir(tmp_path / "a" / "b", keep_empty=False) as d:
+        (d / "id.json").write_text("{}")
+    assert (tmp_path / "a" / "b" / "id.json").is_file()
+    existing = tmp_path / "mine"
+    existing.mkdir()
+    with creating_dir(existing, keep_empty=False):
+        pass
+    assert existing.is_dir()  # not created here: left alone
+
+
 def _mount_tmpfs(target: Path, options: str, flags: int = 0) -> None:
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.mount(b"tmpfs", str(target).encode(), b"tmpfs", flags, options.encode()) != 0:

@@ -26,6 +26,13 @@ def test_the_documented_apply_arguments_parse() -> None:
     assert args.define == ["GGML_NATIVE=OFF"] and args.out == Path("/tmp/o")
 
 
+def test_the_huge_page_lever_parses_alone_and_with_sites() -> None:
+    assert _parse("--repo", "/r", "--hugepages").hugepages is True
+    both = _parse("--repo", "/r", "--site", "ggml_vec_dot_q8_0_q8_0", "--hugepages", "--dry-run")
+    assert (both.site, both.hugepages) == (["ggml_vec_dot_q8_0_q8_0"], True)
+    assert _parse("--repo", "/r", "--site", "f").hugepages is False
+
+
 def test_hint_must_be_a_locality() -> None:
     with pytest.raises(SystemExit):
         _parse("--repo", "/r", "--site", "f", "--hint", "4")

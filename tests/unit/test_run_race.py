@@ -98,11 +98,12 @@ def test_extra_settings_at_the_first_thread_count() -> None:
     assert run_race.extra_settings(2, 16, 0, 0) == ()
 
 
-def test_thp_mode_is_read_from_the_override_file(tmp_path: Path) -> None:
-    never = tmp_path / "enabled"
-    never.write_text("always madvise [never]\n")
-    assert run_race.thp_enabled({run_race.THP_ENABLED_ENV: str(never)}) == "never"
-    assert run_race.thp_enabled({run_race.THP_ENABLED_ENV: str(tmp_path / "missing")}) == "unknown"
+def test_no_thp_at_all_races_no_pages(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AMPPATCH_THP_ENABLED_PATH", str(tmp_path / "missing"))
+    o = resolve_options(RunOptions(out=tmp_path / "o"))
+    assert o.thp_enabled == "unavailable" and not o.hugepages
+    text = render_summary(o, {"bake": {"reason": "no lever to race"}}, {})
+    assert "- huge pages: this kernel offers no transparent huge pages — not raced, stock behaviour" in text
 
 
 def test_race_options_race_every_arm_at_every_setting(tmp_path: Path) -> None:
@@ -131,7 +132,7 @@ def test_only_failures_where_stock_failed_too_are_tolerated() -> None:
 def _never(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str = "always madvise [never]") -> None:
     path = tmp_path / "thp-enabled"
     path.write_text(mode + "\n")
-    monkeypatch.setenv(run_race.THP_ENABLED_ENV, str(path))
+    monkeypatch.setenv("AMPPATCH_THP_ENABLED_PATH", str(path))
 
 
 def test_options_resolve_long_depth_prompt_and_thp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -11,13 +11,12 @@ import pytest
 
 from amppatch import run as run_mod
 from amppatch.run import RunOptions, resolve_options
-from amppatch.run_race import THP_ENABLED_ENV
 
 
 def _runner(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, thp: str, kept: int = 2) -> run_mod._Runner:
     mode = tmp_path / "thp-enabled"
     mode.write_text(thp + "\n")
-    monkeypatch.setenv(THP_ENABLED_ENV, str(mode))
+    monkeypatch.setenv("AMPPATCH_THP_ENABLED_PATH", str(mode))
     options = resolve_options(RunOptions(out=tmp_path / "o", threads=(1, 2)))
     (tmp_path / "o").mkdir()
     r = run_mod._Runner(options)
@@ -38,7 +37,7 @@ def _fake_apply(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> list[Any]:
     def apply(o: Any) -> Any:
         seen.append(o)
         name = o.out.name
-        levers = (("prefetch",) if o.learned or o.tunable else ()) + (("hugepages",) if o.hugepages else ())
+        levers = ("hugepages",) if o.hugepages else ()
         manifest = SimpleNamespace(path=o.out / f"{name}.json", branch=f"amppatch/{name}", base_commit="c0ffee",
                                    builds={"a": str(tmp_path / "stock"), "b": str(tmp_path / f"build-{name}")},
                                    build_b=str(tmp_path / f"build-{name}"), levers=levers,
@@ -69,7 +68,7 @@ def test_bake_makes_prefetch_pages_and_both(tmp_path: Path, monkeypatch: pytest.
         (True, False, "prefetch"), (False, True, "pages"), (True, True, "both")]
     assert all(not o.tunable and not o.sites and o.profile is None for o in seen)
     both = out["arms"]["both"]
-    assert both["levers"] == ["prefetch", "hugepages"] and both["hugepages"]["status"] == "verified"
+    assert both["levers"] == ["hugepages"] and both["hugepages"]["status"] == "verified"
     assert both["build_flags"]["cmake_options"] == {"X": "1"} and both["patch"].endswith("both.patch")
     assert out["stock_build"] == str(tmp_path / "stock")
 
