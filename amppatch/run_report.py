@@ -211,8 +211,9 @@ def ships_section(o: RunOptions, outputs: Mapping[str, Mapping[str, Any]], decis
         check = (baked.get(arm) or {}).get("hugepages")
         if check:
             share = check.get("share_b")
-            lines.append(f"- huge-page mapping of the {arm} build (apply's check): {check.get('status')}"
-                         + (f", {share:.0%} of the weights on huge pages" if isinstance(share, float) else "")
+            lines.append(f"- huge-page mapping of the {arm} build (apply's check on the gate model): "
+                         f"{check.get('status')}"
+                         + (f", {share:.0%} of the mapped file on huge pages" if isinstance(share, float) else "")
                          + (f" — {check['note']}" if check.get("note") else ""))
     return lines
 

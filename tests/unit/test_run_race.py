@@ -216,7 +216,7 @@ def test_pages_without_gain_are_said_plainly(tmp_path: Path, monkeypatch: pytest
     assert "- huge pages: no gain here, ratio 1.002 [0.990, 1.012] (both against prefetch at tg64, 1 thread)" in text
     assert "- prefetch: kept — ratio 1.190 [1.150, 1.200]" in text
     assert "| tg64, 1 thread | both | prefetch | 1.002 | [0.990, 1.012] | spans 1 |" in text
-    assert "huge-page mapping of the pages build (apply's check): verified, 98% of the weights" in text
+    assert "huge-page mapping of the pages build (apply's check on the gate model): verified, 98% of the" in text
 
 
 def test_a_setting_that_hurts_is_visible(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
