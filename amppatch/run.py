@@ -368,8 +368,9 @@ class _Runner:
 
         arms = race_arms(bool(self.outputs["tune"]["kept"]), self.o.hugepages)
         if len(arms) < 2:
-            return "skipped", {"reason": "tune kept no site (nothing beat 'off' beyond the noise) and THP is never on "
-                                         "this machine: no lever to race", "paths": []}
+            return "skipped", {"reason": "tune kept no site (nothing beat 'off' beyond the noise) and the huge-page "
+                                         f"lever cannot work here (THP {self.o.thp_enabled}): no lever to race",
+                               "paths": []}
         baked: dict[str, dict[str, Any]] = {}
         for arm in arms[1:]:
             result = apply(ApplyOptions(
@@ -446,13 +447,9 @@ def _run(options: RunOptions) -> Path:
     r.stage("build", build_inputs, r.build)
     r.stage("model", model_stage_inputs(options), r.model)
     r.stage("profile", [options.threads[0], options.profile_tokens, options.repack], r.profile)
-    r.stage("apply", [], r.apply_tunable)
+    r.stage("apply", [options.hugepages], r.apply_tunable)
     r.stage("tune", [options.threads, options.budget_minutes, options.quick, options.repack, options.min_share],
             r.tune)
-    r.stage("bake", [], r.bake)
-    r.stage("final", [options.threads, options.final_minutes, options.quick], r.final)
-    r.stage("apply", [options.hugepages], r.apply_tunable)
-    r.stage("tune", [options.threads, options.budget_minutes, options.quick, options.repack], r.tune)
     r.stage("bake", [options.hugepages], r.bake)
     r.stage("final", [options.threads, options.final_minutes, options.quick, options.long_depth,
                       options.prompt_tokens], r.final)
