@@ -121,3 +121,20 @@ def test_nothing_baked_skips_the_race(tmp_path: Path, monkeypatch: pytest.Monkey
     r = _runner(tmp_path, monkeypatch, "always madvise [never]", kept=0)
     r.outputs["bake"] = {"reason": "no lever to race", "paths": []}
     assert r.final() == ("skipped", {"reason": "no lever to race", "paths": []})
+
+
+def test_every_stage_runs_once_in_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from amppatch.runstate import STAGES
+
+    ran: list[str] = []
+
+    def stage(self: run_mod._Runner, name: str, inputs: Any, fn: Any) -> dict[str, Any]:
+        ran.append(name)
+        return {"report": str(tmp_path / "report.md")}
+
+    monkeypatch.setattr(run_mod._Runner, "stage", stage)
+    monkeypatch.setenv("AMPPATCH_THP_ENABLED_PATH", str(tmp_path / "missing"))
+    options = resolve_options(RunOptions(out=tmp_path / "o", threads=(1,)))
+    (tmp_path / "o").mkdir()
+    assert run_mod._run(options) == tmp_path / "report.md"
+    assert ran == list(STAGES)
