@@ -4,6 +4,7 @@ counts) that it ran in the patched build while B computed exactly what A compute
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -18,12 +19,20 @@ if TYPE_CHECKING:
     from amppatch.patch.render import FileChange
 
 
-_KERNEL_TYPES = {"q8_0": "q8_0", "q4_0": "q4_0", "q4_k": "q4_k", "q6_k": "q6_k", "f16": "f16"}
+# ggml weight types whose kernels amppatch gates on a tiny synthetic model of that type, by the lower-case
+# name kernels carry (ggml_vec_dot_q5_K_q8_K → q5_k), which is also the `model synth --type` name: q3_k, q4_k
+# and q5_k are llama-quantize's _M mixes, whose layers hold that type (their output matrix is Q6_K).
+GATE_TYPES = ("f16", "q8_0", "q6_k", "q5_k", "q4_k", "q4_0", "q3_k", "iq4_xs", "iq4_nl")
+# The synthetic type for sites of no weight type (flash attention) when nothing better is known.
+DEFAULT_GATE_TYPE = "q8_0"
+DENSE_SHAPE, EXPERT_SHAPE = "tiny", "tiny-moe"
 
 
-def model_type_for(function: str) -> str | None:
-    """The synthetic model type whose weights run `function`: ggml_vec_dot_<type>_..., a repack
-    ggml_gemv_<type>_..., or a specialization over block_<type>x<N> (gemv_..._lut_avx<block_q4_0x8>)."""
+def kernel_weight_type(function: str) -> str | None:
+    """The weight type `function` streams, lower case, whether or not amppatch can synthesize it:
+    ggml_vec_dot_<type>_..., a repack ggml_gemv_<type>_..., a specialization over block_<type>x<N>
+    (gemv_..._lut_avx<block_q4_0x8>), or a GEMM micro-kernel class X<activation, weight, ...>.
+    None: the function has no weight type of its own (flash attention, a generic loop)."""
     text = function.lower()
     owner, _ = split_member(text)
     if owner is not None:
@@ -31,21 +40,93 @@ def model_type_for(function: str) -> str | None:
         # (tinygemm_kernel_vnni<block_q8_0, block_q4_0, ...>), F16 weights are ggml_fp16_t
         blocks = re.findall(r"\bblock_([a-z0-9]+_[0-9a-z]+)\b", owner)
         if blocks:
-            return _KERNEL_TYPES.get(blocks[-1])
+            return blocks[-1]
         return "f16" if re.search(r"\bggml_fp16_t\b", owner) else None
     m = (re.match(r"ggml_(?:vec_dot|gemv|gemm)_([a-z0-9]+(?:_[0-9a-z]+)?)", text)
          or re.search(r"<\s*(?:const\s+)?block_([a-z0-9]+_[0-9a-z]+?)x\d+\b", text))
     if not m:
         return None
     name = m.group(1)
-    if name.startswith(("f16", "bf16")):
+    if name.startswith(("f16", "bf16", "f32")):
         name = name.split("_")[0]
-    return _KERNEL_TYPES.get(name)
+    # ggml_vec_dot_f32 serves many ops on activations (a model's F32 tensors are norms): no weight type
+    return None if name == "f32" else name
+
+
+def model_type_for(function: str) -> str | None:
+    """The synthetic model type whose weights run `function` (None: no weight type, or one amppatch cannot
+    synthesize)."""
+    t = kernel_weight_type(function)
+    return t if t in GATE_TYPES else None
+
+
+def expert_kernel(function: str) -> bool:
+    """Whether only mul_mat_id runs `function` (a mixture-of-experts model's expert matrices): the generic
+    ggml_compute_forward_mul_mat_id loops and a repack buffer's tensor_traits<...>::forward_mul_mat_id."""
+    return "mul_mat_id" in function
 
 
 def gate_runtime_args(functions: list[str]) -> tuple[str, ...]:
-    """vec_dot kernels only run for weights in the plain CPU buffer: turn extra buffers (repack, AMX) off."""
-    return ("-nr",) if any(f.startswith("ggml_vec_dot_") for f in functions) else ()
+    """vec_dot kernels and the generic mul_mat loops that call them run only for weights in the plain CPU
+    buffer: turn extra buffers (repack, AMX) off."""
+    plain = any(re.match(r"ggml_(?:vec_dot_|compute_forward_mul_mat)", f) for f in functions)
+    return ("-nr",) if plain else ()
+
+
+@dataclass(frozen=True)
+class GateGroup:
+    """One gate run: a model (`model`, or the synthetic one of `type` and `shape`), the functions it must
+    run, and the llama.cpp flags that route weights to them."""
+
+    type: str | None
+    shape: str | None
+    model: Path | None
+    functions: tuple[str, ...]
+    args: tuple[str, ...]
+
+
+def gate_groups(functions: list[str], *, model: Path | None = None,
+                default_type: str | None = None) -> list[GateGroup]:
+    """The gate runs that prove every function of `functions` (pure).
+
+    Without `model`, a kernel runs on the tiny synthetic model of its own weight type, a mul_mat_id kernel
+    (MoE experts) on the tiny MoE model of that type. A function of no weight type runs on a model of
+    `default_type` (the user model's dominant type; else the first typed run's, else Q8_0). Functions that
+    need extra buffers off (vec_dot) and those that need them on (repack GEMVs) get separate runs; one that
+    needs neither (flash attention) joins the first run of its shape. With `model`, every run uses it.
+    """
+    if model is None:
+        for f in functions:
+            t = kernel_weight_type(f)
+            if t is not None and t not in GATE_TYPES:
+                raise UsageError(f"{f} runs on {t.upper()} weights, a type amppatch has no synthetic gate model "
+                                 f"of (it has {', '.join(x.upper() for x in GATE_TYPES)})",
+                                 next_step=f"pass --gate-model M (a model with {t.upper()} weights)")
+    Key = tuple[str | None, str | None, tuple[str, ...]]
+    keyed: dict[Key, list[str]] = {}
+
+    def order(key: Key) -> tuple[str, str, tuple[str, ...]]:
+        return key[0] or "", key[1] or "", key[2]
+
+    untyped: list[str] = []
+    for f in sorted(set(functions)):
+        t = None if model is not None else model_type_for(f)
+        if model is None and t is None:
+            untyped.append(f)
+            continue
+        shape = None if model is not None else EXPERT_SHAPE if expert_kernel(f) else DENSE_SHAPE
+        keyed.setdefault((t, shape, gate_runtime_args([f])), []).append(f)
+    fallback = default_type or next((t for t, _, _ in sorted(keyed, key=order)), None) or DEFAULT_GATE_TYPE
+    for f in untyped:
+        shape = EXPERT_SHAPE if expert_kernel(f) else DENSE_SHAPE
+        args = gate_runtime_args([f])
+        key: Key = (fallback, shape, args)
+        if not args and key not in keyed:  # no buffer of its own to route to: any run of its shape shows it
+            same_shape = [k for k in sorted(keyed, key=order) if k[1] == shape]
+            key = next((k for k in same_shape if k[0] == fallback), same_shape[0] if same_shape else key)
+        keyed.setdefault(key, []).append(f)
+    return [GateGroup(t, shape, model, tuple(keyed[(t, shape, args)]), args)
+            for t, shape, args in sorted(keyed, key=order)]
 
 
 def _tree_supported(build: Build, flags: tuple[str, ...]) -> tuple[str, ...]:
@@ -143,41 +224,33 @@ def breakpoint_locations(sites: list[PlannedSite], changes: list[FileChange]) ->
 
 def gate_sites(build_a: Build, build_b: Build, sites: list[PlannedSite], *, model: Path | None = None,
                extra_args: tuple[str, ...] = (), locations: dict[str, tuple[str, ...]] | None = None,
-               also_ran: tuple[str, ...] = ()) -> dict:
+               also_ran: tuple[str, ...] = (), default_type: str | None = None) -> dict:
     """B computes exactly what A computes, and every patched function ran in B.
 
     Sites on kernels of different weight types (a Q4_0 GEMV and a Q4_K GEMV patched at once) cannot all
-    run on one synthetic model: each type gets its own gate run, and kernels of no particular type (flash
-    attention) are counted on the first. The first run's fields stay at the top level (scripts read
-    `passed`, `tokens_a`, ...); every run is in `runs`.
+    run on one synthetic model: each gets its own gate run (`gate_groups`). The first run's fields stay at
+    the top level (scripts read `passed`, `tokens_a`, ...); every run is in `runs`.
 
-    `model` (apply's --gate-model) replaces the synthetic models; `extra_args` (--gate-arg) go to every run.
+    `model` (apply's --gate-model) replaces the synthetic models; `extra_args` (--gate-arg) go to every run;
+    `default_type` is the synthetic type for sites of no weight type (run --model: the dominant one).
     `also_ran`: functions besides the sites' that must run in B, on any model (a lever's entry point); with
-    no sites the gate runs on a tiny Q8_0 model.
+    no sites the gate runs on a tiny model of `default_type` (else Q8_0).
     """
     functions = sorted({s.function for s in sites})
-    if model is not None:
-        groups: list[tuple[Path, list[str]]] = [(Path(model), functions + list(also_ran))]
-    else:
-        from amppatch.model import SynthOptions, synth_model
-
-        by_type: dict[str, list[str]] = {} if functions else {"q8_0": []}
-        untyped: list[str] = list(also_ran)
-        for f in functions:
-            t = model_type_for(f)
-            (by_type.setdefault(t, []) if t else untyped).append(f)
-        if not by_type:
-            raise UsageError(f"cannot pick a synthetic model type that runs {', '.join(functions)}",
-                             next_step="pass --gate-model M (a model whose weights run the patched kernels)")
-        groups = []
-        for i, (t, fs) in enumerate(sorted(by_type.items())):
-            synthetic = synth_model(SynthOptions(type=t, build=build_a))
-            groups.append((Path(synthetic), fs + (untyped if i == 0 else [])))
     runs = []
     hits: dict[str, int] = {}
-    for gate_model, fs in groups:
-        # per group: a vec_dot site needs extra buffers off (-nr), a repack GEMV needs them on
-        args = tuple(dict.fromkeys((*_tree_supported(build_a, gate_runtime_args(fs)), *extra_args)))
+    for group in gate_groups(functions + [f for f in also_ran if f not in functions], model=model,
+                             default_type=default_type):
+        if group.model is not None:
+            gate_model = Path(group.model)
+        else:
+            from amppatch.model import SynthOptions, synth_model
+
+            assert group.type is not None and group.shape is not None
+            gate_model = Path(synth_model(SynthOptions(shape=group.shape, type=group.type, build=build_a)))
+        fs = list(group.functions)
+        # a vec_dot site needs extra buffers off (-nr), a repack GEMV needs them on; older trees have no -nr
+        args = tuple(dict.fromkeys((*_tree_supported(build_a, group.args), *extra_args)))
         progress(f"apply: correctness gate on {gate_model.name} (args: {' '.join(args) or 'none'}) ...")
         gate = run_gate(build_a, build_b, GateOptions(model=gate_model, mode="identical", extra_args=args))
         for f in fs:
@@ -189,8 +262,7 @@ def gate_sites(build_a: Build, build_b: Build, sites: list[PlannedSite], *, mode
                     "compared builds without exercising the patch, so it proves nothing",
                     next_step="pass --gate-model with weights of the kernel's type, or --gate-arg flags that "
                               "route them to it")
-        runs.append({**gate.to_json(), "model": str(gate_model), "functions": fs, "args": list(args)})
+        runs.append({**gate.to_json(), "model": str(gate_model), "functions": fs, "args": list(args),
+                     "weight_type": group.type, "shape": group.shape})
     # llama.cpp's own check of every vec_dot against its reference, for the patched kernels it covers
     return {**runs[0], "function_hits": hits, "runs": runs, "kernel_test": kernel_test(build_a, build_b, functions)}
-
-

@@ -79,8 +79,8 @@ class RunOptions:
         return self.thp_enabled not in NO_THP
 
 
-LONG_DEPTH, QUICK_LONG_DEPTH = 4096, 128
-PROMPT_TOKENS, QUICK_PROMPT_TOKENS = 512, 64
+LONG_DEPTH, QUICK_LONG_DEPTH = 1024, 128
+PROMPT_TOKENS, QUICK_PROMPT_TOKENS = 256, 64
 
 
 def resolve_options(options: RunOptions) -> RunOptions:
@@ -116,7 +116,7 @@ def resolve_options(options: RunOptions) -> RunOptions:
         prompt_tokens = QUICK_PROMPT_TOKENS if options.quick else PROMPT_TOKENS
     if long_depth < 0 or prompt_tokens < 0:
         raise UsageError("--long-depth and --prompt-tokens must not be negative (0 leaves that setting out)",
-                         next_step="e.g. --long-depth 4096 --prompt-tokens 512")
+                         next_step="e.g. --long-depth 1024 --prompt-tokens 256")
     from amppatch.pages import thp_enabled_mode
 
     thp = options.thp_enabled or thp_enabled_mode()
@@ -256,20 +256,24 @@ class _Runner:
 
     def model(self) -> tuple[str, dict[str, Any]]:
         from amppatch.build import load_build
-        from amppatch.model import SynthOptions, synth_model
+        from amppatch.gate_sites import DENSE_SHAPE, EXPERT_SHAPE
+        from amppatch.model import SHAPES, SynthOptions, synth_model
 
         b = load_build(Path(self.outputs["build"]["build"]))
         if self.o.model is not None:
             return "done", self.user_model(b)
         model = synth_model(SynthOptions(shape=self.o.shape, type=self.o.type, seed=self.o.seed, build=b))
-        # The correctness gates (apply's, the final ab-test's) run on the tiny model of the same weight type:
-        # the same kernels, seconds instead of minutes.
-        gate = synth_model(SynthOptions(shape="tiny", type=self.o.type, seed=self.o.seed, build=b))
+        # The correctness gates (apply's, the final ab-test's) run on the tiny model of the same weight type
+        # and layout (experts run mul_mat_id): the same kernels, seconds instead of minutes.
+        shape = EXPERT_SHAPE if SHAPES[self.o.shape].experts else DENSE_SHAPE
+        gate = synth_model(SynthOptions(shape=shape, type=self.o.type, seed=self.o.seed, build=b))
         return "done", {"model": str(model), "gate_model": str(gate), "paths": [str(model), str(gate)]}
 
     def user_model(self, build: object) -> dict[str, Any]:
         """--model: nothing synthesized for the main model. apply gates each patched kernel on a tiny model of
-        its own weight type; the final ab-test gates on the tiny model of the dominant type, if it has one."""
+        its own weight type (sites of none on the dominant type's); the final ab-test gates on the tiny model
+        of the dominant type (MoE: the tiny MoE model), if it has one."""
+        from amppatch.gate_sites import DENSE_SHAPE, EXPERT_SHAPE
         from amppatch.gguf_info import read_gguf
         from amppatch.model import SynthOptions, synth_model
         from amppatch.run_model import dominant_type, gate_type, summary
@@ -277,15 +281,19 @@ class _Runner:
         assert self.o.model is not None
         info = read_gguf(self.o.model)
         t = gate_type(info)
-        gate = synth_model(SynthOptions(shape="tiny", type=t, seed=self.o.seed, build=build)) if t else None
+        shape = EXPERT_SHAPE if info.n_expert else DENSE_SHAPE
+        gate = synth_model(SynthOptions(shape=shape, type=t, seed=self.o.seed, build=build)) if t else None
         note = None if t else (f"the dominant weight type {dominant_type(info)} has no synthetic model: the final "
                                "ab-test skips its correctness gate (apply gated every patched kernel on its type)")
         return {"model": str(info.path), "user_model": summary(info), "gate_model": str(gate) if gate else None,
-                "gate_note": note, "paths": [str(info.path)] + ([str(gate)] if gate else [])}
+                "gate_type": t, "gate_note": note, "paths": [str(info.path)] + ([str(gate)] if gate else [])}
 
-    def apply_gate_model(self) -> Path | None:
-        # With --model, None: apply gates each patched kernel on a tiny synthetic model of its own weight type.
-        return None if self.o.model is not None else Path(self.outputs["model"]["gate_model"])
+    def apply_gate(self) -> dict[str, Any]:
+        """apply's gate options. With --model, no model: apply gates each patched kernel on a tiny synthetic
+        model of its own weight type, and sites of none (flash attention) on the dominant type's."""
+        if self.o.model is not None:
+            return {"gate_model": None, "gate_type": self.outputs["model"].get("gate_type")}
+        return {"gate_model": Path(self.outputs["model"]["gate_model"])}
 
     def profile(self) -> tuple[str, dict[str, Any]]:
         from amppatch.profile import WEIGHT_KERNEL_RE, ProfileOptions, profile, site_function_name
@@ -325,7 +333,7 @@ class _Runner:
             profile=Path(prof["profile"]) if use_profile else None,
             sites=() if use_profile else tuple(prof["fallback_sites"]),
             tunable=True, hugepages=self.o.hugepages, build_options=self.build_options(), out=self.out / "tunable",
-            gate_model=self.apply_gate_model()))
+            **self.apply_gate()))
         manifest = result.manifest
         if manifest is None:
             raise AmppatchError("apply --tunable changed nothing", next_step="see the apply messages above")
@@ -377,7 +385,7 @@ class _Runner:
                 repo=Path(self.outputs["fetch"]["repo"]),
                 learned=(Path(self.outputs["tune"]["learned"]),) if arm in ("prefetch", "both") else (),
                 hugepages=arm in ("pages", "both"), build_options=self.build_options(), out=self.out / arm,
-                gate_model=self.apply_gate_model()))
+                **self.apply_gate()))
             manifest = result.manifest
             if manifest is None or not manifest.builds:
                 raise AmppatchError(f"apply for the {arm} arm produced no build",

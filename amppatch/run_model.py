@@ -2,7 +2,7 @@
 
 Before any build the file is checked (`inputs.check_gguf`), read (`gguf_info.read_gguf`) and described in one
 progress block; it is refused when a weight type has no CPU kernel amppatch knows (the types its gates can
-synthesize a model for, `gate_sites.model_type_for`'s table) or when its weights do not fit in the machine's
+synthesize a model for, `gate_sites.GATE_TYPES`) or when its weights do not fit in the machine's
 available memory. The run state keys the model by its identity (resolved path, size, mtime_ns), so a changed
 file is not silently reused.
 """
@@ -14,12 +14,13 @@ from pathlib import Path
 from typing import Any
 
 from amppatch.errors import UsageError
+from amppatch.gate_sites import GATE_TYPES
 from amppatch.gguf_info import GgufInfo
 
-# ggml tensor types of the weight kernels amppatch patches and gates (gate_sites._KERNEL_TYPES), upper case
-# as the GGUF names them → the synthetic --type that runs the same kernels. F32 holds norms and biases: no
-# streaming matrix kernel to patch, but llama.cpp's CPU backend serves it, so it is accepted.
-SYNTH_TYPE: dict[str, str] = {"Q8_0": "q8_0", "Q4_0": "q4_0", "Q4_K": "q4_k", "Q6_K": "q6_k", "F16": "f16"}
+# ggml tensor types of the weight kernels amppatch patches and gates, upper case as the GGUF names them →
+# the synthetic --type that runs the same kernels. F32 holds norms and biases (and MoE routers): no
+# streaming weight kernel to patch, but llama.cpp's CPU backend serves it, so it is accepted.
+SYNTH_TYPE: dict[str, str] = {t.upper(): t for t in GATE_TYPES}
 KNOWN_WEIGHT_TYPES = frozenset({*SYNTH_TYPE, "F32"})
 MEMINFO = Path("/proc/meminfo")
 
@@ -107,8 +108,8 @@ def refusal(info: GgufInfo, available: int | None) -> UsageError | None:
     if unknown:
         return UsageError(
             f"model {info.path.name} has weight types no CPU kernel amppatch knows serves: {', '.join(unknown)}",
-            next_step=f"use a model quantized to {', '.join(SYNTH_TYPE)} (llama-quantize), or run the synthetic "
-                      "default without --model")
+            next_step=f"accepted: {', '.join(SYNTH_TYPE)} and F32; quantize the model to one of them "
+                      "(llama-quantize), or run the synthetic default without --model")
     weights = info.total_tensor_bytes
     if available is not None and weights > available:
         return UsageError(

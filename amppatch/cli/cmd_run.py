@@ -35,10 +35,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="time limit of the final ab-test (default 10; it stops earlier when decisive)")
     parser.add_argument("--profile-tokens", type=int, default=32, help="tokens the profile generates (default 32)")
     parser.add_argument("--long-depth", type=int, metavar="N",
-                        help="final race: tg at this context depth at the first thread count (default 4096, "
+                        help="final race: tg at this context depth at the first thread count (default 1024, "
                              "--quick 128; 0 leaves it out)")
     parser.add_argument("--prompt-tokens", type=int, metavar="N",
-                        help="final race: prompt processing of N tokens at the first thread count (default 512, "
+                        help="final race: prompt processing of N tokens at the first thread count (default 256, "
                              "--quick 64; 0 leaves it out)")
     parser.add_argument("--repack", type=int, choices=(0, 1),
                         help="llama-bench --repack for profile, tune and final ab-test (default: llama-bench's)")

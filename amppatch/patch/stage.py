@@ -61,6 +61,7 @@ class ApplyOptions:
     compile_db: Path | None = None
     gate: bool = True
     gate_model: Path | None = None
+    gate_type: str | None = None  # synthetic type gating sites of no weight type (gate_sites.gate_groups)
     gate_args: tuple[str, ...] = ()
     line_size: int | None = None  # cache line size; None = this machine's (sysfs), else 64
     # the huge-page lever (amppatch.pages): the weights' mapping on file-backed THP, in the same commit
@@ -389,7 +390,7 @@ def _build_and_gate(options: ApplyOptions, repo: Path, build_a: Build, result: A
         # a lever proves it ran like a site does: a breakpoint on its entry point in B
         also_ran = (ENTRY,) if result.levers else ()
         manifest["gate"] = result.gate = gate_sites(build_a, build_b, result.sites, model=options.gate_model,
-                                                    extra_args=options.gate_args,
+                                                    extra_args=options.gate_args, default_type=options.gate_type,
                                                     locations=breakpoint_locations(result.sites, changes),
                                                     also_ran=also_ran)
         if result.levers:

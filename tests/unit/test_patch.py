@@ -245,7 +245,7 @@ def test_gate_helpers_route_kernels_to_model_types() -> None:
     assert model_type_for("ggml_gemv_q4_0_8x8_q8_0") == "q4_0"
     assert model_type_for("ggml_gemv_q4_K_8x8_q8_K") == "q4_k"
     assert model_type_for("gemv_q4_b32_8x8_q8_0_lut_avx<block_q4_0x8>") == "q4_0"
-    assert model_type_for("gemv_q4_b32_8x8_q8_0_lut_avx<block_iq4_nlx8>") is None  # no synthetic iq4_nl
+    assert model_type_for("gemv_q4_b32_8x8_q8_0_lut_avx<block_iq4_nlx8>") == "iq4_nl"
     assert model_type_for("ggml_compute_forward_mul_mat_one_chunk") is None
     assert model_type_for("tinygemm_kernel_vnni<block_q8_0, block_q4_0, float, BLOCK_M, BLOCK_N, BLOCK_K>::apply") \
         == "q4_0"  # the weight type is the last block type of a micro-kernel class

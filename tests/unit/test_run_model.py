@@ -32,7 +32,10 @@ def _write(path: Path, types: tuple[str, ...] = ("Q8_0", "Q4_0"), experts: int =
     for i, name in enumerate(types):
         qtype = gguf.GGMLQuantizationType[name]
         rows = 16 if i == 0 else 8  # the first type dominates
-        data = quants.quantize(np.ones((rows, 64), dtype=np.float32), qtype)
+        try:
+            data = quants.quantize(np.ones((rows, 256), dtype=np.float32), qtype)
+        except NotImplementedError:  # gguf-py quantizes few types; the reader needs only the right byte count
+            data = np.zeros(quants.quant_shape_to_byte_shape((rows, 256), qtype), dtype=np.uint8)
         writer.add_tensor(f"blk.0.ffn_{i}.weight", data, raw_dtype=qtype)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
@@ -69,6 +72,35 @@ def test_an_unknown_weight_type_is_refused(tmp_path: Path) -> None:
     path = _write(tmp_path / "m.gguf", types=("Q8_0", "Q5_0"))
     with pytest.raises(UsageError, match="no CPU kernel amppatch knows serves: Q5_0"):
         run_model.check_user_model(path, available=1 << 40)
+
+
+def test_the_refusal_lists_the_accepted_types(tmp_path: Path) -> None:
+    path = _write(tmp_path / "m.gguf", types=("Q4_K", "Q2_K"))
+    with pytest.raises(UsageError) as info:
+        run_model.check_user_model(path, available=1 << 40)
+    assert info.value.next_step is not None
+    for t in ("Q8_0", "Q4_0", "Q4_K", "Q6_K", "F16", "Q5_K", "Q3_K", "IQ4_XS", "IQ4_NL", "F32"):
+        assert t in info.value.next_step
+
+
+# Types accepted beyond Q8_0/Q4_0/Q4_K/Q6_K/F16, each checked on the pinned tree: apply finds a site in its
+# x86 kernel, `model synth` makes a tiny model holding it, the gate proves the patched kernel ran there.
+@pytest.mark.parametrize(("gguf_type", "synthetic", "kernel"), [
+    ("Q5_K", "q5_k", "ggml_vec_dot_q5_K_q8_K"),
+    ("Q3_K", "q3_k", "ggml_vec_dot_q3_K_q8_K"),
+    ("IQ4_XS", "iq4_xs", "ggml_vec_dot_iq4_xs_q8_K"),
+    ("IQ4_NL", "iq4_nl", "ggml_vec_dot_iq4_nl_q8_0"),
+])
+def test_an_added_weight_type_is_accepted_and_gated_on_its_own_model(tmp_path: Path, gguf_type: str,
+                                                                       synthetic: str, kernel: str) -> None:
+    from amppatch.gate_sites import model_type_for
+    from amppatch.model import TYPES
+
+    path = _write(tmp_path / "m.gguf", types=(gguf_type, "Q6_K"))
+    info = run_model.check_user_model(path, available=1 << 40)
+    assert run_model.dominant_type(info) == gguf_type
+    assert run_model.gate_type(info) == synthetic == model_type_for(kernel)
+    assert synthetic in TYPES
 
 
 def test_more_weights_than_memory_is_refused(tmp_path: Path) -> None:
@@ -151,9 +183,37 @@ def test_the_model_stage_uses_the_users_model(tmp_path: Path, monkeypatch: pytes
     monkeypatch.setattr(r, "build_options", lambda: None)
     r.apply_tunable()
     assert seen[0].gate_model is None  # apply gates each kernel on its own weight type
+    assert seen[0].gate_type == "q8_0"  # and a site of no weight type on the dominant one's
 
     report = render_summary(r.o, r.outputs, {})
     assert "- model: m.gguf (llama; Q8_0" in report and "synthetic" not in report.split("\n")[2]
+
+
+def test_a_moe_model_is_gated_on_the_tiny_moe_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from amppatch import build, model
+
+    path = _write(tmp_path / "m.gguf", types=("Q4_K", "Q6_K"), experts=4)
+    monkeypatch.setattr(run_model, "mem_available", lambda path=None: 1 << 40)
+    monkeypatch.setattr(build, "load_build", lambda p: "BUILD")
+    monkeypatch.setattr(model, "synth_model", lambda o: tmp_path / f"{o.shape}-{o.type}.gguf")
+    _, out = _runner(tmp_path, path).model()
+    assert out["gate_model"] == str(tmp_path / "tiny-moe-q4_k.gguf") and out["gate_type"] == "q4_k"
+
+
+def test_a_synthetic_moe_run_gates_on_the_tiny_moe_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from amppatch import build, model
+
+    monkeypatch.setattr(build, "load_build", lambda p: "BUILD")
+    monkeypatch.setattr(model, "synth_model", lambda o: tmp_path / f"{o.shape}-{o.type}.gguf")
+    options = run_mod.resolve_options(RunOptions(shape="moe", type="q4_k", out=tmp_path / "o", threads=(1,)))
+    (tmp_path / "o").mkdir()
+    r = run_mod._Runner(options)
+    r.outputs = {"fetch": {"repo": str(tmp_path)}, "build": {"build": str(tmp_path / "stock")}}
+    _, out = r.model()
+    assert out["model"] == str(tmp_path / "moe-q4_k.gguf")
+    assert out["gate_model"] == str(tmp_path / "tiny-moe-q4_k.gguf")
+    r.outputs["model"] = out
+    assert r.apply_gate() == {"gate_model": tmp_path / "tiny-moe-q4_k.gguf"}
 
 
 def test_an_unsynthesizable_dominant_type_skips_the_final_gate(tmp_path: Path,

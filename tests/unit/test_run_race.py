@@ -138,7 +138,7 @@ def _never(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str = "always 
 def test_options_resolve_long_depth_prompt_and_thp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     _never(tmp_path, monkeypatch, "always [madvise] never")
     full = resolve_options(RunOptions(out=tmp_path / "o", threads=(1, 2)))
-    assert (full.long_depth, full.prompt_tokens, full.thp_enabled, full.hugepages) == (4096, 512, "madvise", True)
+    assert (full.long_depth, full.prompt_tokens, full.thp_enabled, full.hugepages) == (1024, 256, "madvise", True)
     quick = resolve_options(RunOptions(out=tmp_path / "o", quick=True))
     assert (quick.long_depth, quick.prompt_tokens) == (128, 64)
     assert resolve_options(RunOptions(out=tmp_path / "o", quick=True, long_depth=0, prompt_tokens=32)).long_depth == 0

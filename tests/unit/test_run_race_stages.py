@@ -113,7 +113,7 @@ def test_the_final_race_measures_every_arm_at_every_setting(tmp_path: Path, monk
     assert [a.build for a in o.arms] == [tmp_path / "stock", *(tmp_path / f"build-{a}" for a in ("prefetch", "pages",
                                                                                                   "both"))]
     assert o.pairs == (("both", "prefetch"),) and o.max_time == 600 and o.roofline
-    assert [s.id for s in abtest.settings_for(o)] == ["tg64-t1", "tg64-t2", "tg16-d4096-t1", "pp512-t1"]
+    assert [s.id for s in abtest.settings_for(o)] == ["tg64-t1", "tg64-t2", "tg16-d1024-t1", "pp256-t1"]
     assert o.gate_model == tmp_path / "g.gguf" and not o.skip_correctness
 
 
