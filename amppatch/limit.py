@@ -38,6 +38,9 @@ QUICK_SECONDS = 0.2  # per measurement: with the fill of the streaming matrix, a
 ROUND = 4  # decimals kept of every rate, so a record read back computes the same shares
 
 
+# Below this median CPU share of its threads, an in-cache probe is not used as the kernel side.
+MIN_CLEAN_CPU_SHARE = 0.75
+
 def _r(value: float | None) -> float | None:
     return None if value is None else round(float(value), ROUND)
 
@@ -263,8 +266,14 @@ def assemble(kernels: Sequence[MeasuredKernel], settings: Sequence[SettingRates]
     from amppatch.roofline import contention_warnings
 
     out = []
+    # A kernel probe that got much less than its threads' CPU measured the scheduler, not the kernel (at 2
+    # threads on a busy 2-core machine its rate collapses at ggml's barriers): it does not set the roofline.
+    clean = [k for k in kernels if k.result is not None and k.result.in_cache.median_cpu_share >= MIN_CLEAN_CPU_SHARE]
+    dropped = [f"{k.pick.type} at {k.threads} thread(s): in-cache rate left out of the roofline (CPU share "
+               f"{k.result.in_cache.median_cpu_share:.2f} < {MIN_CLEAN_CPU_SHARE}); that setting's roofline is the "
+               "stream ceiling alone" for k in kernels if k.result is not None and k not in clean]
     for s in settings:
-        parts = [(k.pick.bytes_per_token, k.result.in_cache_gbps) for k in kernels
+        parts = [(k.pick.bytes_per_token, k.result.in_cache_gbps) for k in clean
                  if k.threads == s.threads and k.result is not None]
         out.append(SettingLimit(s.setting, s.label, s.threads, _r(combined_gbps(parts)),
                                 stream_ceilings(stream_rows, s.threads, thp_mode),
@@ -277,7 +286,7 @@ def assemble(kernels: Sequence[MeasuredKernel], settings: Sequence[SettingRates]
     measured = any(k.result is not None for k in kernels)
     note = "measured" if measured else "no kernel could be measured"
     return ModelRoofline(measured, note, build_dir, tuple(kernels), tuple(out),
-                         (*notes, *failed, *contended, *above))
+                         (*notes, *failed, *contended, *dropped, *above))
 
 
 def measure_kernels(build: Path, picks: Sequence[KernelPick], threads: Sequence[int], *, buffer: str = "auto",
