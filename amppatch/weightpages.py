@@ -46,7 +46,10 @@ class WeightPages:
         if smaps is None:
             return cls(file_size, during, None, "no process of this run was seen")
         if not smaps.range_bytes:
-            return cls(file_size, during, smaps, "the model file was not mapped (weights read into memory)")
+            # Either llama.cpp read the weights into memory, or the run ended before its smaps showed the
+            # mapping (a tiny model on a busy machine): the watcher cannot tell which, so it claims neither.
+            return cls(file_size, during, smaps, "the model file's mapping was not seen (weights read into memory, "
+                       "or the run ended before its mapping could be read)")
         return cls(file_size, during, smaps)
 
     def describe(self) -> str:

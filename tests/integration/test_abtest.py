@@ -167,8 +167,10 @@ def test_the_roofline_and_the_huge_pages_are_measured_in_the_same_run_by_default
     for arm in result.arms:
         pages = arm.huge_pages
         assert pages is not None and pages.smaps is not None and pages.during == "warmup (tg8, 1 thread)"
-        assert pages.share is not None and 0 <= pages.share <= 1
-        assert pages.smaps.range_bytes > 0.9 * tiny_model_q8_0.stat().st_size
+        if pages.share is None:  # a tiny model's warmup can end between two reads of its smaps on a busy machine
+            assert "mapping was not seen" in pages.note
+            continue
+        assert 0 <= pages.share <= 1 and pages.smaps.range_bytes > 0.9 * tiny_model_q8_0.stat().st_size
     md = (out / "report.md").read_text()
     assert "## Limit" in md and "| tg8, 1 thread |" in md.split("## Limit")[1]
     assert (out / "roofline.png").stat().st_size > 5000

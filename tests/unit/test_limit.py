@@ -220,7 +220,8 @@ def test_weight_pages_share_and_phrases() -> None:
     assert small.describe() == "0% of the 19.1 MB mapping of the model file on huge pages, during warmup"
     unmapped = WeightPages.watched(HugeShare(0, 0, 0, 0, 0, True), 10, "warmup")
     assert unmapped.share is None and unmapped.describe() == (
-        "not measured during warmup: the model file was not mapped (weights read into memory)")
+        "not measured during warmup: the model file's mapping was not seen (weights read into memory, or the run "
+        "ended before its mapping could be read)")
     unseen = WeightPages.watched(None, 10, "warmup")
     assert unseen.to_json()["share"] is None and unseen.describe() == (
         "not measured during warmup: no process of this run was seen")
