@@ -7,8 +7,8 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-from amppatch.inputs import write_error
 from amppatch.limit import ModelRoofline
+from amppatch.paths import save_figure_atomic
 
 ROOFLINE_PNG = "roofline.png"
 _LINES = (("in_cache", "in cache (kernel)", "tab:red", "-"), ("4k", "stream, 4 KiB pages", "tab:blue", "--"),
@@ -56,15 +56,4 @@ def render_roofline_png(part: ModelRoofline, path: Path) -> Path:
         ax.grid(axis="y", alpha=0.3)
         ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    try:
-        fig.savefig(tmp, dpi=110)
-        tmp.replace(path)
-    except BaseException as exc:
-        tmp.unlink(missing_ok=True)  # a failed render leaves no temporary file
-        if isinstance(exc, OSError):
-            raise write_error(path, exc) from None
-        raise
-    finally:
-        plt.close(fig)
-    return path
+    return save_figure_atomic(fig, path)

@@ -92,6 +92,26 @@ def write_text_atomic(path: Path, text: str) -> None:
         raise
 
 
+
+def save_figure_atomic(fig: Any, path: Path, *, dpi: int = 110) -> Path:
+    """Save a matplotlib figure the way write_text_atomic writes text: to a temporary file renamed into place,
+    which a failure removes (an OSError becomes one WriteError line); the figure is closed either way."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    try:
+        fig.savefig(tmp, dpi=dpi)
+        tmp.replace(path)
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)  # a failed render leaves no temporary file
+        if isinstance(exc, OSError):
+            raise write_error(path, exc) from None
+        raise
+    finally:
+        plt.close(fig)
+    return path
+
 def options_json(options: DataclassInstance) -> dict[str, Any]:
     """A frozen options dataclass (nested ones included) as plain JSON values, for result files."""
     import dataclasses

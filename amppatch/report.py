@@ -17,10 +17,10 @@ from typing import Any
 from amppatch.abtest.analysis import samples_from_report, settings_from_report, slice_verdicts
 from amppatch.abtest.result import REPORT_JSON, AbTestResult
 from amppatch.errors import UnmeasuredError, UsageError
-from amppatch.inputs import REPORT, write_error
+from amppatch.inputs import REPORT
 from amppatch.limit import ModelRoofline, kernel_lines, setting_table
 from amppatch.limit_plot import ROOFLINE_PNG, plot_note, render_roofline_png
-from amppatch.paths import write_text_atomic
+from amppatch.paths import save_figure_atomic, write_text_atomic
 from amppatch.weightpages import WeightPages
 
 REPORT_MD = "report.md"
@@ -346,17 +346,7 @@ def render_png(report: dict[str, Any], path: Path) -> None:
     if comps:
         ax.set_ylim(-0.7, len(comps) - 0.3)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    try:
-        fig.savefig(tmp, dpi=110)
-        tmp.replace(path)
-    except BaseException as exc:
-        tmp.unlink(missing_ok=True)  # a failed render leaves no temporary file
-        if isinstance(exc, OSError):
-            raise write_error(path, exc) from None
-        raise
-    finally:
-        plt.close(fig)
+    save_figure_atomic(fig, path)
 
 
 def write_report(out: Path, result: AbTestResult) -> None:

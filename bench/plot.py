@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from amppatch.paths import save_figure_atomic
 from bench.arms import ARMS, arm_def
 from bench.rows import machine_ceilings
 
@@ -98,11 +99,4 @@ def render_roofline_plot(results: dict[str, Any], path: Path) -> Path | None:
              ha="center", fontsize=7)
     height = 3.3 * nrows + 0.6
     fig.tight_layout(rect=(0, 0.25 / height, 1, 1 - 0.4 / height))
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    try:
-        fig.savefig(tmp, dpi=100)
-        tmp.replace(path)
-    finally:
-        plt.close(fig)
-        tmp.unlink(missing_ok=True)
-    return path
+    return save_figure_atomic(fig, path, dpi=100)

@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from amppatch.paths import save_figure_atomic
+
 
 @dataclass(frozen=True)
 class Point:
@@ -109,11 +111,4 @@ def render_landscape(learned: dict[str, Any], path: Path) -> Path | None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    try:
-        fig.savefig(tmp, dpi=110)
-        tmp.replace(path)
-    finally:
-        plt.close(fig)
-        tmp.unlink(missing_ok=True)
-    return path
+    return save_figure_atomic(fig, path)
