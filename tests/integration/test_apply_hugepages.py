@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from amppatch.build import load_build
-from amppatch.pages import verify_hugepages
+from amppatch.pages import thp_enabled_mode, verify_hugepages
 from amppatch.patch import ApplyManifest, ApplyOptions, GitRepo, apply, check_export
 from amppatch.proc import run
 
@@ -117,22 +117,13 @@ def test_a_site_and_the_lever_are_one_commit_with_its_own_id(mmap_repo: tuple[Pa
 # The pinned tree
 
 
-def _thp_mode() -> str:
-    try:
-        text = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
-    except OSError:
-        return "unavailable"
-    m = re.search(r"\[(\w+)\]", text)
-    return m.group(1) if m else "unavailable"
-
-
 def _assert_lever_measured(manifest: ApplyManifest) -> None:
     """The measured record where this machine's THP lets the lever work (the tiny Q8_0 model is ~19 MiB:
     nine 2 MiB pages)."""
     pages = manifest.hugepages
     assert pages is not None and set(pages) == {"thp_enabled", "status", "share_a", "share_b", "huge_bytes_b",
                                                 "weight_bytes", "note"}
-    if _thp_mode() == "never":
+    if thp_enabled_mode({}) == "never":
         assert pages["status"] == "thp-never", pages
         return
     assert pages["status"] in ("verified", "small-pages"), pages

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from amppatch.pages import hugepages_change
+from amppatch.pages import hugepages_change, thp_enabled_mode
 
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures_pages" / "llama-mmap.cpp"
 SIZE = 64 << 20
@@ -34,15 +34,6 @@ def _run(exe: Path, data: Path, **env: str) -> tuple[int, str, str]:
     return int(m.group(1)) * 1024, m.group(2), done.stderr
 
 
-def _thp_mode() -> str:
-    try:
-        text = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
-    except OSError:
-        return "unavailable"
-    m = re.search(r"\[(\w+)\]", text)
-    return m.group(1) if m else "unavailable"
-
-
 def test_lever_maps_the_weights_on_huge_pages_and_reads_the_same(tmp_path: Path) -> None:
     (tmp_path / "src").mkdir()
     shutil.copy(FIXTURE, tmp_path / "src" / "llama-mmap.cpp")
@@ -58,7 +49,7 @@ def test_lever_maps_the_weights_on_huge_pages_and_reads_the_same(tmp_path: Path)
     _, stock_sum, _ = _run(stock_exe, data)  # leaves the file cached in small pages
     pmd, patched_sum, log = _run(patched_exe, data)
     assert patched_sum == stock_sum
-    if _thp_mode() == "never" or "THP is not available" in log:
+    if thp_enabled_mode({}) == "never" or "THP is not available" in log:
         assert pmd == 0 and "weights stay on 4 KiB pages" in log
     else:
         # cached small by the stock run: the lever drops the clean pages once and maps them again
