@@ -2,10 +2,12 @@
 
 ab-test's warmup and profile's traced run start their child through `amppatch.proc` (or a test's stand-in),
 which does not hand out the child's pid. `ChildPages` is a context manager whose thread finds the children of
-this process while the block runs (/proc/self/task/*/children, else a scan of /proc/*/stat for our pid as
-parent) and reads each one's smaps for the file (`amppatch.pages.file_share`) until it ends — often until the
-file is mapped, seldom after — keeping the largest huge-page share seen; None when no child appeared (a fake
-runner, a child that ended between two looks). What ab-test and profile record of it is
+this process that the block starts (/proc/self/task/*/children, else a scan of /proc/*/stat for our pid as
+parent) and reads every live one's smaps for the file (`amppatch.pages.file_share`) on each look — often until
+the file is mapped, seldom after — keeping the largest huge-page share seen; None when no child appeared (a
+fake runner, a child that ended between two looks). Children that were already there when the block began
+(an unreaped zombie of an earlier command, a long-lived helper) are never read: a zombie's smaps is empty and
+would otherwise pass for a child that never mapped the file. What ab-test and profile record of it is
 `amppatch.weightpages.WeightPages`.
 """
 
@@ -58,9 +60,11 @@ class ChildPages:
         self.file = Path(file).resolve()
         self.result: HugeShare | None = None
         self._stop = threading.Event()
+        self._before: set[int] = set()
         self._thread = threading.Thread(target=self._watch, name="amppatch-child-pages", daemon=True)
 
     def __enter__(self) -> ChildPages:
+        self._before = children(os.getpid())
         self._thread.start()
         return self
 
@@ -74,25 +78,29 @@ class ChildPages:
         if best is None or (share.huge_bytes, share.range_bytes) > (best.huge_bytes, best.range_bytes):
             self.result = share
 
-    def _follow(self, pid: int) -> None:
-        """Read the child's smaps until it ends (or the block does): often until the file is mapped, then
-        seldom, so a long run is not slowed by its own observer."""
+    def _look(self, pid: int) -> HugeShare | None:
+        """The file's share in `pid`'s smaps now; None once the child has ended."""
         from amppatch.pages import file_share
 
-        smaps = Path(f"/proc/{pid}/smaps")
-        while not self._stop.is_set():
-            try:
-                share = file_share(smaps.read_text(), self.file)
-            except (FileNotFoundError, ProcessLookupError, PermissionError):
-                return
-            self._keep(share)
-            self._stop.wait(SLOW if share.range_bytes else FAST)
+        try:
+            return file_share(Path(f"/proc/{pid}/smaps").read_text(), self.file)
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            return None
 
     def _watch(self) -> None:
+        """Every live child started inside the block is read on each look, so a short-lived child seen first
+        (a helper, a child between fork and exec that ends) never hides the one that maps the file. Looks are
+        often while no child has the file mapped yet, then seldom, so a long run is not slowed by its own
+        observer."""
         me = os.getpid()
-        seen: set[int] = set()
+        ended: set[int] = set()
         while not self._stop.is_set():
-            for pid in sorted(children(me) - seen):
-                seen.add(pid)
-                self._follow(pid)
-            self._stop.wait(FAST)
+            mapped = False
+            for pid in sorted(children(me) - self._before - ended):
+                share = self._look(pid)
+                if share is None:
+                    ended.add(pid)
+                    continue
+                self._keep(share)
+                mapped = mapped or share.range_bytes > 0
+            self._stop.wait(SLOW if mapped else FAST)

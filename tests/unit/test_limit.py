@@ -263,3 +263,4 @@ def test_child_pages_without_a_child_has_no_result(tmp_path: Path) -> None:
     with ChildPages(tmp_path / "m.gguf") as watch:
         pass
     assert watch.result is None
+
