@@ -114,6 +114,8 @@ class TokenBytes:
     n_expert: int = 0
     n_expert_used: int = 0
     by_type: dict[str, int] = field(default_factory=dict)  # weight bytes read per tensor type (not gathered)
+    # of by_type, the routed experts' slices: the bytes mul_mat_id reads (the rest of a type goes to mul_mat)
+    experts_by_type: dict[str, int] = field(default_factory=dict)
 
     @property
     def weights(self) -> int:
@@ -236,6 +238,7 @@ def bytes_per_token(
     experts_read = 0
     experts_total = 0
     by_type: dict[str, int] = {}
+    experts_by_type: dict[str, int] = {}
     excluded: list[str] = []
     tied = info.tied_embeddings
     # Without a used-expert count the share read is unknown: such tensors count whole (an upper bound).
@@ -249,6 +252,7 @@ def bytes_per_token(
             read = t.n_bytes // info.n_expert * info.n_expert_used
             experts_read += read
             experts_total += t.n_bytes
+            experts_by_type[t.type] = experts_by_type.get(t.type, 0) + read
         else:
             read = t.n_bytes
             whole += t.n_bytes
@@ -270,4 +274,5 @@ def bytes_per_token(
         n_expert=info.n_expert if routed else 0,
         n_expert_used=info.n_expert_used if routed else 0,
         by_type=by_type,
+        experts_by_type=experts_by_type,
     )

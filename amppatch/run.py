@@ -297,6 +297,7 @@ class _Runner:
 
     def profile(self) -> tuple[str, dict[str, Any]]:
         from amppatch.profile import WEIGHT_KERNEL_RE, ProfileOptions, profile, site_function_name
+        from amppatch.profile.derive import ops_label
 
         o = self.o
         assert o.threads is not None
@@ -321,7 +322,9 @@ class _Runner:
                         "hot_function": hot[0]["name"] if hot else None,
                         "hot_share": hot[0].get("share") if hot else None,
                         "sites": [f"{s.function}:{s.loop}:{s.stream}" for s in sites],
-                        "fallback_sites": fallback}
+                        "fallback_sites": fallback,
+                        # a mixture of experts: the products that drive each hot kernel, by its weight type
+                        "matrix_ops": {h["name"]: ops_label(h) for h in hot if h.get("ops")}}
 
     def apply_tunable(self) -> tuple[str, dict[str, Any]]:
         from amppatch.patch import ApplyOptions, apply

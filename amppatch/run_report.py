@@ -119,6 +119,10 @@ def render_summary(o: RunOptions, outputs: dict[str, dict[str, Any]], stages: Ma
         lines.append(f"- hottest function: {prof.get('hot_function')}"
                      + (f" ({share:.0%} of samples)" if isinstance(share, float) else "")
                      + f"; sites: {', '.join(prof.get('sites') or prof.get('fallback_sites') or []) or 'none'}")
+        ops = prof.get("matrix_ops") or {}
+        if ops:
+            lines.append("- mixture of experts, what drives each hot kernel: "
+                         + "; ".join(f"{name}: {label}" for name, label in ops.items()))
     lines += ["", "## Tune", ""]
     if tune_out:
         lines += tune_section(tune_out)

@@ -75,6 +75,45 @@ def tensor_type_of_kernel(function: str, types: list[str]) -> list[str]:
     return [sorted(found)[0][2]] if found else []
 
 
+def matrix_ops(hot_functions: list[dict], type_bytes: dict[str, int],
+               experts_by_type: dict[str, int]) -> list[dict]:
+    """Which matrix products drive each hot kernel of a mixture-of-experts model (pure).
+
+    The CPU backend computes every matrix of a weight type with that type's kernel, through `mul_mat` for dense
+    matrices and `mul_mat_id` for the per-expert ones (only the routed experts' slices). So a kernel whose name
+    says its weight type is driven by `mul_mat_id` in proportion to that type's expert bytes per token. Returns
+    the hot functions, each kernel of a type with expert tensors gaining `ops` {type, mul_mat_bytes,
+    mul_mat_id_bytes, mul_mat_id_share}; unchanged when the model has no experts.
+    """
+    if not experts_by_type:
+        return hot_functions
+    out: list[dict] = []
+    for entry in hot_functions:
+        types = tensor_type_of_kernel(str(entry.get("name", "")), list(type_bytes))
+        t = types[0] if types else None
+        if t is None or t not in type_bytes:
+            out.append(entry)
+            continue
+        expert = min(experts_by_type.get(t, 0), type_bytes[t])
+        total = type_bytes[t]
+        out.append({**entry, "ops": {"type": t, "mul_mat_bytes": total - expert, "mul_mat_id_bytes": expert,
+                                     "mul_mat_id_share": round(expert / total, 4) if total else 0.0}})
+    return out
+
+
+def ops_label(entry: dict) -> str:
+    """How a hot kernel's line names the products that drive it: 'mul_mat_id 74 % · mul_mat 26 % of q4_k'."""
+    ops = entry.get("ops")
+    if not isinstance(ops, dict):
+        return ""
+    share = float(ops.get("mul_mat_id_share") or 0.0)
+    if share >= 1.0:
+        return f"mul_mat_id (all {ops['type']} bytes are experts)"
+    if share <= 0.0:
+        return f"mul_mat (no {ops['type']} expert tensors)"
+    return f"mul_mat_id {100 * share:.0f} % · mul_mat {100 * (1 - share):.0f} % of the {ops['type']} bytes"
+
+
 @dataclass(frozen=True)
 class SiteInputs:
     """Everything a site's distance and hint are computed from (kept in profile.json)."""

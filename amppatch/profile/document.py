@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 from amppatch.limit import ModelRoofline, kernel_lines, summary_lines
 from amppatch.paths import write_text_atomic
-from amppatch.profile.derive import token_stats
+from amppatch.profile.derive import ops_label, token_stats
 from amppatch.profiledoc import Profile
 from amppatch.weightpages import WeightPages
 
@@ -109,7 +109,12 @@ def _summary(data: dict) -> str:
     if tok.get("count"):
         lines.append(f"tokens: {tok['count']}  p50 {tok['p50_ms']:.2f} ms  p99 {tok['p99_ms']:.2f} ms")
     if bpt:
-        lines.append(f"weights read per token: {bpt / 1e6:.1f} MB")
+        per_token = data.get("bytes_per_token", {})
+        experts = ""
+        if per_token.get("n_expert"):
+            experts = (f" (experts: {per_token['n_expert_used']} of {per_token['n_expert']} routed per token, "
+                       f"{per_token.get('experts_read', 0) / 1e6:.1f} MB of them through mul_mat_id)")
+        lines.append(f"weights read per token: {bpt / 1e6:.1f} MB{experts}")
     if bw.get("achieved_gbps"):
         ceil = bw.get("ceiling_gbps")
         pct = f" = {100 * bw['share_of_ceiling']:.0f}% of the measured ceiling {ceil:.1f} GB/s" if ceil else ""
@@ -119,7 +124,8 @@ def _summary(data: dict) -> str:
         scope = "during tokens" if tok.get("count") else "whole run"
         lines.append(f"hot functions (% of sampled CPU time, {scope}):")
         for f in hf[:8]:
-            lines.append(f"  {100 * f['share']:5.1f}%  {f['name'][:100]}")
+            ops = ops_label(f)
+            lines.append(f"  {100 * f['share']:5.1f}%  {f['name'][:100]}" + (f"  [{ops}]" if ops else ""))
     for s in data.get("sites", [])[:6]:
         lines.append(
             f"site {s['function']} loop {s['loop']} (line {s['loop_line']}) stream {s['stream']}: "

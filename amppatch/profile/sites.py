@@ -282,4 +282,6 @@ def _model_bytes(model: Path | None) -> tuple[dict[str, int], int, dict]:
         "weights_whole": tb.weights_whole, "experts_read": tb.experts_read, "n_expert": tb.n_expert,
         "n_expert_used": tb.n_expert_used, "gathered_rows": tb.gathered_rows, "excluded": list(tb.excluded),
         "file_size": info.file_size,
+        **({"experts_by_type": {name.lower(): n for name, n in tb.experts_by_type.items()}}
+           if tb.experts_by_type else {}),
     }

@@ -9,7 +9,7 @@ import shutil
 from typing import TYPE_CHECKING
 
 from amppatch.limit import ModelRoofline, SettingRates, measure_model
-from amppatch.profile.derive import bandwidth, in_spans, summarize_regions, token_stats
+from amppatch.profile.derive import bandwidth, in_spans, matrix_ops, summarize_regions, token_stats
 from amppatch.profile.document import ProfileResult, mark_blind, new_document, trace_visibility, write_document
 from amppatch.profile.sites import _aggregate, _model_bytes, _sites
 from amppatch.profile.workload import (
@@ -114,6 +114,8 @@ def _from_trace(options: ProfileOptions, build: Build | None, machine: MachineIn
         bytes_provenance = {"source": "weight buffers seen by the tracer (ggml_backend_buffer_set_usage)"}
     else:
         bytes_provenance["source"] = "GGUF tensors (gathered tables count one row)"
+    # a mixture of experts: name the products (mul_mat / mul_mat_id) that drive each kernel, by its weight type
+    hot_functions = matrix_ops(hot_functions, type_bytes, dict(bytes_provenance.get("experts_by_type") or {}))
     trace_visibility(seen, trace, samples, spans, regions, locations, children)
 
     sites: list[dict] = []

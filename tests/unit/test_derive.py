@@ -154,3 +154,21 @@ def test_parse_cg_annotate_with_percentages() -> None:
     rows = parse_cg_annotate(text)
     assert len(rows) == 1
     assert rows[0]["function"] == "/src/t.c:worker" and rows[0]["Ir"] == 64000088 and rows[0]["Dw"] == 16
+
+
+def test_moe_kernels_are_named_by_the_products_that_drive_them() -> None:
+    from amppatch.profile.derive import matrix_ops, ops_label
+
+    hot = [{"name": "ggml_gemv_q4_K_8x8_q8_K", "share": 0.56}, {"name": "ggml_vec_dot_q8_0_q8_0", "share": 0.07},
+           {"name": "ggml_vec_dot_q6_K_q8_K", "share": 0.25}, {"name": "ggml_compute_forward_soft_max", "share": 0.01}]
+    types = {"q4_k": 400, "q8_0": 50, "q6_k": 100, "f32": 1}
+    named = matrix_ops(hot, types, {"q4_k": 300, "q6_k": 100})
+    assert named[0]["ops"] == {"type": "q4_k", "mul_mat_bytes": 100, "mul_mat_id_bytes": 300,
+                               "mul_mat_id_share": 0.75}
+    assert ops_label(named[0]) == "mul_mat_id 75 % · mul_mat 25 % of the q4_k bytes"
+    assert ops_label(named[1]) == "mul_mat (no q8_0 expert tensors)"  # the attention of the MoE model
+    assert ops_label(named[2]) == "mul_mat_id (all q6_k bytes are experts)"
+    assert "ops" not in named[3] and ops_label(named[3]) == ""  # not a weight kernel
+    assert [h["name"] for h in named] == [h["name"] for h in hot]
+    # a dense model: nothing is added
+    assert matrix_ops(hot, types, {}) == hot

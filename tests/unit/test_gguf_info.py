@@ -153,6 +153,8 @@ def test_moe_reads_only_the_routed_experts(tmp_path: Path) -> None:
     # per type: what a token reads, so profile attributes a quarter of the Q8_0 experts to its kernel
     assert tb.by_type == {"Q8_0": tb.experts_read, "F16": EMBD_BYTES + N_LAYER * SHEXP_BYTES,
                           "F32": N_LAYER * ROUTER_BYTES}
+    # of which the routed experts' slices, the bytes mul_mat_id reads, per type
+    assert tb.experts_by_type == {"Q8_0": tb.experts_read}
     # the file still holds every expert
     assert info.total_tensor_bytes == 2 * EMBD_BYTES + N_LAYER * (ROUTER_BYTES + EXPS_BYTES + SHEXP_BYTES)
 
@@ -163,6 +165,7 @@ def test_dense_model_has_no_experts_and_reads_every_weight(tmp_path: Path) -> No
     assert (info.n_expert, info.n_expert_used, tb.experts_read, tb.experts_total) == (0, 0, 0, 0)
     assert tb.weights == tb.weights_whole
     assert tb.by_type == {"F16": EMBD_BYTES, "Q8_0": N_LAYER * FFN_BYTES, "F32": N_LAYER * NORM_BYTES}
+    assert tb.experts_by_type == {}
 
 
 def test_expert_count_without_its_keys_comes_from_the_tensor_and_counts_whole(tmp_path: Path) -> None:

@@ -91,3 +91,18 @@ def test_roofline_and_huge_pages_are_typed_and_summarized(tmp_path: Path) -> Non
     assert any(line.startswith("  - q8_0 at width 2048") for line in lines)
     old = Profile.from_json({"schema_version": 1, "sites": []})
     assert old.roofline is None and old.huge_pages is None
+
+
+def test_a_moe_profile_names_the_products_behind_each_kernel(tmp_path: Path) -> None:
+    from amppatch.profile.document import write_document
+
+    doc = {"schema_version": 1, "sites": [], "tokens": {"count": 4, "p50_ms": 100.0, "p99_ms": 120.0},
+           "bytes_per_token": {"weights": 662_000_000, "n_expert": 8, "n_expert_used": 2,
+                               "experts_read": 488_000_000},
+           "hot_functions": [{"name": "ggml_gemv_q4_K_8x8_q8_K", "share": 0.56,
+                              "ops": {"type": "q4_k", "mul_mat_bytes": 1, "mul_mat_id_bytes": 3,
+                                      "mul_mat_id_share": 0.75}}]}
+    lines = write_document(tmp_path / "profile.json", doc).summary.splitlines()
+    assert "weights read per token: 662.0 MB (experts: 2 of 8 routed per token, 488.0 MB of them through " \
+           "mul_mat_id)" in lines
+    assert "   56.0%  ggml_gemv_q4_K_8x8_q8_K  [mul_mat_id 75 % · mul_mat 25 % of the q4_k bytes]" in lines

@@ -196,8 +196,15 @@ def test_a_moe_model_is_gated_on_the_tiny_moe_model(tmp_path: Path, monkeypatch:
     monkeypatch.setattr(run_model, "mem_available", lambda path=None: 1 << 40)
     monkeypatch.setattr(build, "load_build", lambda p: "BUILD")
     monkeypatch.setattr(model, "synth_model", lambda o: tmp_path / f"{o.shape}-{o.type}.gguf")
-    _, out = _runner(tmp_path, path).model()
+    r = _runner(tmp_path, path)
+    _, out = r.model()
     assert out["gate_model"] == str(tmp_path / "tiny-moe-q4_k.gguf") and out["gate_type"] == "q4_k"
+    r.outputs["model"] = out
+    r.outputs["profile"] = {"hot_function": "ggml_gemv_q4_K_8x8_q8_K", "hot_share": 0.56, "sites": [],
+                            "matrix_ops": {"ggml_gemv_q4_K_8x8_q8_K": "mul_mat_id 75 % · mul_mat 25 % of the q4_k "
+                                                                      "bytes"}}
+    assert ("- mixture of experts, what drives each hot kernel: ggml_gemv_q4_K_8x8_q8_K: mul_mat_id 75 % · "
+            "mul_mat 25 % of the q4_k bytes") in render_summary(r.o, r.outputs, {})
 
 
 def test_a_synthetic_moe_run_gates_on_the_tiny_moe_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
