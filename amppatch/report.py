@@ -81,7 +81,9 @@ def _md_header(report: dict[str, Any]) -> list[str]:
     types = ", ".join(f"{t} {_size(b)}" for t, b in (model.get("types") or {}).items()) or "?"
     lines.append(
         f"Model `{Path(opts['model']).name}` ({types}) · {opts['reps']} repetitions per call · "
-        f"{diag.get('rounds', '?')} rounds ({diag.get('stopped_because', '')}) · seed {opts['seed']} · "
+        f"{diag.get('rounds', '?')} rounds ({diag.get('stopped_because', '')}"
+        + (f"; the first {diag['resumed_rounds']} from an earlier sitting" if diag.get("resumed_rounds") else "")
+        + f") · seed {opts['seed']} · "
         f"min effect ±{opts['min_effect']:.0%}"
     )
     lines.append("")

@@ -196,7 +196,8 @@ def race_options(stock_build: str, builds: Mapping[str, str], bench_args: tuple[
               *(ArmSpec(arm, Path(build), bench_args) for arm, build in builds.items())),
         model=model, threads=threads, seed=seed, out=out, gate_model=gate_model, skip_correctness=gate_model is None,
         extra_settings=extra_settings(threads[0], timing["tokens"], long_depth, prompt_tokens),
-        pairs=race_pairs(arms), roofline=True, **timing)
+        # a rerun of the run goes on from the rounds an interrupted final race recorded
+        pairs=race_pairs(arms), roofline=True, resume=True, **timing)
 
 
 def race_outputs(result: AbTestResult, options: AbTestOptions) -> dict[str, Any]:

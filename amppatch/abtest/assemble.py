@@ -39,6 +39,7 @@ class Timed:
     latency_note: str
     samples: list[Sample] = field(default_factory=list)
     rounds: int = 0
+    resumed_rounds: int = 0  # of `rounds`, those an earlier sitting recorded (its checkpoint)
     stopped_because: str = ""
     interrupted: bool = False
     traces: dict[tuple[str, str], list[float]] = field(default_factory=dict)
@@ -282,6 +283,7 @@ def build_report(setup: Setup, timed: Timed, comps: list[dict[str, Any]],
             "cpu_usage": timed.usage,
             "warnings": warnings,
             "rounds": timed.rounds,
+            "resumed_rounds": timed.resumed_rounds,
             "blocks": len({s.block for s in timed.samples}),
             "stopped_because": timed.stopped_because,
             "page_cache_seconds": timed.cache_seconds,

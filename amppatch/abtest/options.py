@@ -96,6 +96,8 @@ class AbTestOptions:
     # the command and run's final race turn it on, callers racing many small batches (tune, bench) leave it off
     roofline: bool = False
     fail_on_regression: bool = False
+    # go on from the rounds recorded in `out`'s checkpoint (rounds.json) when it belongs to this race
+    resume: bool = False
     n_boot: int = 4000
     bench_timeout: float = 1800.0
     # Settings measured after the tests x threads grid (e.g. tg at a long depth at one thread count only).

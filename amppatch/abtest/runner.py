@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from amppatch.abtest import checkpoint as ckpt
 from amppatch.abtest.analysis import Sample, analyze, analyze_pairs
 from amppatch.abtest.assemble import Timed, build_report
 from amppatch.abtest.execute import LlamaBenchExecutor, SlotExecutor, arm_threads, page_cache, play_round, warmup
@@ -152,15 +153,20 @@ def _run_abtest(options: AbTestOptions, out: Path, executor: SlotExecutor | None
 
     setup = _setup(options, out)
     options = setup.options
-    # 1. correctness first
-    correctness = _gate_pairs(setup.arms, options)
-    # 2. page cache and warmup
+    fingerprint = ckpt.fingerprint(options, setup.arms, setup.settings)
+    resumed: ckpt.Checkpoint | None = None
+    if options.resume:
+        resumed, why = ckpt.load(out, fingerprint)
+        progress(f"ab-test: {why}")
+    # 1. correctness first (a resumed race passed its gate in the sitting that recorded its rounds)
+    correctness = list(resumed.correctness) if resumed else _gate_pairs(setup.arms, options)
+    # 2. page cache and warmup (every sitting: the caches and the page cache are this sitting's)
     progress(f"ab-test: reading {options.model.name} into the page cache ...")
     cache_seconds = page_cache(options.model)
-    failures: dict[tuple[str, str], str] = {}
+    failures: dict[tuple[str, str], str] = dict(resumed.failures) if resumed else {}
     warmup(setup.arms, options, setup.settings, failures)
-    # 3. timed rounds
-    timed = _timed_rounds(setup, executor, failures)
+    # 3. timed rounds, each one recorded in the checkpoint as it finishes
+    timed = _timed_rounds(setup, executor, failures, Resume(fingerprint, correctness, resumed))
     timed.correctness, timed.cache_seconds = correctness, cache_seconds
     if not timed.samples and timed.interrupted:
         raise KeyboardInterrupt
@@ -182,6 +188,8 @@ def _run_abtest(options: AbTestOptions, out: Path, executor: SlotExecutor | None
                                min_effect=options.min_effect, seed=options.seed, n_boot=options.n_boot)
     result = AbTestResult.from_json(build_report(setup, timed, comps, pair_comps), out)
     write_report(out, result)
+    if not timed.interrupted:
+        ckpt.clear(out)  # the race is over: report.json holds its samples
     if timed.interrupted:
         progress(f"ab-test: partial report of {timed.rounds} rounds in {out}")
         raise KeyboardInterrupt  # the exit status says the run did not finish (130), the report is kept
@@ -210,9 +218,21 @@ def kernel_roofline(setup: Setup) -> KernelRun | None:
     return measure_model(first.build.dir, setup.info, threads, buffer=buffer)
 
 
-def _timed_rounds(setup: Setup, executor: SlotExecutor | None, failures: dict[tuple[str, str], str]) -> Timed:
-    """The timed loop: rounds until the stop rule says stop (or Ctrl-C), with host load read around it."""
+@dataclass(frozen=True)
+class Resume:
+    """What the timed loop needs to record each round, and the rounds of an earlier sitting (None: none)."""
+
+    fingerprint: dict[str, Any]
+    correctness: list[dict[str, Any]]
+    checkpoint: ckpt.Checkpoint | None = None
+
+
+def _timed_rounds(setup: Setup, executor: SlotExecutor | None, failures: dict[tuple[str, str], str],
+                  resume: Resume) -> Timed:
+    """The timed loop: rounds until the stop rule says stop (or Ctrl-C), with host load read around it; after
+    each round the samples so far go to the checkpoint."""
     options, arms, settings = setup.options, setup.arms, setup.settings
+    assert options.out is not None
     setting_ids = [s.id for s in settings]
     by_id = {s.id: s for s in settings}
     timed = Timed(failures=failures, loadavg_start=read_loadavg(), cpufreq=read_cpufreq(),
@@ -229,8 +249,22 @@ def _timed_rounds(setup: Setup, executor: SlotExecutor | None, failures: dict[tu
     if n_rounds_target is None and options.max_time is None:
         n_rounds_target = DEFAULT_ROUNDS
     round_index = 0
+    earlier_seconds = 0.0
+    earlier = resume.checkpoint
+    if earlier is not None:
+        samples.extend(earlier.samples)
+        if hasattr(bench, "traces"):
+            for key, token_ns in earlier.traces.items():
+                bench.traces.setdefault(key, []).extend(token_ns)
+        for r in range(earlier.rounds):  # the generator as an uninterrupted race would have left it
+            round_slots(r, setting_ids, len(arms), rng, r * len(setting_ids))
+        round_index = timed.resumed_rounds = earlier.rounds
+        earlier_seconds = earlier.elapsed_seconds
     try:
         while True:
+            if n_rounds_target is not None and round_index >= n_rounds_target:  # a resumed race already done
+                timed.stopped_because = f"{n_rounds_target} rounds done"
+                break
             round_start = time.monotonic()
             slots = round_slots(round_index, setting_ids, len(arms), rng, round_index * len(setting_ids))
             play_round(slots, bench, setup.names, by_id, samples, failures)
@@ -240,10 +274,13 @@ def _timed_rounds(setup: Setup, executor: SlotExecutor | None, failures: dict[tu
             # Extra pairs count for the stop rule too: a race is decisive when every comparison asked for is.
             comps += analyze_pairs(samples, options.pairs, settings, failures, min_effect=options.min_effect,
                                    seed=options.seed, n_boot=STOP_RULE_N_BOOT)
-            elapsed = time.monotonic() - setup.t0
+            elapsed = earlier_seconds + time.monotonic() - setup.t0
             total = f"/{n_rounds_target}" if n_rounds_target else ""
             progress(_progress_line(round_index, total, comps, elapsed))
             round_index += 1
+            ckpt.save(options.out, ckpt.Checkpoint(
+                resume.fingerprint, round_index, elapsed, tuple(samples), dict(failures),
+                tuple(resume.correctness), dict(getattr(bench, "traces", {}))))
             stop = stop_rule(round_index, comps, all_failed=all(
                 (arm.spec.name, sid) in failures for arm in arms[1:] for sid in setting_ids),
                 rounds=n_rounds_target, max_time=options.max_time, elapsed=elapsed, round_seconds=round_seconds)

@@ -54,6 +54,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-o", "--out", type=Path, help="report directory (default ./abtest-<time>)")
     parser.add_argument("--force", action="store_true",
                         help="overwrite the earlier ab-test result that -o holds (default: refuse)")
+    parser.add_argument("--resume", action="store_true",
+                        help="go on from the rounds an interrupted ab-test recorded in -o (its rounds.json), "
+                        "when the arms, model and settings are the same; else start afresh and say why")
     parser.add_argument("--skip-correctness", action="store_true", help="do not run the correctness gate")
     parser.add_argument("--gate", choices=("auto", "identical", "tolerance"), default="auto",
                         help="gate mode (auto: identical unless the arms run different kernels by design)")
@@ -127,17 +130,25 @@ def options_from_args(args: argparse.Namespace) -> AbTestOptions:
         llc=not args.no_llc,
         roofline=not args.no_roofline,
         fail_on_regression=args.fail_on_regression,
+        resume=args.resume,
     )
 
 
 def run(args: argparse.Namespace) -> Path:
     from amppatch.abtest import run_abtest
+    from amppatch.abtest.checkpoint import CHECKPOINT_FILE
     from amppatch.inputs import check_out_dir
     from amppatch.report import REPORT_JSON, REPORT_MD, require_measured
 
+    if args.resume and args.out is None:
+        raise UsageError("--resume needs -o: the directory of the interrupted ab-test",
+                         next_step="rerun with -o DIR, DIR holding the interrupted run's rounds.json")
     if args.out is not None:
-        # An earlier result is evidence: overwriting it takes --force.
-        args.out = check_out_dir(args.out, result_file=REPORT_JSON, force=args.force, command="ab-test")
+        # An earlier result is evidence: overwriting it takes --force — except the partial report of the race
+        # that --resume goes on with (its checkpoint is still there).
+        resuming = args.resume and (Path(args.out) / CHECKPOINT_FILE).exists()
+        args.out = check_out_dir(args.out, result_file=REPORT_JSON, force=args.force or resuming,
+                                 command="ab-test")
     else:
         check_out_dir(Path.cwd())  # where ./abtest-<time> goes
     result = run_abtest(options_from_args(args))

@@ -1,0 +1,109 @@
+"""ab-test's round checkpoint: the raw samples of every finished round, kept beside the report so that a race
+that was interrupted (Ctrl-C, a lost machine, a session that ended) goes on where it stopped.
+
+After each round ab-test writes `rounds.json` (versioned) into its output directory: the samples, the failures,
+the correctness gate's records, the per-token latencies and the seconds spent, under a fingerprint of what the
+samples measure (arms and their builds, model file, settings, repetitions, seed, CPU mask, tracer). `--resume`
+(and `amppatch run`'s final race, always) reads it back when the fingerprint matches: the gate is not run
+again, the schedule's generator is advanced past the rounds done, so the resumed race plays exactly the rounds
+an uninterrupted one would have. A finished race removes the file (report.json holds the samples); any
+mismatch starts afresh and says why. Pure apart from `load`, `save` and `clear`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from amppatch.abtest.analysis import Sample
+from amppatch.abtest.options import AbTestOptions, Setting, _Arm
+from amppatch.paths import write_text_atomic
+
+CHECKPOINT_FILE = "rounds.json"
+SCHEMA_VERSION = 1
+
+
+def fingerprint(options: AbTestOptions, arms: list[_Arm], settings: tuple[Setting, ...]) -> dict[str, Any]:
+    """What makes two races' samples the same measurement. Options that only change the analysis or when
+    to stop (--max-time, --rounds, --min-effect, pairs, the roofline) are left out, so a resumed race may
+    be given more time."""
+    model = Path(options.model)
+    stat = model.stat()
+    return {
+        "arms": [{"name": a.spec.name, "build": str(a.build.dir), "build_key": a.build.manifest.get("key"),
+                  "bench_args": list(a.spec.bench_args), "env": dict(a.spec.env)} for a in arms],
+        "model": {"path": str(model), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns},
+        "settings": [s.id for s in settings],
+        "reps": options.reps,
+        "seed": options.seed,
+        "cpu_mask": options.cpu_mask,
+        "latency": options.latency,
+    }
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """The rounds a race has finished, and what it needs to go on."""
+
+    fingerprint: dict[str, Any]
+    rounds: int
+    elapsed_seconds: float  # wall time of the sittings so far (setup, gate, warmup, rounds)
+    samples: tuple[Sample, ...]
+    failures: dict[tuple[str, str], str] = field(default_factory=dict)
+    correctness: tuple[dict[str, Any], ...] = ()
+    traces: dict[tuple[str, str], list[float]] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "fingerprint": self.fingerprint,
+            "rounds": self.rounds,
+            "elapsed_seconds": round(self.elapsed_seconds, 3),
+            "samples": [asdict(s) for s in self.samples],
+            "failures": [{"arm": a, "setting": s, "reason": r} for (a, s), r in self.failures.items()],
+            "correctness": list(self.correctness),
+            "traces": [{"arm": a, "setting": s, "token_ns": v} for (a, s), v in self.traces.items()],
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Checkpoint:
+        if data.get("schema_version") != SCHEMA_VERSION:
+            raise ValueError(f"schema_version {data.get('schema_version')!r}, expected {SCHEMA_VERSION}")
+        return cls(
+            fingerprint=dict(data["fingerprint"]),
+            rounds=int(data["rounds"]),
+            elapsed_seconds=float(data["elapsed_seconds"]),
+            samples=tuple(Sample(**s) for s in data["samples"]),
+            failures={(f["arm"], f["setting"]): str(f["reason"]) for f in data.get("failures", [])},
+            correctness=tuple(data.get("correctness", [])),
+            traces={(t["arm"], t["setting"]): [float(x) for x in t["token_ns"]] for t in data.get("traces", [])},
+        )
+
+
+def load(out: Path, expected: dict[str, Any]) -> tuple[Checkpoint | None, str]:
+    """The checkpoint in `out` if it belongs to this race; else None and why it is not used."""
+    path = Path(out) / CHECKPOINT_FILE
+    if not path.exists():
+        return None, f"no {CHECKPOINT_FILE} in {out}: starting the race from round 1"
+    try:
+        checkpoint = Checkpoint.from_json(json.loads(path.read_text()))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return None, f"{path} is unreadable ({exc}): starting the race from round 1"
+    if checkpoint.fingerprint != expected:
+        differ = sorted(k for k in set(expected) | set(checkpoint.fingerprint)
+                        if expected.get(k) != checkpoint.fingerprint.get(k))
+        return None, (f"{path} belongs to another race (it differs in {', '.join(differ)}): starting the race "
+                      "from round 1")
+    if checkpoint.rounds < 1:
+        return None, f"{path} holds no finished round: starting the race from round 1"
+    return checkpoint, f"resuming after {checkpoint.rounds} round(s) recorded in {path}"
+
+
+def save(out: Path, checkpoint: Checkpoint) -> None:
+    write_text_atomic(Path(out) / CHECKPOINT_FILE, json.dumps(checkpoint.to_json()) + "\n")
+
+
+def clear(out: Path) -> None:
+    (Path(out) / CHECKPOINT_FILE).unlink(missing_ok=True)
