@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from amppatch.abtest.options import AbTestOptions, ArmSpec, Setting
+from amppatch.abtest.options import STOP_MIN_ROUNDS, AbTestOptions, ArmSpec, Setting
 from amppatch.abtest.result import REPORT_JSON, AbTestResult
 
 if TYPE_CHECKING:
@@ -188,8 +188,10 @@ def race_options(stock_build: str, builds: Mapping[str, str], bench_args: tuple[
     """The final ab-test: stock first, then the baked arms in `race_arms` order; tg at depth 0 at every thread
     count, then the extra settings; both against prefetch besides every arm against stock. --quick: three
     fixed rounds of short runs; otherwise the stop rule within `final_minutes`."""
+    # not before STOP_MIN_ROUNDS rounds: with fewer blocks the CI of a real 1.5x gain still spans 1, and the
+    # keep rule would ship stock for want of evidence
     timing: dict[str, Any] = {"rounds": 3, "tokens": 16, "reps": 2} if quick else \
-        {"max_time": final_minutes * 60.0, "tokens": 64}
+        {"max_time": final_minutes * 60.0, "min_rounds": STOP_MIN_ROUNDS, "tokens": 64}
     arms = ("stock", *builds)
     return AbTestOptions(
         arms=(ArmSpec("stock", Path(stock_build), bench_args),

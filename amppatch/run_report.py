@@ -178,6 +178,10 @@ def _pages_not_raced(thp: str | None) -> str:
     return f"huge pages: {why} — not raced, stock behaviour"
 
 
+# A lever whose CI at the primary setting still reaches above this gain was not refuted, only not resolved.
+UNRESOLVED_GAIN = 0.05
+
+
 def lever_line(v: LeverVerdict) -> str:
     """One lever's keep-rule verdict in plain words."""
     name = "huge pages" if v.lever == "hugepages" else v.lever
@@ -190,7 +194,12 @@ def lever_line(v: LeverVerdict) -> str:
         hurt = "; ".join(f"{h.setting_label}: {_ci_text(h.ratio, h.ci95)}" for h in v.hurts)
         return f"{name}: not kept — slower at {hurt} ({v.arm} against {v.baseline})"
     if v.why == "no-gain":
-        assert head is not None
+        assert head is not None and head.ci95 is not None
+        if head.ci95[1] > 1.0 + UNRESOLVED_GAIN:
+            # the CI still holds a worthwhile gain: the race could not tell, which is not "no gain"
+            return (f"{name}: not shown here, {_ci_text(head.ratio, head.ci95)} ({where}) — the CI spans 1 and a "
+                    f"gain above {UNRESOLVED_GAIN:.0%}: the race was too short to tell (rerun with a larger "
+                    "--final-minutes; the rounds done are kept)")
         return f"{name}: no gain here, {_ci_text(head.ratio, head.ci95)} ({where})"
     return f"{name}: not kept — not measured at the primary setting ({v.arm} against {v.baseline})"
 
@@ -200,7 +209,7 @@ def ships_section(o: RunOptions, outputs: Mapping[str, Mapping[str, Any]], decis
     baked = (outputs.get("bake") or {}).get("arms") or {}
     lines = ["", "## What ships", ""]
     if decision.ships == "stock":
-        lines.append("Ships: **stock** — no lever paid on this machine; there is nothing to carry.")
+        lines.append("Ships: **stock** — no lever proved a gain in this race; there is nothing to carry.")
     else:
         names = {"prefetch": "prefetch", "pages": "huge pages", "both": "prefetch + huge pages"}
         lines.append(f"Ships: **{names[decision.ships]}** (arm `{decision.ships}`); patch: "

@@ -6,8 +6,8 @@ the correctness gate's records, the per-token latencies and the seconds spent, u
 samples measure (arms and their builds, model file, settings, repetitions, seed, CPU mask, tracer). `--resume`
 (and `amppatch run`'s final race, always) reads it back when the fingerprint matches: the gate is not run
 again, the schedule's generator is advanced past the rounds done, so the resumed race plays exactly the rounds
-an uninterrupted one would have. A finished race removes the file (report.json holds the samples); any
-mismatch starts afresh and says why. Pure apart from `load`, `save` and `clear`.
+an uninterrupted one would have. The file stays after a finished race, so a rerun given more rounds or time
+lengthens it; any mismatch starts afresh and says why. Pure apart from `load` and `save`.
 """
 
 from __future__ import annotations
@@ -104,6 +104,3 @@ def load(out: Path, expected: dict[str, Any]) -> tuple[Checkpoint | None, str]:
 def save(out: Path, checkpoint: Checkpoint) -> None:
     write_text_atomic(Path(out) / CHECKPOINT_FILE, json.dumps(checkpoint.to_json()) + "\n")
 
-
-def clear(out: Path) -> None:
-    (Path(out) / CHECKPOINT_FILE).unlink(missing_ok=True)

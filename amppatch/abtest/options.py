@@ -81,6 +81,9 @@ class AbTestOptions:
     reps: int = 3
     rounds: int | None = None  # fixed number of rounds (default DEFAULT_ROUNDS when max_time is None)
     max_time: float | None = None  # stop rule: add rounds until decisive or this many seconds have passed
+    # the time limit never stops the race before this many rounds (at 2, the block-level t interval has one
+    # degree of freedom and hardly ever excludes 1; the stop rule itself calls nothing before STOP_MIN_ROUNDS)
+    min_rounds: int = MIN_ROUNDS
     min_effect: float = 0.05
     seed: int = 0
     cpu_mask: str | None = None  # llama-bench -C MASK --cpu-strict 1 for every arm
@@ -198,6 +201,8 @@ def validate(options: AbTestOptions) -> None:
         raise UsageError("--rounds and --max-time exclude each other", next_step="pass one of them")
     if options.rounds is not None and options.rounds < MIN_ROUNDS:
         raise UsageError(f"--rounds must be at least {MIN_ROUNDS}", next_step="blocks are the bootstrap's unit")
+    if options.min_rounds < MIN_ROUNDS:
+        raise UsageError(f"--min-rounds must be at least {MIN_ROUNDS}", next_step="blocks are the bootstrap's unit")
     if options.max_time is not None and options.max_time <= 0:
         raise UsageError("--max-time must be positive", next_step="e.g. --max-time 600")
     if not 0 < options.min_effect < 1:

@@ -52,11 +52,13 @@ if TYPE_CHECKING:
 
 
 def stop_rule(rounds_done: int, comps: Sequence[dict[str, Any]], *, all_failed: bool, rounds: int | None,
-              max_time: float | None, elapsed: float, round_seconds: float) -> str | None:
+              max_time: float | None, elapsed: float, round_seconds: float,
+              min_rounds: int = MIN_ROUNDS) -> str | None:
     """Why the timed loop stops after `rounds_done` rounds, or None to run another round.
 
     `rounds` is the fixed round count (None under `max_time`); `elapsed` the seconds since ab-test started
-    and `round_seconds` what the last round took (the estimate for the next one)."""
+    and `round_seconds` what the last round took (the estimate for the next one); the time limit does not stop
+    the race before `min_rounds`."""
     if all_failed and not any(c["ratio"] is not None for c in comps):
         return "every candidate arm failed"
     if rounds is not None:
@@ -68,7 +70,7 @@ def stop_rule(rounds_done: int, comps: Sequence[dict[str, Any]], *, all_failed: 
     # check — measured by amppatch.calibrate.
     if rounds_done >= STOP_MIN_ROUNDS and decisive and all(c["verdict"] != "inconclusive" for c in decisive):
         return f"every comparison decisive after {rounds_done} rounds"
-    if rounds_done >= MIN_ROUNDS and elapsed + round_seconds > max_time:
+    if rounds_done >= max(MIN_ROUNDS, min_rounds) and elapsed + round_seconds > max_time:
         return (f"time limit: another round (~{round_seconds:.0f} s) would pass "
                 f"--max-time {max_time:.0f} s after {rounds_done} rounds")
     return None
@@ -188,8 +190,6 @@ def _run_abtest(options: AbTestOptions, out: Path, executor: SlotExecutor | None
                                min_effect=options.min_effect, seed=options.seed, n_boot=options.n_boot)
     result = AbTestResult.from_json(build_report(setup, timed, comps, pair_comps), out)
     write_report(out, result)
-    if not timed.interrupted:
-        ckpt.clear(out)  # the race is over: report.json holds its samples
     if timed.interrupted:
         progress(f"ab-test: partial report of {timed.rounds} rounds in {out}")
         raise KeyboardInterrupt  # the exit status says the run did not finish (130), the report is kept
@@ -227,6 +227,16 @@ class Resume:
     checkpoint: ckpt.Checkpoint | None = None
 
 
+def _look(samples: list[Sample], setup: Setup, failures: dict[tuple[str, str], str]) -> list[dict[str, Any]]:
+    """The stop rule's look at the samples so far: every arm against the first, and the extra pairs — a race is
+    decisive when every comparison asked for is."""
+    options = setup.options
+    comps = analyze(samples, setup.names, setup.settings, failures, min_effect=options.min_effect,
+                    seed=options.seed, n_boot=STOP_RULE_N_BOOT)
+    return comps + analyze_pairs(samples, options.pairs, setup.settings, failures, min_effect=options.min_effect,
+                                 seed=options.seed, n_boot=STOP_RULE_N_BOOT)
+
+
 def _timed_rounds(setup: Setup, executor: SlotExecutor | None, failures: dict[tuple[str, str], str],
                   resume: Resume) -> Timed:
     """The timed loop: rounds until the stop rule says stop (or Ctrl-C), with host load read around it; after
@@ -260,20 +270,21 @@ def _timed_rounds(setup: Setup, executor: SlotExecutor | None, failures: dict[tu
             round_slots(r, setting_ids, len(arms), rng, r * len(setting_ids))
         round_index = timed.resumed_rounds = earlier.rounds
         earlier_seconds = earlier.elapsed_seconds
+    all_failed = all((arm.spec.name, sid) in failures for arm in arms[1:] for sid in setting_ids)
     try:
-        while True:
-            if n_rounds_target is not None and round_index >= n_rounds_target:  # a resumed race already done
-                timed.stopped_because = f"{n_rounds_target} rounds done"
-                break
+        # a resumed race that already meets the stop rule (more rounds or time were not given) plays no round
+        stop = None if earlier is None else stop_rule(
+            round_index, _look(samples, setup, failures), all_failed=all_failed, rounds=n_rounds_target,
+            max_time=options.max_time, elapsed=earlier_seconds, round_seconds=earlier_seconds / round_index,
+            min_rounds=options.min_rounds)
+        if stop is not None:
+            timed.stopped_because = stop
+        while stop is None:
             round_start = time.monotonic()
             slots = round_slots(round_index, setting_ids, len(arms), rng, round_index * len(setting_ids))
             play_round(slots, bench, setup.names, by_id, samples, failures)
             round_seconds = time.monotonic() - round_start
-            comps = analyze(samples, setup.names, settings, failures, min_effect=options.min_effect,
-                            seed=options.seed, n_boot=STOP_RULE_N_BOOT)
-            # Extra pairs count for the stop rule too: a race is decisive when every comparison asked for is.
-            comps += analyze_pairs(samples, options.pairs, settings, failures, min_effect=options.min_effect,
-                                   seed=options.seed, n_boot=STOP_RULE_N_BOOT)
+            comps = _look(samples, setup, failures)
             elapsed = earlier_seconds + time.monotonic() - setup.t0
             total = f"/{n_rounds_target}" if n_rounds_target else ""
             progress(_progress_line(round_index, total, comps, elapsed))
@@ -281,12 +292,12 @@ def _timed_rounds(setup: Setup, executor: SlotExecutor | None, failures: dict[tu
             ckpt.save(options.out, ckpt.Checkpoint(
                 resume.fingerprint, round_index, elapsed, tuple(samples), dict(failures),
                 tuple(resume.correctness), dict(getattr(bench, "traces", {}))))
-            stop = stop_rule(round_index, comps, all_failed=all(
-                (arm.spec.name, sid) in failures for arm in arms[1:] for sid in setting_ids),
-                rounds=n_rounds_target, max_time=options.max_time, elapsed=elapsed, round_seconds=round_seconds)
+            all_failed = all((arm.spec.name, sid) in failures for arm in arms[1:] for sid in setting_ids)
+            stop = stop_rule(round_index, comps, all_failed=all_failed, rounds=n_rounds_target,
+                             max_time=options.max_time, elapsed=elapsed, round_seconds=round_seconds,
+                             min_rounds=options.min_rounds)
             if stop is not None:
                 timed.stopped_because = stop
-                break
     except KeyboardInterrupt:
         timed.stopped_because = f"interrupted after {round_index} rounds"
         timed.interrupted = True

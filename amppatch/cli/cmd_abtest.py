@@ -48,6 +48,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     stop.add_argument("--rounds", type=int, help="number of rounds (default 6)")
     stop.add_argument("--max-time", type=float, metavar="S",
                       help="stop rule: add rounds until every verdict is decisive or S seconds have passed")
+    parser.add_argument("--min-rounds", type=int, default=2, metavar="N",
+                        help="with --max-time: never stop for time before N rounds (default 2; 5 is the fewest "
+                        "after which the stop rule calls a verdict)")
     parser.add_argument("--min-effect", type=float, default=0.05, help="smallest effect that matters (0.05 = 5%%)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the block order and the bootstrap")
     parser.add_argument("--cpu-mask", help="pin every arm with llama-bench -C MASK --cpu-strict 1 (hex)")
@@ -117,6 +120,7 @@ def options_from_args(args: argparse.Namespace) -> AbTestOptions:
         reps=args.reps,
         rounds=args.rounds,
         max_time=args.max_time,
+        min_rounds=args.min_rounds,
         min_effect=args.min_effect,
         seed=args.seed,
         cpu_mask=args.cpu_mask,

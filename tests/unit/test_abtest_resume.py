@@ -15,6 +15,7 @@ from amppatch.abtest import AbTestOptions, ArmSpec, Sample, Setting, runner
 from amppatch.abtest import checkpoint as ckpt
 from amppatch.abtest import execute as execute_mod
 from amppatch.abtest.schedule import Slot
+from amppatch.errors import UsageError
 
 SPEED = {0: 1.0, 1: 0.9}  # stock, then an arm 10 % faster (shorter samples)
 
@@ -70,7 +71,6 @@ class Replay:
 def test_an_interrupted_race_resumes_to_the_samples_of_an_uninterrupted_one(tmp_path: Path,
                                                                              offline: list[str]) -> None:
     whole = abtest.run_abtest(_options(tmp_path, "whole"), Replay())
-    assert not (tmp_path / "whole" / ckpt.CHECKPOINT_FILE).exists()  # a finished race keeps no checkpoint
 
     with pytest.raises(KeyboardInterrupt):
         abtest.run_abtest(_options(tmp_path, "cut"), Replay(stop_at=2))
@@ -87,7 +87,29 @@ def test_an_interrupted_race_resumes_to_the_samples_of_an_uninterrupted_one(tmp_
     assert [c.ci95 for c in resumed.comparisons] == [c.ci95 for c in whole.comparisons]
     assert "4 rounds (4 rounds done; the first 2 from an earlier sitting)" in \
         (tmp_path / "cut" / "report.md").read_text()
-    assert not (tmp_path / "cut" / ckpt.CHECKPOINT_FILE).exists()
+    assert json.loads((tmp_path / "cut" / ckpt.CHECKPOINT_FILE).read_text())["rounds"] == 4
+
+
+def test_a_finished_race_goes_on_only_when_given_more(tmp_path: Path, offline: list[str]) -> None:
+    abtest.run_abtest(_options(tmp_path, "done"), Replay())
+    same = Replay()
+    again = abtest.run_abtest(_options(tmp_path, "done", resume=True), same)
+    assert same.slots == [] and again.to_json()["diagnostics"]["stopped_because"] == "4 rounds done"
+    more = Replay()
+    longer = abtest.run_abtest(_options(tmp_path, "done", resume=True, rounds=6), more)
+    assert {s.round for s in more.slots} == {4, 5} and longer.to_json()["diagnostics"]["rounds"] == 6
+    whole = abtest.run_abtest(_options(tmp_path, "whole", rounds=6), Replay())
+    assert longer.samples == whole.samples
+
+
+def test_the_time_limit_waits_for_min_rounds(tmp_path: Path) -> None:
+    comps = [{"ratio": 1.5, "ci95": [0.9, 2.5], "verdict": "inconclusive"}]
+    kw: dict = {"all_failed": False, "rounds": None, "max_time": 600.0, "elapsed": 700.0, "round_seconds": 300.0}
+    assert abtest.stop_rule(2, comps, **kw) is not None  # the default: two rounds, then time
+    assert abtest.stop_rule(2, comps, **kw, min_rounds=5) is None
+    assert abtest.stop_rule(5, comps, **kw, min_rounds=5) is not None
+    with pytest.raises(UsageError, match="--min-rounds must be at least 2"):
+        abtest.validate(_options(tmp_path, "o", min_rounds=1))
 
 
 def test_a_checkpoint_of_another_race_is_not_used(tmp_path: Path, offline: list[str],
@@ -123,8 +145,6 @@ def test_load_says_why_a_checkpoint_is_not_used(tmp_path: Path) -> None:
     assert ckpt.load(tmp_path, fp) == (record, f"resuming after 1 round(s) recorded in {tmp_path / 'rounds.json'}")
     _, why = ckpt.load(tmp_path, {**fp, "seed": 1, "reps": 2})
     assert "differs in reps, seed" in why
-    ckpt.clear(tmp_path)
-    assert not (tmp_path / ckpt.CHECKPOINT_FILE).exists()
 
 
 def test_resume_needs_the_directory_and_may_replace_its_partial_report(tmp_path: Path, small_gguf: Path,

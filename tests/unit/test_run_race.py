@@ -113,6 +113,7 @@ def test_race_options_race_every_arm_at_every_setting(tmp_path: Path) -> None:
     assert [a.name for a in o.arms] == ["stock", "prefetch", "pages", "both"]
     assert all(a.bench_args == ("--repack", "0") for a in o.arms)
     assert o.pairs == (("both", "prefetch"),) and o.max_time == 600 and o.skip_correctness
+    assert o.min_rounds == 5 and o.resume  # enough blocks for a verdict; a rerun goes on from the rounds done
     from amppatch.abtest import settings_for
 
     assert [s.id for s in settings_for(o)] == ["tg64-t1", "tg64-t2", "tg16-d4096-t1", "pp512-t1"]
@@ -217,6 +218,18 @@ def test_pages_without_gain_are_said_plainly(tmp_path: Path, monkeypatch: pytest
     assert "- prefetch: kept — ratio 1.190 [1.150, 1.200]" in text
     assert "| tg64, 1 thread | both | prefetch | 1.002 | [0.990, 1.012] | spans 1 |" in text
     assert "huge-page mapping of the pages build (apply's check on the gate model): verified, 98% of the" in text
+
+
+def test_a_race_too_short_to_tell_is_not_called_no_gain(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    o = _options(tmp_path, monkeypatch, "always [madvise] never")
+    arms = ("stock", "prefetch", "pages", "both")
+    comps = [comp("prefetch", "stock", PRIMARY, 1.465, 0.863, 2.535), comp("pages", "stock", PRIMARY, 1.0, 0.99, 1.01),
+             comp("both", "stock", PRIMARY, 1.456, 0.977, 2.202), comp("both", "prefetch", PRIMARY, 1.0, 0.9, 1.1)]
+    text = render_summary(o, {"bake": _baked("prefetch", "pages", "both"), "final": _final(comps, arms)}, {})
+    assert ("- prefetch: not shown here, ratio 1.465 [0.863, 2.535] (prefetch against stock at tg64, 1 thread) — "
+            "the CI spans 1 and a gain above 5%: the race was too short to tell") in text
+    assert "- huge pages: no gain here, ratio 1.000 [0.990, 1.010] (pages against stock" in text
+    assert "Ships: **stock** — no lever proved a gain in this race" in text
 
 
 def test_a_setting_that_hurts_is_visible(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
