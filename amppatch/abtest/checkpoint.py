@@ -1,5 +1,5 @@
 """ab-test's round checkpoint: the raw samples of every finished round, kept beside the report so that a race
-that was interrupted (Ctrl-C, a lost machine, a session that ended) goes on where it stopped.
+that was interrupted (Ctrl-C, a lost machine, a terminal that closed) goes on where it stopped.
 
 After each round ab-test writes `rounds.json` (versioned) into its output directory: the samples, the failures,
 the correctness gate's records, the per-token latencies and the seconds spent, under a fingerprint of what the
