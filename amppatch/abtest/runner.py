@@ -289,9 +289,10 @@ def _timed_rounds(setup: Setup, executor: SlotExecutor | None, failures: dict[tu
             total = f"/{n_rounds_target}" if n_rounds_target else ""
             progress(_progress_line(round_index, total, comps, elapsed))
             round_index += 1
-            ckpt.save(options.out, ckpt.Checkpoint(
-                resume.fingerprint, round_index, elapsed, tuple(samples), dict(failures),
-                tuple(resume.correctness), dict(getattr(bench, "traces", {}))))
+            if options.checkpoint:
+                ckpt.save(options.out, ckpt.Checkpoint(
+                    resume.fingerprint, round_index, elapsed, tuple(samples), dict(failures),
+                    tuple(resume.correctness), dict(getattr(bench, "traces", {}))))
             all_failed = all((arm.spec.name, sid) in failures for arm in arms[1:] for sid in setting_ids)
             stop = stop_rule(round_index, comps, all_failed=all_failed, rounds=n_rounds_target,
                              max_time=options.max_time, elapsed=elapsed, round_seconds=round_seconds,

@@ -94,7 +94,7 @@ class _Prober:
         ab = AbTestOptions(arms=specs, model=o.model, threads=(threads,), tokens=o.probe_tokens,
                            reps=o.probe_reps, rounds=rounds, min_effect=o.min_effect, seed=o.seed + self.count,
                            out=self.probe_dir / f"{self.count:03d}-{tag}-t{threads}", skip_correctness=True,
-                           latency="off", llc=False, n_boot=N_BOOT)
+                           latency="off", llc=False, n_boot=N_BOOT, checkpoint=False)
         if o.lock is None:
             return run_abtest(ab)
         waited = time.monotonic()

@@ -112,6 +112,11 @@ def test_the_time_limit_waits_for_min_rounds(tmp_path: Path) -> None:
         abtest.validate(_options(tmp_path, "o", min_rounds=1))
 
 
+def test_a_race_asked_for_no_checkpoint_writes_none(tmp_path: Path, offline: list[str]) -> None:
+    abtest.run_abtest(_options(tmp_path, "probe", checkpoint=False), Replay())
+    assert not (tmp_path / "probe" / ckpt.CHECKPOINT_FILE).exists()
+
+
 def test_a_checkpoint_of_another_race_is_not_used(tmp_path: Path, offline: list[str],
                                                   capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(KeyboardInterrupt):
