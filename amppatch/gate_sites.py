@@ -154,7 +154,7 @@ def count_function_hits(build: object, function: str, model: Path, args: tuple[s
     gdb = require_tool("gdb", install_hint="install gdb (apt-get install -y gdb) to prove the patched kernel ran")
     binary = build.program("completion")
     quiet = supported(("-no-cnv", "--no-warmup"), accepted_flags(build, "completion"))
-    specs = list(lines) or [function]
+    specs = list(lines) or [gdb_function_name(function)]
     breaks: list[str] = []
     for n, spec in enumerate(specs, 1):
         breaks += ["-ex", f"break {spec}", "-ex", f"ignore {n} 100000000"]
@@ -167,6 +167,12 @@ def count_function_hits(build: object, function: str, model: Path, args: tuple[s
         m = re.search(r"breakpoint already hit (\d+) time", done.stdout)
         return int(m.group(1)) if m else 0
     return max(line_breakpoint_hits(done.stdout, specs).values(), default=0)
+
+
+def gdb_function_name(function: str) -> str:
+    """How gdb's linespec parser finds a function template's specialization: closing angle brackets apart
+    ('gemv<block<4, 8>>' -> 'gemv<block<4, 8> >'); with '>>' the breakpoint stays pending and never hits."""
+    return re.sub(r">(?=>)", "> ", function)
 
 
 def line_breakpoint_hits(info: str, specs: list[str]) -> dict[str, int]:

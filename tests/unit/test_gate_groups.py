@@ -139,3 +139,13 @@ def test_gate_sites_runs_each_group_on_its_own_model(monkeypatch: pytest.MonkeyP
     synthesized.clear()
     out = gs.gate_sites(object(), object(), [_site(FA)], default_type="q6_k")  # type: ignore[arg-type]
     assert synthesized == [("tiny", "q6_k")] and out["runs"][0]["functions"] == [FA]
+
+
+def test_gdb_is_given_specializations_with_closing_brackets_apart() -> None:
+    # the profile's canonical spelling of a repack GEMV specialization; gdb leaves "<block<4, 8>>" pending
+    assert gs.gdb_function_name("gemv_q4_b32_8x8_q8_0_lut_avx<block<4, 8>>") == \
+        "gemv_q4_b32_8x8_q8_0_lut_avx<block<4, 8> >"
+    assert gs.gdb_function_name("f<a<b<c>>>") == "f<a<b<c> > >"
+    assert gs.gdb_function_name("gemv_q4_b32_8x8_q8_0_lut_avx<block_q4_0x8>") == \
+        "gemv_q4_b32_8x8_q8_0_lut_avx<block_q4_0x8>"
+    assert gs.gdb_function_name("ggml_vec_dot_q8_0_q8_0") == "ggml_vec_dot_q8_0_q8_0"
