@@ -417,6 +417,9 @@ def test_other_kernels_end_to_end(llama_repo: Path, native_build, function: str,
 @pytest.mark.parametrize(("site", "fixture", "function", "bytes_per_iteration"), [
     # on x86 the wrapper only calls a template: the site lands in its block_q4_0x8 specialization
     ("ggml_gemv_q4_0_8x8_q8_0", "tiny_model_q4_0", "gemv_q4_b32_8x8_q8_0_lut_avx<block_q4_0x8>", 144),
+    # the same specialization as the profile names it (from the symbol): gdb must still find it to count hits
+    ("gemv_q4_b32_8x8_q8_0_lut_avx<block<4, 8>>:2:b_ptr[b]", "tiny_model_q4_0",
+     "gemv_q4_b32_8x8_q8_0_lut_avx<block<4, 8>>", 144),
     ("ggml_gemv_q4_K_8x8_q8_K", "tiny_model_q4_k", "ggml_gemv_q4_K_8x8_q8_K", 1152),
 ])
 def test_repack_gemv_end_to_end(llama_repo: Path, native_build, site: str, fixture: str, function: str,
