@@ -18,6 +18,7 @@ from amppatch.patch import (
     Edit,
     SiteRequest,
     analyze_requests,
+    commit_message,
     parse_loop_key,
     parse_site_spec,
     plan_sites,
@@ -235,6 +236,18 @@ def test_request_id_depends_on_every_parameter(tree: Path) -> None:
     learned = [dataclasses.replace(plan.sites[0], request=dataclasses.replace(plan.sites[0].request,
                                                                                 origin="learned"))]
     assert request_id("a" * 40, learned, tunable=False, line_size=64) not in ids
+
+
+def test_the_commit_does_not_depend_on_the_order_sites_were_asked_for(tree: Path) -> None:
+    requests = [parse_site_spec("fx_dot_blocks", None, None), parse_site_spec("fx_prefetched", None, None)]
+    plan = plan_sites(requests, analyze_requests(tree, requests, None), 64)
+    assert len(plan.sites) == 2
+    backwards = list(reversed(plan.sites))
+    for tunable in (False, True):
+        rid = request_id("a" * 40, plan.sites, tunable=tunable, line_size=64)
+        assert request_id("a" * 40, backwards, tunable=tunable, line_size=64) == rid
+        assert commit_message(rid, "a" * 40, backwards, tunable=tunable) == \
+            commit_message(rid, "a" * 40, plan.sites, tunable=tunable)
 
 
 def test_gate_helpers_route_kernels_to_model_types() -> None:
