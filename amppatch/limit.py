@@ -41,6 +41,7 @@ ROUND = 4  # decimals kept of every rate, so a record read back computes the sam
 # Below this median CPU share of its threads, an in-cache probe is not used as the kernel side.
 MIN_CLEAN_CPU_SHARE = 0.75
 
+
 def _r(value: float | None) -> float | None:
     return None if value is None else round(float(value), ROUND)
 

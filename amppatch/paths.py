@@ -92,7 +92,6 @@ def write_text_atomic(path: Path, text: str) -> None:
         raise
 
 
-
 def save_figure_atomic(fig: Any, path: Path, *, dpi: int = 110) -> Path:
     """Save a matplotlib figure the way write_text_atomic writes text: to a temporary file renamed into place,
     which a failure removes (an OSError becomes one WriteError line); the figure is closed either way."""
@@ -111,6 +110,7 @@ def save_figure_atomic(fig: Any, path: Path, *, dpi: int = 110) -> Path:
     finally:
         plt.close(fig)
     return path
+
 
 def options_json(options: DataclassInstance) -> dict[str, Any]:
     """A frozen options dataclass (nested ones included) as plain JSON values, for result files."""

@@ -270,13 +270,18 @@ def _timed_rounds(setup: Setup, executor: SlotExecutor | None, failures: dict[tu
             round_slots(r, setting_ids, len(arms), rng, r * len(setting_ids))
         round_index = timed.resumed_rounds = earlier.rounds
         earlier_seconds = earlier.elapsed_seconds
-    all_failed = all((arm.spec.name, sid) in failures for arm in arms[1:] for sid in setting_ids)
+
+    def stop_after(comps: list[dict[str, Any]], elapsed: float, round_seconds: float) -> str | None:
+        """The stop rule after `round_index` rounds (failures grow round by round, so read them now)."""
+        all_failed = all((arm.spec.name, sid) in failures for arm in arms[1:] for sid in setting_ids)
+        return stop_rule(round_index, comps, all_failed=all_failed, rounds=n_rounds_target,
+                         max_time=options.max_time, elapsed=elapsed, round_seconds=round_seconds,
+                         min_rounds=options.min_rounds)
+
     try:
         # a resumed race that already meets the stop rule (more rounds or time were not given) plays no round
-        stop = None if earlier is None else stop_rule(
-            round_index, _look(samples, setup, failures), all_failed=all_failed, rounds=n_rounds_target,
-            max_time=options.max_time, elapsed=earlier_seconds, round_seconds=earlier_seconds / round_index,
-            min_rounds=options.min_rounds)
+        stop = None if earlier is None else stop_after(_look(samples, setup, failures), earlier_seconds,
+                                                       earlier_seconds / round_index)
         if stop is not None:
             timed.stopped_because = stop
         while stop is None:
@@ -293,10 +298,7 @@ def _timed_rounds(setup: Setup, executor: SlotExecutor | None, failures: dict[tu
                 ckpt.save(options.out, ckpt.Checkpoint(
                     resume.fingerprint, round_index, elapsed, tuple(samples), dict(failures),
                     tuple(resume.correctness), dict(getattr(bench, "traces", {}))))
-            all_failed = all((arm.spec.name, sid) in failures for arm in arms[1:] for sid in setting_ids)
-            stop = stop_rule(round_index, comps, all_failed=all_failed, rounds=n_rounds_target,
-                             max_time=options.max_time, elapsed=elapsed, round_seconds=round_seconds,
-                             min_rounds=options.min_rounds)
+            stop = stop_after(comps, elapsed, round_seconds)
             if stop is not None:
                 timed.stopped_because = stop
     except KeyboardInterrupt:

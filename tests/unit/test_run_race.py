@@ -208,12 +208,18 @@ def test_thp_never_races_no_pages_and_says_so(tmp_path: Path, monkeypatch: pytes
     assert "The stock build stays the answer" in skipped and "THP is never on this machine" in skipped
 
 
+def _four_arm_summary(o: RunOptions, prefetch: tuple[float, float, float], pages: tuple[float, float, float],
+                      both: tuple[float, float, float], both_vs_prefetch: tuple[float, float, float]) -> str:
+    """report.md of a race of all four arms, each (ratio, CI low, CI high) at the primary setting."""
+    comps = [comp("prefetch", "stock", PRIMARY, *prefetch), comp("pages", "stock", PRIMARY, *pages),
+             comp("both", "stock", PRIMARY, *both), comp("both", "prefetch", PRIMARY, *both_vs_prefetch)]
+    final = _final(comps, ("stock", "prefetch", "pages", "both"))
+    return render_summary(o, {"bake": _baked("prefetch", "pages", "both"), "final": final}, {})
+
+
 def test_pages_without_gain_are_said_plainly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     o = _options(tmp_path, monkeypatch, "always [madvise] never")
-    arms = ("stock", "prefetch", "pages", "both")
-    comps = [comp("prefetch", "stock", PRIMARY, 1.19, 1.15, 1.20), comp("pages", "stock", PRIMARY, 1.0, 0.99, 1.01),
-             comp("both", "stock", PRIMARY, 1.19, 1.15, 1.21), comp("both", "prefetch", PRIMARY, 1.002, 0.990, 1.012)]
-    text = render_summary(o, {"bake": _baked("prefetch", "pages", "both"), "final": _final(comps, arms)}, {})
+    text = _four_arm_summary(o, (1.19, 1.15, 1.20), (1.0, 0.99, 1.01), (1.19, 1.15, 1.21), (1.002, 0.990, 1.012))
     assert "- huge pages: no gain here, ratio 1.002 [0.990, 1.012] (both against prefetch at tg64, 1 thread)" in text
     assert "- prefetch: kept — ratio 1.190 [1.150, 1.200]" in text
     assert "| tg64, 1 thread | both | prefetch | 1.002 | [0.990, 1.012] | spans 1 |" in text
@@ -222,10 +228,7 @@ def test_pages_without_gain_are_said_plainly(tmp_path: Path, monkeypatch: pytest
 
 def test_a_race_too_short_to_tell_is_not_called_no_gain(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     o = _options(tmp_path, monkeypatch, "always [madvise] never")
-    arms = ("stock", "prefetch", "pages", "both")
-    comps = [comp("prefetch", "stock", PRIMARY, 1.465, 0.863, 2.535), comp("pages", "stock", PRIMARY, 1.0, 0.99, 1.01),
-             comp("both", "stock", PRIMARY, 1.456, 0.977, 2.202), comp("both", "prefetch", PRIMARY, 1.0, 0.9, 1.1)]
-    text = render_summary(o, {"bake": _baked("prefetch", "pages", "both"), "final": _final(comps, arms)}, {})
+    text = _four_arm_summary(o, (1.465, 0.863, 2.535), (1.0, 0.99, 1.01), (1.456, 0.977, 2.202), (1.0, 0.9, 1.1))
     assert ("- prefetch: not shown here, ratio 1.465 [0.863, 2.535] (prefetch against stock at tg64, 1 thread) — "
             "the CI spans 1 and a gain above 5%: the race was too short to tell") in text
     assert "- huge pages: no gain here, ratio 1.000 [0.990, 1.010] (pages against stock" in text
@@ -247,10 +250,7 @@ def test_a_setting_that_hurts_is_visible(tmp_path: Path, monkeypatch: pytest.Mon
 
 def test_the_carrying_section_names_patch_flags_and_cpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     o = _options(tmp_path, monkeypatch, "always [madvise] never")
-    arms = ("stock", "prefetch", "pages", "both")
-    comps = [comp("prefetch", "stock", PRIMARY, 1.19, 1.15, 1.20), comp("pages", "stock", PRIMARY, 1.04, 1.02, 1.06),
-             comp("both", "stock", PRIMARY, 1.22, 1.18, 1.25), comp("both", "prefetch", PRIMARY, 1.03, 1.01, 1.05)]
-    text = render_summary(o, {"bake": _baked("prefetch", "pages", "both"), "final": _final(comps, arms)}, {})
+    text = _four_arm_summary(o, (1.19, 1.15, 1.20), (1.04, 1.02, 1.06), (1.22, 1.18, 1.25), (1.03, 1.01, 1.05))
     carry = text.split("## Carrying the patch")[1]
     assert "git -C <your llama.cpp checkout> am /out/both/x.patch" in carry and "9fefe408ba84" in carry
     assert "-DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON" in carry and "`-mno-amx-tile`" in carry
