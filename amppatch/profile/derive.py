@@ -89,13 +89,13 @@ def matrix_ops(hot_functions: list[dict], type_bytes: dict[str, int],
         return hot_functions
     out: list[dict] = []
     for entry in hot_functions:
-        types = tensor_type_of_kernel(str(entry.get("name", "")), list(type_bytes))
-        t = types[0] if types else None
-        if t is None or t not in type_bytes:
+        types = tensor_type_of_kernel(str(entry.get("name", "")), list(type_bytes))  # one of type_bytes, or none
+        if not types:
             out.append(entry)
             continue
-        expert = min(experts_by_type.get(t, 0), type_bytes[t])
+        t = types[0]
         total = type_bytes[t]
+        expert = min(experts_by_type.get(t, 0), total)
         out.append({**entry, "ops": {"type": t, "mul_mat_bytes": total - expert, "mul_mat_id_bytes": expert,
                                      "mul_mat_id_share": round(expert / total, 4) if total else 0.0}})
     return out
