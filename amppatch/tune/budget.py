@@ -3,8 +3,12 @@
 One budget serves every site. **Search pass**: sites are searched hottest first; each gets the remaining
 time (less a reserve for the joint verification) in proportion to its weight among the sites not searched
 yet — its kernel's sample share from the profile, divided among that kernel's sites (`site_weights`; without
-a profile every site weighs the same). Time a site does not use (it was rolled back early, or confirmed
-quickly) stays in the pool and so goes to the sites after it. **Extension pass**: what is left after every
+a profile every site weighs the same) — but at least what one decision costs (`decision_cost`: its first
+coarse batch, a confirmation and a verification per other thread count, estimated from the batches so far),
+as far as the pool reaches. Without that floor a cooler site's share could not pay its first batch, it
+would be dropped unmeasured, and its time would flow on to the coolest site, the last one searched. Time a
+site does not use (it was rolled back early, or confirmed quickly) stays in the pool and so goes to the
+sites after it. **Extension pass**: what is left after every
 site was searched goes to the sites whose decision is still open — a confirmation CI that straddles the
 keep threshold with its point estimate above it (`open_width`) — in proportion to weight × CI width
 (`split_budget` with widths), as more rounds of the same confirmation. Then the joint verification.
@@ -19,6 +23,9 @@ from collections.abc import Callable, Sequence
 
 # Held back for the joint verification before any batch was measured (then: the estimated cost of one race).
 JOINT_RESERVE_FRACTION = 0.1
+# A site raised to the decision floor gets this much more than the estimate: the estimate is a mean, and the
+# search's own fit check runs a moment later on a clock that has moved on.
+DECISION_FLOOR_MARGIN = 1.1
 
 
 def site_weights(shares: Sequence[float | None], kernels: Sequence[str]) -> list[float]:
@@ -45,6 +52,25 @@ def split_budget(weights: Sequence[float], remaining: float,
     if not remaining > 0 or not total > 0 or not math.isfinite(remaining):
         return [0.0] * len(weights)
     return [remaining * p / total for p in parts]
+
+
+def decision_cost(budget: Budget, first_batch: int, probe_rounds: int, confirm_rounds: int,
+                  thread_counts: int) -> float | None:
+    """Seconds the smallest complete decision of a site costs, estimated from the batches measured so far:
+    its first coarse batch of `first_batch` candidates, then one single-candidate confirmation at each of
+    `thread_counts` thread counts (the tuning one and every verified one). None before any batch."""
+    coarse = budget.estimate(first_batch, probe_rounds)
+    confirm = budget.estimate(1, confirm_rounds)
+    if coarse is None or confirm is None:
+        return None
+    return coarse + confirm * max(1, thread_counts)
+
+
+def allotment(share: float, floor: float | None, pool: float) -> float:
+    """A site's seconds in the search pass: its `share` of the pool, raised to the decision `floor` (with
+    DECISION_FLOOR_MARGIN) where that is more, and never more than the `pool`."""
+    want = share if floor is None else max(share, floor * DECISION_FLOOR_MARGIN)
+    return max(0.0, min(want, pool))
 
 
 def open_width(ratio: float | None, ci95: tuple[float, float] | None, threshold: float) -> float | None:

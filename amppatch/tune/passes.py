@@ -3,7 +3,8 @@
 1. **Threshold** — a site whose kernel's sample share is below `--min-share` is not tuned (dropped, with its
    share as the reason).
 2. **Search** — the other sites, hottest first, each searched and rolled back on its own (`tune_site`) with
-   the time budget.py's split gives it; the sites kept before it stay at their settings while it is probed.
+   the time budget.py's split gives it (its share, at least one decision's cost while the pool lasts); the
+   sites kept before it stay at their settings while it is probed.
 3. **Extension** — leftover time goes to the sites whose confirmation CI is still open (ratio above the
    threshold, CI lower bound not), by weight × CI width, as more confirmation rounds pooled with the first
    (`extend_confirmation`), with every other site set as it was when that site was confirmed.
@@ -20,9 +21,25 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from amppatch.proc import progress
-from amppatch.tune.budget import Budget, SubBudget, extension_rounds, joint_reserve, open_width, split_budget
+from amppatch.tune.budget import (
+    Budget,
+    SubBudget,
+    allotment,
+    decision_cost,
+    extension_rounds,
+    joint_reserve,
+    open_width,
+    split_budget,
+)
 from amppatch.tune.joint import JointOutcome, Member, RaceResult, verify_jointly
-from amppatch.tune.search import Candidate, ProbeResult, SearchConfig, SiteSearch, extend_confirmation
+from amppatch.tune.search import (
+    Candidate,
+    ProbeResult,
+    SearchConfig,
+    SiteSearch,
+    extend_confirmation,
+    initial_candidates,
+)
 
 DROPPED_BY = ("threshold", "budget", "unmeasured", "rollback", "joint")
 
@@ -111,11 +128,15 @@ class SitePasses:
         for k, o in enumerate(todo):
             pool = max(0.0, self.budget.remaining() - joint_reserve(self.budget, self.config.confirm_rounds,
                                                                     len(todo)))
-            o.allotted = split_budget([x.weight for x in todo[k:]], pool)[0]
+            by_share = split_budget([x.weight for x in todo[k:]], pool)[0]
+            floor = self.decision_floor(o)
+            o.allotted = allotment(by_share, floor, pool)
             o.with_on = {i: c for i, c in self.prober.fixed.items() if i != o.index}
             share = f"kernel share {o.share:.0%}" if o.share is not None else "share unknown"
+            raised = (f" (its share, {by_share / 60:.1f} min, is less than one decision's "
+                      f"{floor / 60:.1f})" if floor is not None and o.allotted > by_share else "")
             progress(f"tune: site {k + 1}/{len(todo)} {o.key} ({share}): start {o.start.name}, "
-                     f"{o.allotted / 60:.1f} of {self.budget.remaining() / 60:.1f} min left, tuned at "
+                     f"{o.allotted / 60:.1f}{raised} of {self.budget.remaining() / 60:.1f} min left, tuned at "
                      f"{self.threads} thread(s), verified at "
                      f"{', '.join(map(str, self.verify_threads)) or 'no other count'}")
             sub = SubBudget(self.budget, o.allotted)
@@ -124,6 +145,13 @@ class SitePasses:
                                       verify_threads=self.verify_threads)
             o.spent += sub.spent()
             self._settle(o)
+
+    def decision_floor(self, o: SiteOutcome) -> float | None:
+        """What the smallest complete decision of site `o` costs here (budget.decision_cost), None before any
+        batch was measured."""
+        first = min(len(initial_candidates(o.start, self.config)), self.config.max_batch)
+        counts = 1 + len([t for t in dict.fromkeys(self.verify_threads) if t != self.threads])
+        return decision_cost(self.budget, first, self.config.probe_rounds, self.config.confirm_rounds, counts)
 
     def open_sites(self) -> list[tuple[SiteOutcome, float]]:
         """Rolled-back sites whose confirmation CI still straddles the threshold, with its width."""
@@ -196,8 +224,10 @@ class SitePasses:
             o.dropped_by, o.reason = "rollback", s.reason
         elif s.stopped_because == "budget":
             o.dropped_by = "budget"
-            o.reason = (f"the budget ran out before its first probe: {o.allotted / 60:.1f} min allotted of the "
-                        "pool could not pay one batch")
+            floor = self.decision_floor(o)
+            cost = "" if floor is None else f"; one decision costs about {floor / 60:.1f} min here (a larger --budget)"
+            o.reason = (f"the budget ran out before its first probe: the {o.allotted / 60:.1f} min left for it "
+                        f"could not pay one batch{cost}")
         else:
             o.dropped_by, o.reason = "unmeasured", s.reason
         verdict = "kept" if o.kept else "dropped"

@@ -139,6 +139,26 @@ def test_the_budget_running_out_is_said_plainly() -> None:
     assert sites[1].dropped_by == "budget" and "the budget ran out before its first probe" in sites[1].reason
 
 
+def test_a_cooler_site_gets_at_least_one_decision_while_the_pool_lasts() -> None:
+    clock = FakeClock()
+    # the hot kernel never helps and spends most of the budget; three cooler sites share what is left, each
+    # share too small for its first batch and confirmation
+    prober = FakeSites({0: lambda c: 0.97, 1: helps(1.2), 2: helps(1.2), 3: helps(1.2)}, clock, run_seconds=5.0)
+    sites = [outcome(0, "gemv", 0.6), outcome(1, "q6", 0.2), outcome(2, "q5", 0.1), outcome(3, "q8", 0.1)]
+    p, _ = passes(sites, prober, 1000.0, clock)
+    p.search_pass()
+    floor = p.decision_floor(sites[1])
+    assert floor is not None and floor == pytest.approx(5.0 * (5 * 5 + 2 * 9))  # coarse batch of 4 + confirm
+    second = sites[1]
+    assert second.allotted >= floor and "coarse" in prober.phases(1) and second.kept
+    # hottest first: no cooler site is searched while a hotter one went without a probe for want of time
+    searched = [bool(prober.phases(i)) for i in range(4)]
+    assert searched == sorted(searched, reverse=True)
+    assert any(s.dropped_by == "budget" for s in sites[2:])
+    starved = next(s for s in sites if s.dropped_by == "budget")
+    assert starved.allotted < floor
+
+
 def test_an_open_decision_gets_leftover_time_and_is_decided_on_the_pooled_evidence() -> None:
     clock = FakeClock()
     # site 0 gains 3 % but its confirmation CI (± 5 %) reaches 1; pooled with more rounds it is ± 1 %
