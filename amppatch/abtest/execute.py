@@ -10,6 +10,7 @@ import contextlib
 import json
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -151,22 +152,35 @@ class LlamaBenchExecutor:
 
 
 
+WARMUP_DEPTH = 64  # context a long-context setting's warmup fills (see warmup_setting)
+
+
+def warmup_setting(setting: Setting) -> Setting:
+    """What a warmup call runs for `setting`: the same, but a long context filled only WARMUP_DEPTH deep.
+    Every timed call at depth fills its whole context before it times anything, which warms the caches as a
+    warmup would; a warmup at full depth would add one more whole fill per arm (at 4096 tokens minutes on a
+    2-core machine, the dearest calls of a race) to learn only whether the arm runs at depth."""
+    return replace(setting, depth=min(setting.depth, WARMUP_DEPTH)) if setting.depth else setting
+
+
 def warmup(arms: Sequence[_Arm], options: AbTestOptions, settings: Sequence[Setting],
            failures: dict[tuple[str, str], str]) -> None:
-    """One untimed llama-bench run per arm and setting; an arm that cannot run a setting is recorded in
-    `failures` (and never timed at it). Each arm's first warmup that runs is watched for the model file's
-    huge-page share (`arm.pages`)."""
+    """One untimed llama-bench run per arm and setting (a long context at a short depth: `warmup_setting`);
+    an arm that cannot run a setting is recorded in `failures` (and never timed at it). Each arm's first
+    warmup that runs is watched for the model file's huge-page share (`arm.pages`)."""
     from amppatch.childpages import ChildPages
     from amppatch.weightpages import WeightPages
 
     for setting in settings:
         for arm in arms:
-            progress(f"ab-test: warmup {arm.spec.name} {setting.label} ...")
+            short = warmup_setting(setting)
+            timed = f" (timed at depth {setting.depth})" if short != setting else ""
+            progress(f"ab-test: warmup {arm.spec.name} {short.label}{timed} ...")
             try:
                 # the first warmup an arm runs also shows where its weights sit: untimed, same binary and flags
                 watch = ChildPages(options.model) if arm.pages is None else None
                 with watch or contextlib.nullcontext():
-                    record = _run_bench(_bench_argv(arm, options, setting, 1), arm.env, options.bench_timeout,
+                    record = _run_bench(_bench_argv(arm, options, short, 1), arm.env, options.bench_timeout,
                                         arm.spec.name)
                 if watch is not None:
                     arm.pages = WeightPages.watched(watch.result, options.model.stat().st_size,
