@@ -64,10 +64,11 @@ def _check_report_names_types(out: Path, model: Path) -> None:
 def quick_user_run(llama_repo: Path, native_build: Build, tiny_model_q4_k: Path,
                    tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("run-model")
-    # 256 tokens: the sampler's 1 kHz sees ~100 in-token samples of the tiny model, enough to catch the Q4_K
-    # GEMV (~7 % of them; the Q6_K output matrix takes half) where --quick's 32 tokens give ~10
+    # 1536 tokens (the tiny model's context is 2048): a token takes 0.6-2 ms, so the sampler's 1 kHz sees
+    # ~300-900 in-token samples, enough to catch the Q4_K GEMV (3-7 % of them; the Q6_K output matrix takes
+    # most) on a fast CPU too, where 256 tokens gave ~50 samples and sometimes none of the GEMV
     report = _cli(["--quick", "--model", str(tiny_model_q4_k), "--repo", str(llama_repo), "-o", str(out),
-                   "--profile-tokens", "256"])
+                   "--profile-tokens", "1536"])
     assert report == out / "report.md"
     return out
 
