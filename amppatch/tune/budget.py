@@ -8,10 +8,10 @@ coarse batch, a confirmation and a verification per other thread count, estimate
 as far as the pool reaches. Without that floor a cooler site's share could not pay its first batch, it
 would be dropped unmeasured, and its time would flow on to the coolest site, the last one searched. Time a
 site does not use (it was rolled back early, or confirmed quickly) stays in the pool and so goes to the
-sites after it. **Extension pass**: what is left after every
-site was searched goes to the sites whose decision is still open — a confirmation CI that straddles the
-keep threshold with its point estimate above it (`open_width`) — in proportion to weight × CI width
-(`split_budget` with widths), as more rounds of the same confirmation. Then the joint verification.
+sites after it. **Extension pass**: what is left after every site was searched goes to the sites whose
+decision is still open — a confirmation CI that straddles the keep threshold with its point estimate above
+it (`open_width`) — in proportion to weight × CI width (`split_budget` with widths), as more rounds of the
+same confirmation. Then the joint verification.
 """
 
 from __future__ import annotations
@@ -54,16 +54,22 @@ def split_budget(weights: Sequence[float], remaining: float,
     return [remaining * p / total for p in parts]
 
 
+def confirmation_cost(budget: Budget, confirm_rounds: int, thread_counts: int) -> float | None:
+    """Seconds of one single-candidate confirmation at each of `thread_counts` thread counts (the tuning one
+    and every verified one), estimated from the batches measured so far; None before any batch. The search
+    holds this back before every batch, so a site it starts can still be decided."""
+    confirm = budget.estimate(1, confirm_rounds)
+    return None if confirm is None else confirm * max(1, thread_counts)
+
+
 def decision_cost(budget: Budget, first_batch: int, probe_rounds: int, confirm_rounds: int,
                   thread_counts: int) -> float | None:
     """Seconds the smallest complete decision of a site costs, estimated from the batches measured so far:
-    its first coarse batch of `first_batch` candidates, then one single-candidate confirmation at each of
-    `thread_counts` thread counts (the tuning one and every verified one). None before any batch."""
+    its first coarse batch of `first_batch` candidates, then its confirmations (`confirmation_cost`). None
+    before any batch."""
     coarse = budget.estimate(first_batch, probe_rounds)
-    confirm = budget.estimate(1, confirm_rounds)
-    if coarse is None or confirm is None:
-        return None
-    return coarse + confirm * max(1, thread_counts)
+    confirm = confirmation_cost(budget, confirm_rounds, thread_counts)
+    return None if coarse is None or confirm is None else coarse + confirm
 
 
 def allotment(share: float, floor: float | None, pool: float) -> float:

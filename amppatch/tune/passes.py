@@ -39,6 +39,7 @@ from amppatch.tune.search import (
     SiteSearch,
     extend_confirmation,
     initial_candidates,
+    other_thread_counts,
 )
 
 DROPPED_BY = ("threshold", "budget", "unmeasured", "rollback", "joint")
@@ -150,7 +151,7 @@ class SitePasses:
         """What the smallest complete decision of site `o` costs here (budget.decision_cost), None before any
         batch was measured."""
         first = min(len(initial_candidates(o.start, self.config)), self.config.max_batch)
-        counts = 1 + len([t for t in dict.fromkeys(self.verify_threads) if t != self.threads])
+        counts = 1 + len(other_thread_counts(self.threads, self.verify_threads))
         return decision_cost(self.budget, first, self.config.probe_rounds, self.config.confirm_rounds, counts)
 
     def open_sites(self) -> list[tuple[SiteOutcome, float]]:

@@ -52,7 +52,7 @@ from typing import Any
 
 from amppatch.errors import AmppatchError, UsageError
 from amppatch.proc import progress
-from amppatch.tune.budget import Budget
+from amppatch.tune.budget import Budget, confirmation_cost
 
 OFF = -1
 PRIMARY_HINTS = (3, 0)
@@ -275,6 +275,11 @@ class SiteSearch:
     by_threads: dict[int, ProbeResult] = field(default_factory=dict)  # the decision's evidence per thread count
 
 
+def other_thread_counts(threads: int, verify_threads: Sequence[int]) -> list[int]:
+    """The thread counts a kept setting is verified at: `verify_threads` without the tuning count, once each."""
+    return [t for t in dict.fromkeys(verify_threads) if t != threads]
+
+
 class _Searcher:
     def __init__(self, probe: ProbeFn, config: SearchConfig, budget: Budget, threads: int,
                  verify_threads: Sequence[int]) -> None:
@@ -282,14 +287,14 @@ class _Searcher:
         self.config = config
         self.budget = budget
         self.threads = threads
-        self.verify_threads = [t for t in dict.fromkeys(verify_threads) if t != threads]
+        self.verify_threads = other_thread_counts(threads, verify_threads)
         self.out = SiteSearch()
         self.batch = 0
 
     def reserve(self) -> float:
         """Time kept for confirmation and verification (one single-candidate batch each)."""
-        est = self.budget.estimate(1, self.config.confirm_rounds)
-        return 0.0 if est is None else est * (1 + len(self.verify_threads))
+        est = confirmation_cost(self.budget, self.config.confirm_rounds, 1 + len(self.verify_threads))
+        return 0.0 if est is None else est
 
     def run(self, candidates: list[Candidate], threads: int, phase: str, rounds: int,
             reserve: float = 0.0) -> list[ProbeResult] | None:
