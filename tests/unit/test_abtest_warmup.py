@@ -3,11 +3,11 @@ setting is warmed up at a short depth (its timed calls fill the whole context fi
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import pytest
+from abtest_fakes import fake_build
 
 from amppatch.abtest import execute, runner
 from amppatch.abtest.execute import WARMUP_DEPTH, warmup_setting
@@ -24,11 +24,7 @@ def test_a_warmup_fills_a_long_context_only_a_short_way() -> None:
 
 def test_ab_test_times_the_full_depth_after_a_short_warmup(
         tmp_path: Path, small_gguf: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
-    build = tmp_path / "build"
-    (build / "bin").mkdir(parents=True)
-    (build / "bin" / "llama-bench").write_text("")
-    (build / "manifest.json").write_text(json.dumps({"schema_version": 1, "source_dir": str(build),
-                                                     "commit": "c0ffee"}))
+    build = fake_build(tmp_path / "build")
     calls: list[list[str]] = []
 
     def bench(argv: list[str], env: dict[str, str], timeout: float, label: str) -> dict[str, Any]:

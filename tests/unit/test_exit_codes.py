@@ -8,20 +8,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from abtest_fakes import fake_build
 
 from amppatch import abtest
 from amppatch.abtest import execute, runner
 from amppatch.cli import main
 from amppatch.errors import UnmeasuredError
-
-
-def _fake_build(root: Path) -> Path:
-    """A build directory load_build accepts (its llama-bench is never started: _run_bench is faked)."""
-    (root / "bin").mkdir(parents=True)
-    (root / "bin" / "llama-bench").write_text("")
-    (root / "manifest.json").write_text(json.dumps({"schema_version": 1, "source_dir": str(root),
-                                                    "commit": "c0ffee"}))
-    return root
 
 
 class _FakeBench:
@@ -42,7 +34,7 @@ class _FakeBench:
 
 @pytest.fixture()
 def ab_args(tmp_path: Path, small_gguf: Path, monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    build = _fake_build(tmp_path / "build")
+    build = fake_build(tmp_path / "build")
     # nothing here may start a process: no machine probe, no tracer, no perf
     monkeypatch.setattr(runner, "stream_ceiling", lambda: (None, "not measured (test)", None))
     return ["ab-test", "--a", str(build), "--b", str(build), "-m", str(small_gguf), "--rounds", "2",
@@ -101,7 +93,7 @@ def test_tune_interrupted_writes_learned_json_and_exits_130(
         tmp_path: Path, small_gguf: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from amppatch import tune
 
-    build = _fake_build(tmp_path / "tunable")
+    build = fake_build(tmp_path / "tunable")
     manifest = tmp_path / "tunable.json"
     manifest.write_text(json.dumps({
         "schema_version": 1, "tunable": True, "builds": {"a": str(build), "b": str(build)}, "line_size": 64,

@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from abtest_fakes import fake_build
 
 from amppatch import abtest, report, stats
 from amppatch.abtest import AbTestOptions, AbTestResult, ArmSpec, Sample, Setting, Slot, execute, runner
@@ -193,11 +194,7 @@ def test_committed_reports_round_trip_byte_for_byte() -> None:
 def test_run_abtest_returns_the_result_it_wrote(tmp_path: Path, small_gguf: Path,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     """The writer's own output (not a hand-built document) is what the reader reads back."""
-    build = tmp_path / "build"
-    (build / "bin").mkdir(parents=True)
-    (build / "bin" / "llama-bench").write_text("")
-    (build / "manifest.json").write_text(json.dumps({"schema_version": 1, "source_dir": str(build),
-                                                     "commit": "c0ffee"}))
+    build = fake_build(tmp_path / "build")
     monkeypatch.setattr(runner, "stream_ceiling", lambda: (None, "not measured (test)", None))
     monkeypatch.setattr(execute, "_run_bench", lambda argv, env, timeout, label: {"samples_ns": [10_000_000]})
 
