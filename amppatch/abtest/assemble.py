@@ -40,6 +40,7 @@ class Timed:
     samples: list[Sample] = field(default_factory=list)
     rounds: int = 0
     resumed_rounds: int = 0  # of `rounds`, those an earlier sitting recorded (its checkpoint)
+    resumed_seconds: float = 0.0  # wall time the earlier sittings spent on this race (its checkpoint)
     stopped_because: str = ""
     interrupted: bool = False
     traces: dict[tuple[str, str], list[float]] = field(default_factory=dict)
@@ -284,6 +285,7 @@ def build_report(setup: Setup, timed: Timed, comps: list[dict[str, Any]],
             "warnings": warnings,
             "rounds": timed.rounds,
             "resumed_rounds": timed.resumed_rounds,
+            "resumed_seconds": round(timed.resumed_seconds, 3),
             "blocks": len({s.block for s in timed.samples}),
             "stopped_because": timed.stopped_because,
             "page_cache_seconds": timed.cache_seconds,

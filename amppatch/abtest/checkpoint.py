@@ -2,12 +2,15 @@
 that was interrupted (Ctrl-C, a lost machine, a terminal that closed) goes on where it stopped.
 
 After each round ab-test writes `rounds.json` (versioned) into its output directory: the samples, the failures,
-the correctness gate's records, the per-token latencies and the seconds spent, under a fingerprint of what the
-samples measure (arms and their builds, model file, settings, repetitions, seed, CPU mask, tracer). `--resume`
-(and `amppatch run`'s final race, always) reads it back when the fingerprint matches: the gate is not run
-again, the schedule's generator is advanced past the rounds done, so the resumed race plays exactly the rounds
-an uninterrupted one would have. The file stays after a finished race, so a rerun given more rounds or time
-lengthens it; any mismatch starts afresh and says why. Pure apart from `load` and `save`.
+the correctness gate's records, the per-token latencies, what each arm's warmup saw (its first llama-bench
+record, its weights' huge-page share) and the seconds spent, under a fingerprint of what the samples measure
+(arms and their builds, model file, settings, repetitions, seed, CPU mask, tracer). `--resume` (and `amppatch
+run`'s final race and tune's probe batches, always) reads it back when the fingerprint matches: the gate is
+not run again, the schedule's generator is advanced past the rounds done, so the resumed race plays exactly
+the rounds an uninterrupted one would have. A race whose recorded rounds already meet its stop rule is not
+warmed up again: the warmup records come from the checkpoint. The file stays after a finished race, so a
+rerun given more rounds or time lengthens it; any mismatch starts afresh and says why. Pure apart from `load`
+and `save`.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from typing import Any
 from amppatch.abtest.analysis import Sample
 from amppatch.abtest.options import AbTestOptions, Setting, _Arm
 from amppatch.paths import write_text_atomic
+from amppatch.weightpages import WeightPages
 
 CHECKPOINT_FILE = "rounds.json"
 SCHEMA_VERSION = 1
@@ -54,6 +58,9 @@ class Checkpoint:
     failures: dict[tuple[str, str], str] = field(default_factory=dict)
     correctness: tuple[dict[str, Any], ...] = ()
     traces: dict[tuple[str, str], list[float]] = field(default_factory=dict)
+    # per arm name: {"first_record": llama-bench's first record less its samples, "huge_pages": WeightPages
+    # JSON or None}; empty in a checkpoint written before it was kept (that race is warmed up again)
+    warmups: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -65,6 +72,7 @@ class Checkpoint:
             "failures": [{"arm": a, "setting": s, "reason": r} for (a, s), r in self.failures.items()],
             "correctness": list(self.correctness),
             "traces": [{"arm": a, "setting": s, "token_ns": v} for (a, s), v in self.traces.items()],
+            "warmups": self.warmups,
         }
 
     @classmethod
@@ -79,7 +87,28 @@ class Checkpoint:
             failures={(f["arm"], f["setting"]): str(f["reason"]) for f in data.get("failures", [])},
             correctness=tuple(data.get("correctness", [])),
             traces={(t["arm"], t["setting"]): [float(x) for x in t["token_ns"]] for t in data.get("traces", [])},
+            warmups={str(k): dict(v) for k, v in (data.get("warmups") or {}).items()},
         )
+
+
+def warmup_records(arms: list[_Arm]) -> dict[str, dict[str, Any]]:
+    """What each arm's warmup saw, for the checkpoint (arms no warmup ran for are left out)."""
+    return {a.spec.name: {"first_record": a.bench_meta["first_record"],
+                          "huge_pages": a.pages.to_json() if a.pages is not None else None}
+            for a in arms if "first_record" in a.bench_meta}
+
+
+def restore_warmups(checkpoint: Checkpoint, arms: list[_Arm]) -> bool:
+    """Give every arm what its warmup saw in the sitting that recorded `checkpoint`; False (and nothing
+    changed) when the checkpoint lacks an arm's record, so the race must warm that arm up itself."""
+    if any(a.spec.name not in checkpoint.warmups for a in arms):
+        return False
+    for a in arms:
+        record = checkpoint.warmups[a.spec.name]
+        a.bench_meta["first_record"] = dict(record["first_record"])
+        pages = record.get("huge_pages")
+        a.pages = WeightPages.from_json(pages) if pages else None
+    return True
 
 
 def load(out: Path, expected: dict[str, Any]) -> tuple[Checkpoint | None, str]:

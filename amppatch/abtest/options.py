@@ -99,11 +99,9 @@ class AbTestOptions:
     # the command and run's final race turn it on, callers racing many small batches (tune, bench) leave it off
     roofline: bool = False
     fail_on_regression: bool = False
-    # go on from the rounds recorded in `out`'s checkpoint (rounds.json) when it belongs to this race
+    # go on from the rounds recorded in `out`'s checkpoint (rounds.json, written after every round) when it
+    # belongs to this race
     resume: bool = False
-    # write that checkpoint after every round; callers racing many short batches they never resume (tune's
-    # probes) leave it off, report.json holds the samples anyway
-    checkpoint: bool = True
     n_boot: int = 4000
     bench_timeout: float = 1800.0
     # Settings measured after the tests x threads grid (e.g. tg at a long depth at one thread count only).

@@ -162,13 +162,23 @@ def _run_abtest(options: AbTestOptions, out: Path, executor: SlotExecutor | None
         progress(f"ab-test: {why}")
     # 1. correctness first (a resumed race passed its gate in the sitting that recorded its rounds)
     correctness = list(resumed.correctness) if resumed else _gate_pairs(setup.arms, options)
-    # 2. page cache and warmup (every sitting: the caches and the page cache are this sitting's)
-    progress(f"ab-test: reading {options.model.name} into the page cache ...")
-    cache_seconds = page_cache(options.model)
     failures: dict[tuple[str, str], str] = dict(resumed.failures) if resumed else {}
-    warmup(setup.arms, options, setup.settings, failures)
+    # a resumed race that already meets the stop rule (more rounds or time were not given) plays no round
+    done = None
+    if resumed is not None:
+        done = _stop(setup, failures, resumed.rounds, _look(list(resumed.samples), setup, failures),
+                     resumed.elapsed_seconds, resumed.elapsed_seconds / resumed.rounds)
+    # 2. page cache and warmup (every sitting that times a round: the caches and the page cache are its own)
+    cache_seconds = 0.0
+    if done is not None and resumed is not None and ckpt.restore_warmups(resumed, setup.arms):
+        progress(f"ab-test: the {resumed.rounds} recorded round(s) already meet the stop rule ({done}): "
+                 "no warmup, no new round")
+    else:
+        progress(f"ab-test: reading {options.model.name} into the page cache ...")
+        cache_seconds = page_cache(options.model)
+        warmup(setup.arms, options, setup.settings, failures)
     # 3. timed rounds, each one recorded in the checkpoint as it finishes
-    timed = _timed_rounds(setup, executor, failures, Resume(fingerprint, correctness, resumed))
+    timed = _timed_rounds(setup, executor, failures, Resume(fingerprint, correctness, resumed, done))
     timed.correctness, timed.cache_seconds = correctness, cache_seconds
     if not timed.samples and timed.interrupted:
         raise KeyboardInterrupt
@@ -225,6 +235,7 @@ class Resume:
     fingerprint: dict[str, Any]
     correctness: list[dict[str, Any]]
     checkpoint: ckpt.Checkpoint | None = None
+    stopped_because: str | None = None  # the checkpoint's rounds already meet the stop rule: play none
 
 
 def _look(samples: list[Sample], setup: Setup, failures: dict[tuple[str, str], str]) -> list[dict[str, Any]]:
@@ -235,6 +246,23 @@ def _look(samples: list[Sample], setup: Setup, failures: dict[tuple[str, str], s
                     seed=options.seed, n_boot=STOP_RULE_N_BOOT)
     return comps + analyze_pairs(samples, options.pairs, setup.settings, failures, min_effect=options.min_effect,
                                  seed=options.seed, n_boot=STOP_RULE_N_BOOT)
+
+
+def _round_target(options: AbTestOptions) -> int | None:
+    """The fixed number of rounds, or None when the time limit and the statistics decide."""
+    if options.max_time is not None:
+        return None
+    return options.rounds if options.rounds is not None else DEFAULT_ROUNDS
+
+
+def _stop(setup: Setup, failures: dict[tuple[str, str], str], rounds_done: int, comps: list[dict[str, Any]],
+          elapsed: float, round_seconds: float) -> str | None:
+    """The stop rule after `rounds_done` rounds (failures grow round by round, so read them now)."""
+    options = setup.options
+    all_failed = all((arm.spec.name, s.id) in failures for arm in setup.arms[1:] for s in setup.settings)
+    return stop_rule(rounds_done, comps, all_failed=all_failed, rounds=_round_target(options),
+                     max_time=options.max_time, elapsed=elapsed, round_seconds=round_seconds,
+                     min_rounds=options.min_rounds)
 
 
 def _timed_rounds(setup: Setup, executor: SlotExecutor | None, failures: dict[tuple[str, str], str],
@@ -255,9 +283,7 @@ def _timed_rounds(setup: Setup, executor: SlotExecutor | None, failures: dict[tu
     trace_dir = Path(tempfile.mkdtemp(prefix="amppatch-abtest-traces-"))
     bench = executor if executor is not None else LlamaBenchExecutor(arms, options, setup.tracer,
                                                                      setup.latency_note, trace_dir)
-    n_rounds_target = options.rounds if options.max_time is None else None
-    if n_rounds_target is None and options.max_time is None:
-        n_rounds_target = DEFAULT_ROUNDS
+    n_rounds_target = _round_target(options)
     round_index = 0
     earlier_seconds = 0.0
     earlier = resume.checkpoint
@@ -269,19 +295,10 @@ def _timed_rounds(setup: Setup, executor: SlotExecutor | None, failures: dict[tu
         for r in range(earlier.rounds):  # the generator as an uninterrupted race would have left it
             round_slots(r, setting_ids, len(arms), rng, r * len(setting_ids))
         round_index = timed.resumed_rounds = earlier.rounds
-        earlier_seconds = earlier.elapsed_seconds
-
-    def stop_after(comps: list[dict[str, Any]], elapsed: float, round_seconds: float) -> str | None:
-        """The stop rule after `round_index` rounds (failures grow round by round, so read them now)."""
-        all_failed = all((arm.spec.name, sid) in failures for arm in arms[1:] for sid in setting_ids)
-        return stop_rule(round_index, comps, all_failed=all_failed, rounds=n_rounds_target,
-                         max_time=options.max_time, elapsed=elapsed, round_seconds=round_seconds,
-                         min_rounds=options.min_rounds)
+        earlier_seconds = timed.resumed_seconds = earlier.elapsed_seconds
 
     try:
-        # a resumed race that already meets the stop rule (more rounds or time were not given) plays no round
-        stop = None if earlier is None else stop_after(_look(samples, setup, failures), earlier_seconds,
-                                                       earlier_seconds / round_index)
+        stop = resume.stopped_because
         if stop is not None:
             timed.stopped_because = stop
         while stop is None:
@@ -294,11 +311,10 @@ def _timed_rounds(setup: Setup, executor: SlotExecutor | None, failures: dict[tu
             total = f"/{n_rounds_target}" if n_rounds_target else ""
             progress(_progress_line(round_index, total, comps, elapsed))
             round_index += 1
-            if options.checkpoint:
-                ckpt.save(options.out, ckpt.Checkpoint(
-                    resume.fingerprint, round_index, elapsed, tuple(samples), dict(failures),
-                    tuple(resume.correctness), dict(getattr(bench, "traces", {}))))
-            stop = stop_after(comps, elapsed, round_seconds)
+            ckpt.save(options.out, ckpt.Checkpoint(
+                resume.fingerprint, round_index, elapsed, tuple(samples), dict(failures),
+                tuple(resume.correctness), dict(getattr(bench, "traces", {})), ckpt.warmup_records(arms)))
+            stop = _stop(setup, failures, round_index, comps, elapsed, round_seconds)
             if stop is not None:
                 timed.stopped_because = stop
     except KeyboardInterrupt:

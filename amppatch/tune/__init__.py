@@ -265,6 +265,10 @@ def _tune(options: TuneOptions) -> TuneResult:
         progress("tune: interrupted; writing what was reached")
     if any(o.search and o.search.phases_skipped for o in outcomes):
         stopped = "budget spent" if stopped == "done" else stopped
+    if not interrupted:  # an interrupted tune keeps them: its rerun replays them
+        stale = prober.remove_unreached()
+        if stale:
+            progress(f"tune: removed {len(stale)} probe batch(es) of an earlier sitting this search did not reach")
     result = writer.write(stopped)
     data = result.to_json()
     plot = render_landscape(data, options.out / "tune.png")

@@ -124,6 +124,11 @@ class Budget:
     def exclude(self, seconds: float) -> None:
         self.excluded += max(0.0, seconds)
 
+    def charge(self, seconds: float) -> None:
+        """Count `seconds` as spent now: what an earlier sitting measured of a batch this one replays from
+        its checkpoint, so a resumed tune spends the budget an uninterrupted one would have."""
+        self.excluded -= max(0.0, seconds)
+
     def record(self, n_candidates: int, rounds: int, seconds: float) -> None:
         # one warmup call per arm plus one per arm and round; "off" is an arm too
         self._runs += (n_candidates + 1) * (rounds + 1)
@@ -152,6 +157,10 @@ class SubBudget(Budget):
     def exclude(self, seconds: float) -> None:
         super().exclude(seconds)
         self.parent.exclude(seconds)
+
+    def charge(self, seconds: float) -> None:
+        super().charge(seconds)
+        self.parent.charge(seconds)
 
     def remaining(self) -> float:
         return min(super().remaining(), self.parent.remaining())

@@ -8,6 +8,7 @@ every site off."""
 
 from __future__ import annotations
 
+import shutil
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
@@ -59,6 +60,7 @@ class _Prober:
         self.confirmations: dict[tuple[int, Candidate, int, Env, Env], list[AbTestResult]] = {}
         assert options.out is not None, "resolve_options sets out"
         self.probe_dir = options.out / "probes"
+        self.batch_dirs: list[Path] = []  # every batch's ab-test directory, in order
 
     def env(self, settings: Mapping[int, Candidate]) -> Env:
         """Every site's variables: its setting in `settings`, else off."""
@@ -91,16 +93,38 @@ class _Prober:
         o = self.options
         bench_args = o.bench_args or ()  # resolve_options has settled None to the profile's flags
         specs = tuple(ArmSpec(name, self.build_dir, bench_args, env) for name, env in arms)
+        # Each batch keeps its checkpoint and resumes from it: a rerun of an interrupted tune asks for the same
+        # batches in the same order (the search is deterministic given their results), so every batch already
+        # measured is replayed from its rounds.json, and the first one that differs is measured afresh.
+        out = self.probe_dir / f"{self.count:03d}-{tag}-t{threads}"
+        self.batch_dirs.append(out)
         ab = AbTestOptions(arms=specs, model=o.model, threads=(threads,), tokens=o.probe_tokens,
                            reps=o.probe_reps, rounds=rounds, min_effect=o.min_effect, seed=o.seed + self.count,
-                           out=self.probe_dir / f"{self.count:03d}-{tag}-t{threads}", skip_correctness=True,
-                           latency="off", llc=False, n_boot=N_BOOT, checkpoint=False)
+                           out=out, skip_correctness=True, latency="off", llc=False, n_boot=N_BOOT, resume=True)
         if o.lock is None:
-            return run_abtest(ab)
-        waited = time.monotonic()
-        with FileLock(o.lock):
-            self.budget.exclude(time.monotonic() - waited)
-            return run_abtest(ab)
+            report = run_abtest(ab)
+        else:
+            waited = time.monotonic()
+            with FileLock(o.lock):
+                self.budget.exclude(time.monotonic() - waited)
+                report = run_abtest(ab)
+        earlier = float(report.diagnostics.get("resumed_seconds") or 0.0)
+        if earlier > 0:
+            self.budget.charge(earlier)
+            progress(f"tune:   {report.diagnostics.get('resumed_rounds')} round(s) replayed from {report.path}, "
+                     f"{earlier / 60:.1f} min of an earlier sitting counted against the budget")
+        return report
+
+    def remove_unreached(self) -> list[Path]:
+        """Remove the batch directories under probes/ that this search did not ask for (an earlier sitting's
+        longer or diverging search), so probes/ holds what learned.json lists; returns them."""
+        if not self.probe_dir.is_dir():
+            return []
+        used = set(self.batch_dirs)
+        stale = sorted(d for d in self.probe_dir.iterdir() if d.is_dir() and d not in used)
+        for d in stale:
+            shutil.rmtree(d)
+        return stale
 
     def __call__(self, candidates: list[Candidate], threads: int, rounds: int, phase: str) -> list[ProbeResult]:
         o = self.options

@@ -90,14 +90,27 @@ def test_an_interrupted_race_resumes_to_the_samples_of_an_uninterrupted_one(tmp_
     assert json.loads((tmp_path / "cut" / ckpt.CHECKPOINT_FILE).read_text())["rounds"] == 4
 
 
-def test_a_finished_race_goes_on_only_when_given_more(tmp_path: Path, offline: list[str]) -> None:
-    abtest.run_abtest(_options(tmp_path, "done"), Replay())
+def test_a_finished_race_goes_on_only_when_given_more(tmp_path: Path, offline: list[str],
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    warmups: list[str] = []
+    real_warmup = runner.warmup
+
+    def counted(arms: list, options: AbTestOptions, *rest: object) -> None:
+        warmups.append(str(options.out))
+        real_warmup(arms, options, *rest)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(runner, "warmup", counted)
+    first = abtest.run_abtest(_options(tmp_path, "done"), Replay())
     same = Replay()
     again = abtest.run_abtest(_options(tmp_path, "done", resume=True), same)
     assert same.slots == [] and again.to_json()["diagnostics"]["stopped_because"] == "4 rounds done"
+    assert len(warmups) == 1  # nothing to time, so nothing to warm up: the arms' warmup records are replayed
+    assert [a.to_json()["huge_pages"] for a in again.arms] == [a.to_json()["huge_pages"] for a in first.arms]
+    assert again.to_json()["diagnostics"]["resumed_seconds"] > 0
     more = Replay()
     longer = abtest.run_abtest(_options(tmp_path, "done", resume=True, rounds=6), more)
     assert {s.round for s in more.slots} == {4, 5} and longer.to_json()["diagnostics"]["rounds"] == 6
+    assert len(warmups) == 2  # rounds to time: warmed up in this sitting
     whole = abtest.run_abtest(_options(tmp_path, "whole", rounds=6), Replay())
     assert longer.samples == whole.samples
 
@@ -110,11 +123,6 @@ def test_the_time_limit_waits_for_min_rounds(tmp_path: Path) -> None:
     assert abtest.stop_rule(5, comps, **kw, min_rounds=5) is not None
     with pytest.raises(UsageError, match="--min-rounds must be at least 2"):
         abtest.validate(_options(tmp_path, "o", min_rounds=1))
-
-
-def test_a_race_asked_for_no_checkpoint_writes_none(tmp_path: Path, offline: list[str]) -> None:
-    abtest.run_abtest(_options(tmp_path, "probe", checkpoint=False), Replay())
-    assert not (tmp_path / "probe" / ckpt.CHECKPOINT_FILE).exists()
 
 
 def test_a_checkpoint_of_another_race_is_not_used(tmp_path: Path, offline: list[str],
