@@ -139,10 +139,11 @@ class LlamaBenchExecutor:
         record = _run_bench(argv, env, self.options.bench_timeout, arm.spec.name)
         arm.bench_meta.setdefault("first_record", {k: v for k, v in record.items()
                                                    if k not in ("samples_ns", "samples_ts")})
-        # Per-token latency is a generation figure; a prompt is one decode call, not a token.
+        # Per-token latency is a generation figure: a prompt, or the context fill before a generation at
+        # depth, is a decode call of many tokens, not a token.
         if self.tracer is not None and setting.test == "tg" and trace_path.exists():
             try:
-                token_ns = list(self.tracer.read(trace_path).token_ns)
+                token_ns = list(self.tracer.read(trace_path).generation_ns)
                 self.traces.setdefault((arm.spec.name, setting.id), []).extend(float(t) for t in token_ns)
             except (AmppatchError, OSError, ValueError) as exc:
                 self.trace_errors.append(f"{trace_path.name}: {exc}")

@@ -5,7 +5,9 @@
  *   - program counters of every thread, sampled on that thread's CPU time: a timer_create()
  *     CLOCK_THREAD_CPUTIME_ID timer per thread (SIGEV_THREAD_ID), armed in the main thread at load and in
  *     every thread started through pthread_create. CPU-time sampling works on VMs without hardware counters.
- *   - token boundaries: llama_decode / llama_process / llama_synchronize entry and exit.
+ *   - token boundaries: llama_decode / llama_process / llama_synchronize entry and exit, each decode or
+ *     process call with the number of tokens in its batch (a generation step decodes one; a prompt or a
+ *     context fill many), followed through llama_batch_ext_clear / _add / _add_token for llama_process.
  *   - memory regions: large mmap/munmap/posix_memalign, and ggml_backend_buffer_set_usage/_clear with the
  *     buffer's name, base and size (weights in CPU_Mapped / CPU / CPU_REPACK / AMX buffers, KV cache).
  *   - loaded modules (dl_iterate_phdr) and /proc/self/maps when the file is written.
@@ -55,7 +57,7 @@
 #include <ucontext.h>
 #include <unistd.h>
 
-#define AMPTRACE_VERSION 1u
+#define AMPTRACE_VERSION 2u
 #define EXPORT __attribute__((visibility("default")))
 #define TLS __thread __attribute__((tls_model("initial-exec")))
 
@@ -80,7 +82,7 @@ struct token_event {       /* 24 bytes */
     _Atomic uint32_t kind; /* stored last: 0 = slot reserved but not filled */
     uint32_t tid;
     uint64_t t_ns;
-    int64_t arg;           /* llama_decode: batch.n_tokens; llama_process: type; END: return value */
+    int64_t arg;           /* BEGIN: tokens in the batch (-1: unknown); END: return value */
 };
 #define NAME_LEN 128
 struct region_event {      /* 176 bytes */
@@ -764,6 +766,44 @@ EXPORT int32_t llama_decode(void *ctx, struct amp_llama_batch batch) {
     return rc;
 }
 
+/* llama_process takes an opaque llama_batch_ext, so its token count is followed through the calls that fill
+ * it: each thread remembers the batch it last cleared or added to, and how many tokens that batch holds (an
+ * add returns the new token's index). A batch filled some other way (llama_batch_ext_add_embd alone) is
+ * recorded as -1, unknown. */
+static TLS void *t_batch;
+static TLS int64_t t_batch_tokens;
+
+static void note_batch(void *batch, int64_t tokens) {
+    t_batch = batch;
+    t_batch_tokens = tokens;
+}
+
+EXPORT void llama_batch_ext_clear(void *batch) {
+    static void (*real)(void *);
+    if (!real) real = (void (*)(void *))dlsym(RTLD_NEXT, "llama_batch_ext_clear");
+    if (!real) abort();
+    real(batch);
+    note_batch(batch, 0);
+}
+
+EXPORT int32_t llama_batch_ext_add(void *batch, int32_t seq_id) {
+    static int32_t (*real)(void *, int32_t);
+    if (!real) real = (int32_t (*)(void *, int32_t))dlsym(RTLD_NEXT, "llama_batch_ext_add");
+    if (!real) abort();
+    int32_t idx = real(batch, seq_id);
+    if (idx >= 0) note_batch(batch, (int64_t)idx + 1);
+    return idx;
+}
+
+EXPORT int32_t llama_batch_ext_add_token(void *batch, int32_t seq_id, int32_t token) {
+    static int32_t (*real)(void *, int32_t, int32_t);
+    if (!real) real = (int32_t (*)(void *, int32_t, int32_t))dlsym(RTLD_NEXT, "llama_batch_ext_add_token");
+    if (!real) abort();
+    int32_t idx = real(batch, seq_id, token);
+    if (idx >= 0) note_batch(batch, (int64_t)idx + 1);
+    return idx;
+}
+
 EXPORT int32_t llama_process(void *ctx, int type, void *batch) {
     static int32_t (*real)(void *, int, void *);
     if (!real) real = (int32_t (*)(void *, int, void *))dlsym(RTLD_NEXT, "llama_process");
@@ -771,7 +811,7 @@ EXPORT int32_t llama_process(void *ctx, int type, void *batch) {
     int outer = t_hook_depth++ == 0;
     if (outer) {
         atomic_fetch_add_explicit(&g_calls[C_PROCESS], 1, memory_order_relaxed);
-        record_token(TOK_PROCESS_BEGIN, type);
+        record_token(TOK_PROCESS_BEGIN, batch == t_batch ? t_batch_tokens : -1);
     }
     int32_t rc = real(ctx, type, batch);
     int e = errno;

@@ -1,4 +1,4 @@
-"""Reads the files amptrace.c writes (format version 1). Pure: no subprocess, no compiler.
+"""Reads the files amptrace.c writes (format version 2). Pure: no subprocess, no compiler.
 
 The layout is mirrored from amptrace.c (struct sample, token_event, region_event, thread_header,
 module_rec); both sides change together and bump ``FORMAT_VERSION``.
@@ -14,7 +14,7 @@ import numpy as np
 
 from amppatch.errors import UsageError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MAGIC = b"AMPTRACE"
 
 SEC_META, SEC_THREAD, SEC_TOKENS, SEC_REGIONS, SEC_MODULES, SEC_MAPS = 1, 2, 3, 4, 5, 6
@@ -90,6 +90,19 @@ class TokenEvent:
     arg: int
 
 
+@dataclass(frozen=True)
+class TokenCall:
+    """One llama_decode/llama_process call, from its begin through the llama_synchronize that ends it."""
+
+    begin_ns: int
+    end_ns: int
+    n_tokens: int | None  # tokens in its batch (1: a generation step); None: not known
+
+    @property
+    def ns(self) -> int:
+        return self.end_ns - self.begin_ns
+
+
 @dataclass
 class Trace:
     path: Path
@@ -101,12 +114,23 @@ class Trace:
     modules: list[Module]
     maps: list[MapsEntry]
     complete: bool
-    token_spans: list[tuple[int, int]] = field(default_factory=list)  # (begin_ns, end_ns) per token call
+    token_calls: list[TokenCall] = field(default_factory=list)
+
+    @property
+    def token_spans(self) -> list[tuple[int, int]]:
+        """(begin_ns, end_ns) of every decode/process call."""
+        return [(c.begin_ns, c.end_ns) for c in self.token_calls]
 
     @property
     def token_ns(self) -> list[int]:
         """Duration of every llama_decode/llama_process call through the llama_synchronize that ends it."""
-        return [end - begin for begin, end in self.token_spans]
+        return [c.ns for c in self.token_calls]
+
+    @property
+    def generation_ns(self) -> list[int]:
+        """Duration of every call that decoded exactly one token: the generation steps, without the prompt
+        batches and the context fill before a generation at depth (one call of thousands of tokens)."""
+        return [c.ns for c in self.token_calls if c.n_tokens == 1]
 
     @property
     def crash_signal(self) -> int:
@@ -145,33 +169,43 @@ def parse_maps(text: str) -> list[MapsEntry]:
     return out
 
 
-def token_spans(events: list[TokenEvent]) -> list[tuple[int, int]]:
-    """Pair token boundaries into (begin, end) spans, per thread and in time order.
+def _call(begin: TokenEvent, end_ns: int) -> TokenCall:
+    return TokenCall(begin.t_ns, end_ns, begin.arg if begin.arg >= 0 else None)
 
-    A token starts at a decode/process begin; it ends at the end of the first llama_synchronize that
-    follows (compute is asynchronous), or at the decode/process end when the next token starts first.
+
+def token_calls(events: list[TokenEvent]) -> list[TokenCall]:
+    """Pair token boundaries into calls, per thread and in time order.
+
+    A call starts at a decode/process begin (whose argument is its batch's token count, negative when the
+    tracer could not follow it); it ends at the end of the first llama_synchronize that follows (compute is
+    asynchronous), or at the decode/process end when the next call starts first.
     """
-    spans: list[tuple[int, int]] = []
+    calls: list[TokenCall] = []
     by_tid: dict[int, list[TokenEvent]] = {}
     for ev in sorted(events, key=lambda e: e.t_ns):
         by_tid.setdefault(ev.tid, []).append(ev)
     for evs in by_tid.values():
-        begin: int | None = None
+        begin: TokenEvent | None = None
         call_end: int | None = None
         for ev in evs:
             if ev.kind in ("decode_begin", "process_begin"):
                 if begin is not None and call_end is not None:
-                    spans.append((begin, call_end))
-                begin, call_end = ev.t_ns, None
+                    calls.append(_call(begin, call_end))
+                begin, call_end = ev, None
             elif ev.kind in ("decode_end", "process_end"):
                 if begin is not None:
                     call_end = ev.t_ns
             elif ev.kind == "sync_end" and begin is not None and call_end is not None:
-                spans.append((begin, ev.t_ns))
+                calls.append(_call(begin, ev.t_ns))
                 begin, call_end = None, None
         if begin is not None and call_end is not None:
-            spans.append((begin, call_end))
-    return sorted(spans)
+            calls.append(_call(begin, call_end))
+    return sorted(calls, key=lambda c: (c.begin_ns, c.end_ns))
+
+
+def token_spans(events: list[TokenEvent]) -> list[tuple[int, int]]:
+    """(begin, end) of every call `token_calls` pairs."""
+    return [(c.begin_ns, c.end_ns) for c in token_calls(events)]
 
 
 def read_trace(path: Path) -> Trace:
@@ -241,7 +275,7 @@ def read_trace(path: Path) -> Trace:
         elif kind == SEC_MAPS:
             maps = parse_maps(payload.decode("utf-8", "replace"))
     trace = Trace(path, version, meta, threads, tokens, regions, modules, maps, complete)
-    trace.token_spans = token_spans(tokens)
+    trace.token_calls = token_calls(tokens)
     return trace
 
 

@@ -63,6 +63,24 @@ def test_short_aa_run_writes_a_complete_report(native_build: Build, tiny_model_q
     assert render_all(out).read_text() == md
 
 
+def test_per_token_latency_at_depth_counts_the_generation_steps_only(native_build: Build, tiny_model_q8_0: Path,
+                                                                     tmp_path: Path) -> None:
+    """At depth every llama-bench call fills its context first (batches of many tokens, one call of
+    llama_process each); the latency percentiles count only the one-token steps: llama-bench's own
+    warmup step of each call, then --tokens per repetition."""
+    result = run_abtest(AbTestOptions(
+        arms=(ArmSpec("A", native_build.dir), ArmSpec("B", native_build.dir)), model=tiny_model_q8_0, tokens=4,
+        depth=256, reps=2, rounds=2, out=tmp_path / "depth", skip_correctness=True, n_boot=300, latency="on",
+        llc=False,
+    ))
+    assert result.path is not None
+    data = json.loads((result.path / "report.json").read_text())
+    assert data["latency"]["available"], data["latency"]["note"]
+    for arm in data["arms"]:
+        latency = arm["by_setting"]["tg4-d256-t1"]["latency_ms"]
+        assert latency["n_tokens"] == 2 * (1 + 2 * 4)  # 2 rounds x (warmup step + 2 reps x 4 tokens)
+
+
 def test_settings_arm_gets_the_tolerance_gate_and_a_broken_arm_is_reported(
     native_build: Build, tiny_model_q4_0: Path, tmp_path: Path
 ) -> None:

@@ -104,9 +104,11 @@ def test_token_and_region_hooks(programs: dict[str, Path], tmp_path: Path, sanit
     assert traced.returncode == 0, traced.stderr
     assert traced.stdout == plain.stdout
     t = read_trace(tmp_path / "t.bin")
-    assert len(t.token_ns) == 20 and all(ns > 0 for ns in t.token_ns)
-    assert t.calls()["llama_process"] == 10 and t.calls()["llama_decode"] == 10
-    assert t.calls()["llama_synchronize"] == 20
+    assert len(t.token_ns) == 21 and all(ns > 0 for ns in t.token_ns)
+    assert t.calls()["llama_process"] == 11 and t.calls()["llama_decode"] == 10
+    assert t.calls()["llama_synchronize"] == 21
+    # the prompt's batch size followed through llama_batch_ext_clear/_add_token; the steps are one token each
+    assert [c.n_tokens for c in t.token_calls] == [8] + [1] * 20 and len(t.generation_ns) == 20
     weights = [r for r in t.regions if r.kind == "buffer_usage"]
     assert [(r.name, r.size, r.a) for r in weights] == [("CPU_REPACK", 8 << 20, 1)]
     assert [(r.name, r.size) for r in t.regions if r.kind == "buffer_clear"] == [("CPU", 2 << 20)]
@@ -122,4 +124,4 @@ def test_token_hooks_only_mode_has_no_samples(programs: dict[str, Path], tmp_pat
     done = proc.run([programs["stress"], "llama", "6"], env=env, timeout=TIMEOUT)
     assert done.returncode == 0
     t = read_trace(env_out)
-    assert t.n_samples == 0 and not t.threads and len(t.token_ns) == 6
+    assert t.n_samples == 0 and not t.threads and len(t.token_ns) == 7

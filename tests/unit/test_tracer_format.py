@@ -10,14 +10,18 @@ import pytest
 
 from amppatch.errors import UsageError
 from amppatch.tracer.reader import (
+    FORMAT_VERSION,
     MODULE_STRUCT,
     REGION_STRUCT,
     SAMPLE_DTYPE,
     THREAD_HEADER,
     TOKEN_DTYPE,
+    TokenCall,
     TokenEvent,
+    Trace,
     parse_maps,
     read_trace,
+    token_calls,
     token_spans,
     trace_files,
 )
@@ -27,7 +31,7 @@ def section(kind: int, payload: bytes) -> bytes:
     return struct.pack("<IIQ", kind, 0, len(payload)) + payload
 
 
-def build_file(*, end: bool = True, version: int = 1) -> bytes:
+def build_file(*, end: bool = True, version: int = FORMAT_VERSION) -> bytes:
     out = b"AMPTRACE" + struct.pack("<II", version, 16)
     out += section(1, b"pid=42\nhz=1000\ncrash_signal=11\ncalls.llama_decode=3\nexe=/bin/x\n")
     samples = np.zeros(3, dtype=SAMPLE_DTYPE)
@@ -84,8 +88,8 @@ def test_rejects_other_versions_and_empty_files(tmp_path: Path) -> None:
         read_trace(path)
 
 
-def ev(kind: str, t: int, tid: int = 1) -> TokenEvent:
-    return TokenEvent(kind, tid, t, 0)
+def ev(kind: str, t: int, tid: int = 1, arg: int = 0) -> TokenEvent:
+    return TokenEvent(kind, tid, t, arg)
 
 
 def test_token_spans_pair_process_with_following_synchronize() -> None:
@@ -120,3 +124,22 @@ def test_trace_files_lists_root_then_children(tmp_path: Path) -> None:
 def test_parse_maps_keeps_paths_with_spaces() -> None:
     (e,) = parse_maps("10-20 r-xp 00000000 08:01 5 /a dir/lib.so\n")
     assert (e.start, e.end, e.path) == (0x10, 0x20, "/a dir/lib.so")
+
+
+def test_a_generation_step_is_a_call_of_one_token() -> None:
+    """A generation at depth: the context fill (two calls of 2048 tokens, the last one synchronized like a
+    step), then two steps of one token; one call whose batch the tracer could not follow (-1)."""
+    events = [
+        ev("process_begin", 0, arg=2048), ev("process_end", 100),
+        ev("process_begin", 101, arg=2048), ev("process_end", 200), ev("sync_begin", 201), ev("sync_end", 300),
+        ev("process_begin", 400, arg=1), ev("process_end", 401), ev("sync_begin", 402), ev("sync_end", 410),
+        ev("decode_begin", 500, arg=1), ev("decode_end", 512),
+        ev("process_begin", 600, arg=-1), ev("process_end", 605),
+    ]
+    calls = token_calls(events)
+    assert calls == [TokenCall(0, 100, 2048), TokenCall(101, 300, 2048), TokenCall(400, 410, 1),
+                     TokenCall(500, 512, 1), TokenCall(600, 605, None)]
+    trace = Trace(Path("t.bin"), FORMAT_VERSION, {}, [], events, [], [], [], True, calls)
+    assert trace.generation_ns == [10, 12]  # the steps only: no fill, no unknown batch
+    assert trace.token_ns == [100, 199, 10, 12, 5]  # every call, as the profile counts them
+
