@@ -359,7 +359,7 @@ class _Runner:
             tunable_manifest=Path(self.outputs["apply"]["manifest"]), profile=Path(self.outputs["profile"]["profile"]),
             threads=o.threads[0], verify_threads=tuple(o.threads[1:]), budget_minutes=o.budget_minutes,
             out=self.out / "tune", bench_args=self.bench_args(), lock=o.lock, seed=o.seed, min_share=o.min_share,
-            **quick))
+            resume=True, **quick))
         learned = result.learned
         winners = learned.winners
         b = learned.budget

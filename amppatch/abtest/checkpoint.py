@@ -27,6 +27,7 @@ from amppatch.weightpages import WeightPages
 
 CHECKPOINT_FILE = "rounds.json"
 SCHEMA_VERSION = 1
+TRACES_OF = "generation steps"  # what the per-token latencies in `traces` time (one-token decode calls)
 
 
 def fingerprint(options: AbTestOptions, arms: list[_Arm], settings: tuple[Setting, ...]) -> dict[str, Any]:
@@ -72,6 +73,7 @@ class Checkpoint:
             "failures": [{"arm": a, "setting": s, "reason": r} for (a, s), r in self.failures.items()],
             "correctness": list(self.correctness),
             "traces": [{"arm": a, "setting": s, "token_ns": v} for (a, s), v in self.traces.items()],
+            "traces_of": TRACES_OF,
             "warmups": self.warmups,
         }
 
@@ -86,7 +88,10 @@ class Checkpoint:
             samples=tuple(Sample(**s) for s in data["samples"]),
             failures={(f["arm"], f["setting"]): str(f["reason"]) for f in data.get("failures", [])},
             correctness=tuple(data.get("correctness", [])),
-            traces={(t["arm"], t["setting"]): [float(x) for x in t["token_ns"]] for t in data.get("traces", [])},
+            # latencies recorded before they were the generation steps alone (they held the context fill
+            # too) are not mixed with this sitting's: the resumed race reports its own sittings' steps only
+            traces={(t["arm"], t["setting"]): [float(x) for x in t["token_ns"]] for t in data.get("traces", [])}
+            if data.get("traces_of") == TRACES_OF else {},
             warmups={str(k): dict(v) for k, v in (data.get("warmups") or {}).items()},
         )
 

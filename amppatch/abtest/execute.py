@@ -143,8 +143,13 @@ class LlamaBenchExecutor:
         # depth, is a decode call of many tokens, not a token.
         if self.tracer is not None and setting.test == "tg" and trace_path.exists():
             try:
-                token_ns = list(self.tracer.read(trace_path).generation_ns)
-                self.traces.setdefault((arm.spec.name, setting.id), []).extend(float(t) for t in token_ns)
+                trace = self.tracer.read(trace_path)
+                steps = list(trace.generation_ns)
+                if steps:
+                    self.traces.setdefault((arm.spec.name, setting.id), []).extend(float(t) for t in steps)
+                elif trace.token_ns:
+                    self.trace_errors.append(f"{trace_path.name}: the tracer saw {len(trace.token_ns)} decode "
+                                             "call(s) but could not tell their batch sizes, so no generation step")
             except (AmppatchError, OSError, ValueError) as exc:
                 self.trace_errors.append(f"{trace_path.name}: {exc}")
             trace_path.unlink(missing_ok=True)

@@ -50,7 +50,7 @@ class _Tracer:
     """The tracer's two entry points, looked up by name so an install without the tracer still runs."""
 
     env_for: Callable[[Path], dict[str, str]]  # environment that traces a child into this file
-    read: Callable[[Path], Any]  # a parsed trace (its token_ns are the per-token latencies)
+    read: Callable[[Path], Any]  # a parsed trace (its generation_ns are the per-token latencies)
 
 
 def load_tracer(mode: str) -> tuple[_Tracer | None, str]:

@@ -77,6 +77,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-gate", action="store_true", help="skip apply's correctness gate of the tunable build")
     parser.add_argument("--gate-model", type=Path, metavar="GGUF", help="model for apply's gate")
     parser.add_argument("--seed", type=int, default=0, help="schedule seed (default 0)")
+    parser.add_argument("--resume", action="store_true",
+                        help="replay the probe batches an interrupted tune in the same -o measured (their time "
+                             "counts against --budget) and measure from the first one not recorded")
     add_build_arguments(parser)
 
 
@@ -144,5 +147,6 @@ def run(args: argparse.Namespace) -> Path:
         gate=not args.no_gate,
         gate_model=args.gate_model,
         seed=args.seed,
+        resume=args.resume,
     )
     return tune(options).path

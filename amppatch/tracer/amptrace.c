@@ -7,7 +7,8 @@
  *     every thread started through pthread_create. CPU-time sampling works on VMs without hardware counters.
  *   - token boundaries: llama_decode / llama_process / llama_synchronize entry and exit, each decode or
  *     process call with the number of tokens in its batch (a generation step decodes one; a prompt or a
- *     context fill many), followed through llama_batch_ext_clear / _add / _add_token for llama_process.
+ *     context fill many), followed through llama_batch_ext_init / _free / _clear / _add / _add_token for
+ *     llama_process.
  *   - memory regions: large mmap/munmap/posix_memalign, and ggml_backend_buffer_set_usage/_clear with the
  *     buffer's name, base and size (weights in CPU_Mapped / CPU / CPU_REPACK / AMX buffers, KV cache).
  *   - loaded modules (dl_iterate_phdr) and /proc/self/maps when the file is written.
@@ -768,14 +769,36 @@ EXPORT int32_t llama_decode(void *ctx, struct amp_llama_batch batch) {
 
 /* llama_process takes an opaque llama_batch_ext, so its token count is followed through the calls that fill
  * it: each thread remembers the batch it last cleared or added to, and how many tokens that batch holds (an
- * add returns the new token's index). A batch filled some other way (llama_batch_ext_add_embd alone) is
- * recorded as -1, unknown. */
+ * add returns the new token's index). A batch filled some other way (llama_batch_ext_add_embd alone, or no
+ * hooked add since its clear) is recorded as -1, unknown; so is one freed or allocated since (its address
+ * may be reused). */
 static TLS void *t_batch;
 static TLS int64_t t_batch_tokens;
 
 static void note_batch(void *batch, int64_t tokens) {
     t_batch = batch;
     t_batch_tokens = tokens;
+}
+
+static void forget_batch(void *batch) {
+    if (batch == t_batch) t_batch = NULL;
+}
+
+EXPORT void *llama_batch_ext_init(void *ctx) {
+    static void *(*real)(void *);
+    if (!real) real = (void *(*)(void *))dlsym(RTLD_NEXT, "llama_batch_ext_init");
+    if (!real) abort();
+    void *batch = real(ctx);
+    forget_batch(batch);
+    return batch;
+}
+
+EXPORT void llama_batch_ext_free(void *batch) {
+    static void (*real)(void *);
+    if (!real) real = (void (*)(void *))dlsym(RTLD_NEXT, "llama_batch_ext_free");
+    if (!real) abort();
+    forget_batch(batch);
+    real(batch);
 }
 
 EXPORT void llama_batch_ext_clear(void *batch) {
@@ -811,7 +834,7 @@ EXPORT int32_t llama_process(void *ctx, int type, void *batch) {
     int outer = t_hook_depth++ == 0;
     if (outer) {
         atomic_fetch_add_explicit(&g_calls[C_PROCESS], 1, memory_order_relaxed);
-        record_token(TOK_PROCESS_BEGIN, batch == t_batch ? t_batch_tokens : -1);
+        record_token(TOK_PROCESS_BEGIN, batch && batch == t_batch && t_batch_tokens > 0 ? t_batch_tokens : -1);
     }
     int32_t rc = real(ctx, type, batch);
     int e = errno;

@@ -106,6 +106,8 @@ class TuneOptions:
     gate: bool = True
     gate_model: Path | None = None
     seed: int = 0
+    # replay the probe batches recorded in `out`/probes (an interrupted tune's) instead of measuring them again
+    resume: bool = False
 
     def to_json(self) -> dict[str, Any]:
         return options_json(self)

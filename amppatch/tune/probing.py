@@ -8,8 +8,8 @@ every site off."""
 
 from __future__ import annotations
 
+import re
 import shutil
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 
 Env = tuple[tuple[str, str], ...]
 N_BOOT = 2000
+BATCH_DIR = re.compile(r"\d{3}-(site\d+-[a-z]+|joint)-t\d+")  # a batch's directory under probes/
 
 
 def pooled_comparison(reports: Sequence[Mapping[str, Any]], base: str, arm: str, setting: str, *,
@@ -93,23 +94,30 @@ class _Prober:
         o = self.options
         bench_args = o.bench_args or ()  # resolve_options has settled None to the profile's flags
         specs = tuple(ArmSpec(name, self.build_dir, bench_args, env) for name, env in arms)
-        # Each batch keeps its checkpoint and resumes from it: a rerun of an interrupted tune asks for the same
-        # batches in the same order (the search is deterministic given their results), so every batch already
-        # measured is replayed from its rounds.json, and the first one that differs is measured afresh.
+        # Every batch keeps its checkpoint. Resumed, a rerun of an interrupted tune asks for the same batches in
+        # the same order (the search is deterministic given their results), so each batch already measured is
+        # replayed from its rounds.json, and the first one that differs is measured afresh.
         out = self.probe_dir / f"{self.count:03d}-{tag}-t{threads}"
         self.batch_dirs.append(out)
         ab = AbTestOptions(arms=specs, model=o.model, threads=(threads,), tokens=o.probe_tokens,
                            reps=o.probe_reps, rounds=rounds, min_effect=o.min_effect, seed=o.seed + self.count,
-                           out=out, skip_correctness=True, latency="off", llc=False, n_boot=N_BOOT, resume=True)
+                           out=out, skip_correctness=True, latency="off", llc=False, n_boot=N_BOOT,
+                           resume=o.resume)
+        clock = self.budget.clock
+        start = clock()
         if o.lock is None:
             report = run_abtest(ab)
         else:
-            waited = time.monotonic()
             with FileLock(o.lock):
-                self.budget.exclude(time.monotonic() - waited)
+                self.budget.exclude(clock() - start)
                 report = run_abtest(ab)
         earlier = float(report.diagnostics.get("resumed_seconds") or 0.0)
         if earlier > 0:
+            # the batch costs what it cost when measured: a whole replay's own seconds (reading the checkpoint,
+            # the statistics) are not spent on measuring, and counting them would let the resumed search's
+            # estimates drift from the uninterrupted one's
+            if report.diagnostics.get("resumed_rounds") == report.diagnostics.get("rounds"):
+                self.budget.exclude(clock() - start)
             self.budget.charge(earlier)
             progress(f"tune:   {report.diagnostics.get('resumed_rounds')} round(s) replayed from {report.path}, "
                      f"{earlier / 60:.1f} min of an earlier sitting counted against the budget")
@@ -117,11 +125,14 @@ class _Prober:
 
     def remove_unreached(self) -> list[Path]:
         """Remove the batch directories under probes/ that this search did not ask for (an earlier sitting's
-        longer or diverging search), so probes/ holds what learned.json lists; returns them."""
+        longer or diverging search), so probes/ holds what learned.json lists; returns them. Only directories
+        named and filled like a batch's go: anything else a user keeps there stays."""
         if not self.probe_dir.is_dir():
             return []
         used = set(self.batch_dirs)
-        stale = sorted(d for d in self.probe_dir.iterdir() if d.is_dir() and d not in used)
+        stale = sorted(d for d in self.probe_dir.iterdir()
+                       if d.is_dir() and d not in used and BATCH_DIR.fullmatch(d.name)
+                       and any((d / name).exists() for name in ("rounds.json", "report.json")))
         for d in stale:
             shutil.rmtree(d)
         return stale

@@ -78,7 +78,8 @@ def test_per_token_latency_at_depth_counts_the_generation_steps_only(native_buil
     assert data["latency"]["available"], data["latency"]["note"]
     for arm in data["arms"]:
         latency = arm["by_setting"]["tg4-d256-t1"]["latency_ms"]
-        assert latency["n_tokens"] == 2 * (1 + 2 * 4)  # 2 rounds x (warmup step + 2 reps x 4 tokens)
+        # 2 rounds x 2 calls per arm (mirror block A B B A) x (llama-bench's warmup step + 2 reps x 4 tokens)
+        assert latency["n_tokens"] == 2 * 2 * (1 + 2 * 4)
 
 
 def test_settings_arm_gets_the_tolerance_gate_and_a_broken_arm_is_reported(

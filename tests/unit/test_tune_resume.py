@@ -4,6 +4,7 @@ afresh a batch that asks something else, and a finished tune removes the batches
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -46,9 +47,9 @@ class StillClock:
         return 100.0
 
 
-def _prober(tmp_path: Path, small_gguf: Path) -> _Prober:
+def _prober(tmp_path: Path, small_gguf: Path, *, resume: bool = True) -> _Prober:
     options = TuneOptions(repo=tmp_path, model=small_gguf, out=tmp_path / "tune", probe_tokens=8, probe_reps=2,
-                          bench_args=())
+                          bench_args=(), resume=resume)
     build = tmp_path / "build"
     if not build.exists():
         fake_build(build)
@@ -72,6 +73,15 @@ def test_a_rerun_replays_the_batches_already_measured_and_charges_their_time(
     report = Path(replayed[0].extra["report"], "report.json").read_text()
     assert '"resumed_rounds": 3' in report
     assert rerun.budget.spent() > 0.0  # the earlier sitting's time, charged as if spent now
+    assert rerun.budget.spent() == pytest.approx(float(json.loads(report)["diagnostics"]["resumed_seconds"]))
+
+
+def test_without_resume_a_rerun_measures_again(tmp_path: Path, small_gguf: Path, bench: FakeBench) -> None:
+    _prober(tmp_path, small_gguf)([Candidate(2048, 3)], 1, 3, "coarse")
+    bench.calls = 0
+    again = _prober(tmp_path, small_gguf, resume=False)
+    again([Candidate(2048, 3)], 1, 3, "coarse")
+    assert bench.calls > 0 and again.budget.spent() == 0.0
 
 
 def test_a_batch_that_asks_something_else_is_measured_afresh(tmp_path: Path, small_gguf: Path,
@@ -91,7 +101,8 @@ def test_a_finished_search_removes_the_batches_it_did_not_reach(tmp_path: Path, 
     longer([Candidate(2048, 3)], 1, 2, "confirm")
     shorter = _prober(tmp_path, small_gguf)
     shorter([Candidate(2048, 3)], 1, 2, "coarse")
+    (shorter.probe_dir / "notes").mkdir()  # not a batch's directory: never removed
     stale = shorter.remove_unreached()
     assert [d.name for d in stale] == ["002-site0-confirm-t1"]
-    assert sorted(d.name for d in shorter.probe_dir.iterdir()) == ["001-site0-coarse-t1"]
+    assert sorted(d.name for d in shorter.probe_dir.iterdir()) == ["001-site0-coarse-t1", "notes"]
     assert shorter.remove_unreached() == []
