@@ -13,6 +13,8 @@ How it searches (one site at a time, hottest first; sites already kept stay at t
    bound, so a single disturbed probe with a wide CI cannot win on a lucky point estimate.
 3. **Refinement** — bisection on a cache-line grid: the midpoints between the best distance and its probed
    neighbours (same hint), rounded to whole lines, until the bracket is one line wide or `refine_levels` ran.
+   Only when some setting ran faster than off: a site where every setting is at or below off is rolled back
+   right after the coarse grid and its expansion.
 4. **Confirmation** — the winner alone against "off" with more rounds. The winner was picked as the maximum
    of many noisy ratios, so its own probe overstates it; the fresh, longer probe decides.
 5. **Verification** at the other thread counts (the winner against "off" there). Where the winner *loses*
@@ -194,6 +196,11 @@ def promising(results: Sequence[ProbeResult], threads: int) -> bool:
     return any(r.ci_low > 1.0 for r in latest_by_candidate(results, threads).values())
 
 
+def nothing_beats_off(results: Sequence[ProbeResult], threads: int) -> bool:
+    """Every setting probed at `threads` ran at or below off (point estimates): the site is rolled back."""
+    return all((r.ratio or 0.0) <= 1.0 for r in latest_by_candidate(results, threads).values())
+
+
 def expansion_candidates(results: Sequence[ProbeResult], threads: int, config: SearchConfig) -> list[Candidate]:
     """Geometric expansion: for each main hint whose best distance is the smallest (largest) probed grid
     point, the next grid point below (above) it, if any and not probed yet."""
@@ -336,7 +343,9 @@ class _Searcher:
             extra = [c for c in extra if c not in seen]
             if extra:
                 self.run(extra, threads, "hints", rounds, self.reserve())
-        for _ in range(cfg.refine_levels):
+        # Refinement bisects toward a better setting; where every setting is at or below off, the site is
+        # rolled back whatever a midpoint between two losers gives, so its batches would only spend budget.
+        for _ in range(cfg.refine_levels if not nothing_beats_off(self.out.results, threads) else 0):
             more = refinement_candidates(self.out.results, threads, cfg)
             if not more or self.run(more, threads, "refine", rounds, self.reserve()) is None:
                 break
@@ -359,7 +368,7 @@ def tune_site(probe: ProbeFn, start: Candidate, config: SearchConfig, budget: Bu
         out.stopped_because = "budget" if out.phases_skipped else "no data"
         return out
     winner = best.candidate
-    if all((r.ratio or 0.0) <= 1.0 for r in latest_by_candidate(out.results, threads).values()):
+    if nothing_beats_off(out.results, threads):
         out.winner, out.by_threads = winner, {threads: best}
         out.reason = f"no setting beats off: the best, {winner.name}, has ratio {_measured(best)}"
         out.stopped_because = "rolled back"

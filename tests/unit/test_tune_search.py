@@ -208,6 +208,8 @@ def test_site_that_never_helps_is_rolled_back_without_confirmation() -> None:
     out = tune_site(probe, Candidate(2048, 3), SearchConfig(grid=GRID), Budget(10_000, clock), verify_threads=(2,))
     assert not out.kept and "no setting beats off" in out.reason
     assert probe.calls and all(p not in ("confirm", "verify") for _, _, _, p in probe.calls)
+    # nothing above off to bisect toward: no refinement batch either (the grid and its expansion decide)
+    assert {p for _, _, _, p in probe.calls} <= {"coarse", "expand"}
 
 
 def test_winner_curse_is_caught_by_the_confirmation() -> None:
