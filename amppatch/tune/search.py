@@ -256,9 +256,12 @@ def keep_decision(result: ProbeResult | None, min_gain: float) -> tuple[bool, st
     if result.ci_low > 1.0 + min_gain:
         return True, (f"{result.candidate.name}: ratio {result.ratio:.3f}, CI [{result.ci_low:.3f}, "
                       f"{result.ci_high:.3f}] lies above {1.0 + min_gain:.3f}")
+    ci = f"CI [{result.ci_low:.3f}, {result.ci_high:.3f}]"
+    if result.ci_high < 1.0:  # not only no gain: measurably slower
+        return False, (f"best setting {result.candidate.name} runs slower than off: ratio {result.ratio:.3f}, "
+                       f"{ci} lies wholly below 1.000")
     return False, (f"best setting {result.candidate.name} does not beat off beyond the noise: ratio "
-                   f"{result.ratio:.3f}, CI [{result.ci_low:.3f}, {result.ci_high:.3f}] reaches "
-                   f"{1.0 + min_gain:.3f}")
+                   f"{result.ratio:.3f}, {ci} does not lie above {1.0 + min_gain:.3f}")
 
 
 def loses(result: ProbeResult | None, tolerance: float) -> bool:

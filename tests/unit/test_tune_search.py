@@ -150,6 +150,9 @@ def test_best_prefers_confirmation_over_search_results() -> None:
 def test_rollback_rule_needs_the_ci_above_one() -> None:
     assert keep_decision(result(4096, 3, 1.05, half_width=0.03), 0.0)[0] is True
     assert keep_decision(result(4096, 3, 1.05, half_width=0.06), 0.0)[0] is False  # CI reaches 0.99
+    kept, why = keep_decision(result(4096, 3, 0.946, half_width=0.05), 0.0)
+    assert not kept and "runs slower than off" in why and "lies wholly below 1.000" in why  # [0.896, 0.996]
+    assert "does not lie above 1.000" in keep_decision(result(4096, 3, 1.02, half_width=0.05), 0.0)[1]
     assert keep_decision(result(4096, 3, 1.05, half_width=0.03), 0.03)[0] is False  # min gain 3 %
     assert keep_decision(None, 0.0)[0] is False
     assert loses(result(4096, 3, 0.95, half_width=0.02), 0.01) is True  # CI wholly below 1
