@@ -203,11 +203,6 @@ def token_calls(events: list[TokenEvent]) -> list[TokenCall]:
     return sorted(calls, key=lambda c: (c.begin_ns, c.end_ns))
 
 
-def token_spans(events: list[TokenEvent]) -> list[tuple[int, int]]:
-    """(begin, end) of every call `token_calls` pairs."""
-    return [(c.begin_ns, c.end_ns) for c in token_calls(events)]
-
-
 def read_trace(path: Path) -> Trace:
     """Parse one trace file; raises UsageError when it is not one (or is from another format version)."""
     path = Path(path)

@@ -348,7 +348,9 @@ class _Searcher:
                 self.run(extra, threads, "hints", rounds, self.reserve())
         # Refinement bisects toward a better setting; where every setting is at or below off, the site is
         # rolled back whatever a midpoint between two losers gives, so its batches would only spend budget.
-        for _ in range(cfg.refine_levels if not nothing_beats_off(self.out.results, threads) else 0):
+        if nothing_beats_off(self.out.results, threads):
+            return best_result(self.out.results, threads)
+        for _ in range(cfg.refine_levels):
             more = refinement_candidates(self.out.results, threads, cfg)
             if not more or self.run(more, threads, "refine", rounds, self.reserve()) is None:
                 break

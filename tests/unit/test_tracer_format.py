@@ -22,7 +22,6 @@ from amppatch.tracer.reader import (
     parse_maps,
     read_trace,
     token_calls,
-    token_spans,
     trace_files,
 )
 
@@ -86,6 +85,10 @@ def test_rejects_other_versions_and_empty_files(tmp_path: Path) -> None:
     path.write_bytes(b"")
     with pytest.raises(UsageError, match="empty"):
         read_trace(path)
+
+
+def token_spans(events: list[TokenEvent]) -> list[tuple[int, int]]:
+    return [(c.begin_ns, c.end_ns) for c in token_calls(events)]
 
 
 def ev(kind: str, t: int, tid: int = 1, arg: int = 0) -> TokenEvent:
