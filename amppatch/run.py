@@ -81,6 +81,21 @@ class RunOptions:
 
 LONG_DEPTH, QUICK_LONG_DEPTH = 1024, 128
 PROMPT_TOKENS, QUICK_PROMPT_TOKENS = 256, 64
+# Tokens a timed sample generates, from the profile's p50 token time: a sample of about PROBE_SECONDS
+# (tune) or RACE_SECONDS (the final race) keeps timer and scheduling jitter small against it, while an 8B
+# model (~0.3 s a token at 1 thread) does not spend most of a minute on every llama-bench call. Models of
+# the 1B class, under 60 ms a token, keep the upper bounds.
+PROBE_SECONDS, PROBE_TOKENS = 2.0, (8, 32)
+RACE_SECONDS, RACE_TOKENS = 4.0, (16, 64)
+
+
+def sample_tokens(token_ms: float | None, seconds: float, bounds: tuple[int, int]) -> int:
+    """Tokens for a sample of about `seconds` at `token_ms` a token, within `bounds`; the upper bound when the
+    token time is unknown (a profile from before it was recorded)."""
+    low, high = bounds
+    if token_ms is None or token_ms <= 0:
+        return high
+    return max(low, min(high, math.ceil(seconds * 1000.0 / token_ms)))
 
 
 def resolve_options(options: RunOptions) -> RunOptions:
@@ -323,6 +338,8 @@ class _Runner:
                         "hot_share": hot[0].get("share") if hot else None,
                         "sites": [f"{s.function}:{s.loop}:{s.stream}" for s in sites],
                         "fallback_sites": fallback,
+                        # sizes tune's and the final race's samples (sample_tokens)
+                        "token_p50_ms": (result.profile.get("tokens") or {}).get("p50_ms"),
                         # a mixture of experts: the products that drive each hot kernel, by its weight type
                         "matrix_ops": {h["name"]: ops_label(h) for h in hot if h.get("ops")}}
 
@@ -351,15 +368,16 @@ class _Runner:
 
         o = self.o
         assert o.threads is not None
-        quick: dict[str, Any] = dict(probe_tokens=16, probe_rounds=2, confirm_rounds=3, refine_levels=1,
-                                     max_batch=6, grid_min=1024, grid_max=8192) if o.quick else {}
+        search: dict[str, Any] = dict(probe_tokens=16, probe_rounds=2, confirm_rounds=3, refine_levels=1,
+                                      max_batch=6, grid_min=1024, grid_max=8192) if o.quick else \
+            {"probe_tokens": sample_tokens(self.outputs["profile"].get("token_p50_ms"), PROBE_SECONDS, PROBE_TOKENS)}
         # the profile gives the kernel shares: the budget split and --min-share
         result = tune(TuneOptions(
             repo=Path(self.outputs["fetch"]["repo"]), model=Path(self.outputs["model"]["model"]),
             tunable_manifest=Path(self.outputs["apply"]["manifest"]), profile=Path(self.outputs["profile"]["profile"]),
             threads=o.threads[0], verify_threads=tuple(o.threads[1:]), budget_minutes=o.budget_minutes,
             out=self.out / "tune", bench_args=self.bench_args(), lock=o.lock, seed=o.seed, min_share=o.min_share,
-            resume=True, **quick))
+            resume=True, **search))
         learned = result.learned
         winners = learned.winners
         b = learned.budget
@@ -368,6 +386,7 @@ class _Runner:
                         "dropped": len(learned.dropped),
                         "winners": [f"{w.key} d={w.distance_bytes} h={w.hint}" for w in winners],
                         "kernels": learned.kernel_rows(), "joint": learned.joint,
+                        "probe_tokens": search["probe_tokens"],
                         "budget": {k: b.get(k) for k in ("minutes", "spent_minutes", "stopped_because", "split",
                                                          "min_share")} | {"probes": len(learned.probes)}}
 
@@ -412,7 +431,8 @@ class _Runner:
             bake["stock_build"], {arm: b["build"] for arm, b in bake["arms"].items()}, self.bench_args(),
             model=Path(self.outputs["model"]["model"]), gate_model=Path(gate) if gate else None,
             threads=tuple(o.threads), long_depth=o.long_depth, prompt_tokens=o.prompt_tokens, quick=o.quick,
-            final_minutes=o.final_minutes, seed=o.seed, out=self.out / "final")
+            final_minutes=o.final_minutes, seed=o.seed, out=self.out / "final",
+            tokens=sample_tokens(self.outputs["profile"].get("token_p50_ms"), RACE_SECONDS, RACE_TOKENS))
         if o.lock is not None:
             progress(f"run: waiting for the measurement lock {o.lock} ...")
             with FileLock(o.lock):

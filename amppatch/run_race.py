@@ -184,14 +184,14 @@ def baked_record(manifest: ApplyManifest, patch: Path | None, build_manifest: Ma
 
 def race_options(stock_build: str, builds: Mapping[str, str], bench_args: tuple[str, ...], *, model: Path,
                  gate_model: Path | None, threads: tuple[int, ...], long_depth: int, prompt_tokens: int,
-                 quick: bool, final_minutes: float, seed: int, out: Path) -> AbTestOptions:
-    """The final ab-test: stock first, then the baked arms in `race_arms` order; tg at depth 0 at every thread
-    count, then the extra settings; both against prefetch besides every arm against stock. --quick: three
-    fixed rounds of short runs; otherwise the stop rule within `final_minutes`."""
+                 quick: bool, final_minutes: float, seed: int, out: Path, tokens: int = 64) -> AbTestOptions:
+    """The final ab-test: stock first, then the baked arms in `race_arms` order; tg of `tokens` at depth 0 at
+    every thread count, then the extra settings; both against prefetch besides every arm against stock.
+    --quick: three fixed rounds of short runs; otherwise the stop rule within `final_minutes`."""
     # not before STOP_MIN_ROUNDS rounds: with fewer blocks the CI of a real 1.5x gain still spans 1, and the
     # keep rule would ship stock for want of evidence
     timing: dict[str, Any] = {"rounds": 3, "tokens": 16, "reps": 2} if quick else \
-        {"max_time": final_minutes * 60.0, "min_rounds": STOP_MIN_ROUNDS, "tokens": 64}
+        {"max_time": final_minutes * 60.0, "min_rounds": STOP_MIN_ROUNDS, "tokens": tokens}
     arms = ("stock", *builds)
     return AbTestOptions(
         arms=(ArmSpec("stock", Path(stock_build), bench_args),

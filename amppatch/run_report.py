@@ -101,7 +101,8 @@ def tune_section(tune_out: Mapping[str, Any]) -> list[str]:
     lines.append(f"- budget: {b.get('spent_minutes')} of {b.get('minutes')} min ({b.get('stopped_because')}), "
                  f"{b.get('probes')} probe results"
                  + (f"; split by {b['split']}" if b.get("split") else "")
-                 + (f"; --min-share {share:.0%}" if isinstance(share, int | float) else ""))
+                 + (f"; --min-share {share:.0%}" if isinstance(share, int | float) else "")
+                 + (f"; probes of tg{tune_out['probe_tokens']}" if tune_out.get("probe_tokens") else ""))
     return lines
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from amppatch.cli.cmd_build import add_build_arguments, build_options_from_args
 from amppatch.cli.cmd_tune import parse_int_list
+from amppatch.model import SHAPES
 from amppatch.run import RunOptions
 from amppatch.run import run as run_pipeline
 from amppatch.tune.shares import DEFAULT_MIN_SHARE
@@ -23,8 +24,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "rerun with the same DIR to resume")
     parser.add_argument("--model", type=Path, metavar="PATH",
                         help="your GGUF model instead of a synthetic one (excludes --shape and --type)")
-    parser.add_argument("--shape", help="synthetic model shape: tiny, 1b, 3b (default 1b)")
-    parser.add_argument("--type", help="weight type: q8_0, q4_0, q4_k, q6_k, f16 (default q8_0)")
+    parser.add_argument("--shape", help=f"synthetic model shape, as `model synth`: {', '.join(SHAPES)} (default 1b)")
+    parser.add_argument("--type", help="weight type, a llama-quantize preset as `model synth` takes it, e.g. q8_0, "
+                                        "q4_0, Q4_K_M, f16 (default q8_0)")
     parser.add_argument("--threads", metavar="LIST",
                         help="thread counts, the first is tuned, the others verified (default 1,<CPU count>)")
     parser.add_argument("--budget", type=float, default=20.0, metavar="MINUTES", help="tune budget (default 20)")

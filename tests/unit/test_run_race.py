@@ -119,6 +119,24 @@ def test_race_options_race_every_arm_at_every_setting(tmp_path: Path) -> None:
     assert [s.id for s in settings_for(o)] == ["tg64-t1", "tg64-t2", "tg16-d4096-t1", "pp512-t1"]
 
 
+def test_samples_are_sized_from_the_profiles_token_time(tmp_path: Path) -> None:
+    from amppatch.run import PROBE_SECONDS, PROBE_TOKENS, RACE_SECONDS, RACE_TOKENS, sample_tokens
+
+    # a 1B-class model keeps the upper bounds; an 8B at ~330 ms a token gets the lower ones
+    assert sample_tokens(25.0, PROBE_SECONDS, PROBE_TOKENS) == 32
+    assert sample_tokens(25.0, RACE_SECONDS, RACE_TOKENS) == 64
+    assert sample_tokens(330.0, PROBE_SECONDS, PROBE_TOKENS) == 8
+    assert sample_tokens(330.0, RACE_SECONDS, RACE_TOKENS) == 16
+    assert sample_tokens(100.0, RACE_SECONDS, RACE_TOKENS) == 40  # between the bounds: about 4 s
+    assert sample_tokens(None, PROBE_SECONDS, PROBE_TOKENS) == 32  # a profile without token times
+    o = run_race.race_options("/b/stock", {"pages": "/b/h"}, (), model=tmp_path / "m.gguf", gate_model=None,
+                              threads=(1, 2), long_depth=4096, prompt_tokens=256, quick=False, final_minutes=10,
+                              seed=0, out=tmp_path / "final", tokens=16)
+    from amppatch.abtest import settings_for
+
+    assert [s.id for s in settings_for(o)] == ["tg16-t1", "tg16-t2", "tg16-d4096-t1", "pp256-t1"]
+
+
 def test_only_failures_where_stock_failed_too_are_tolerated() -> None:
     failures = [{"arm": "stock", "setting": "pp64-t1", "reason": "r"}, {"arm": "pages", "setting": "pp64-t1",
                                                                           "reason": "r"},

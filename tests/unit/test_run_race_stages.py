@@ -117,6 +117,29 @@ def test_the_final_race_measures_every_arm_at_every_setting(tmp_path: Path, monk
     assert o.gate_model == tmp_path / "g.gguf" and not o.skip_correctness
 
 
+def test_a_slow_models_samples_are_short_in_tune_and_race(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from amppatch import abtest, tune
+
+    _fake_apply(monkeypatch, tmp_path)
+    r = _runner(tmp_path, monkeypatch, "always [madvise] never")
+    r.outputs["profile"]["token_p50_ms"] = 330.0  # an 8B at 1 thread
+    r.outputs["bake"] = r.bake()[1]
+    seen: list[Any] = []
+
+    def capture(options: Any) -> None:
+        seen.append(options)
+        raise _Captured
+
+    monkeypatch.setattr(tune, "tune", capture)
+    monkeypatch.setattr(abtest, "run_abtest", capture)
+    with pytest.raises(_Captured):
+        r.tune()
+    with pytest.raises(_Captured):
+        r.final()
+    assert seen[0].probe_tokens == 8
+    assert [s.id for s in abtest.settings_for(seen[1])] == ["tg16-t1", "tg16-t2", "tg16-d1024-t1", "pp256-t1"]
+
+
 def test_nothing_baked_skips_the_race(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     r = _runner(tmp_path, monkeypatch, "always madvise [never]", kept=0)
     r.outputs["bake"] = {"reason": "no lever to race", "paths": []}

@@ -127,7 +127,10 @@ def test_report_tune_section_is_a_per_kernel_table_with_the_joint_line(tmp_path:
     assert lines[6].endswith("below --min-share 5.0%: not tuned | — |")
     assert "Joint verification: one site kept after dropping 1 site(s), measured alone against every site off: " \
            "1.061 [1.042, 1.080]." in section
-    assert "- budget: 19.4 of 20.0 min (done), 41 probe results; split by kernel share; --min-share 5%" in section
+    assert "- budget: 19.4 of 20.0 min (done), 41 probe results; split by kernel share; --min-share 5%\n" in section
+    outputs["tune"]["probe_tokens"] = 8
+    section = render_summary(RunOptions(out=tmp_path, threads=(1, 2)), outputs, {}).split("## Tune\n")[1]
+    assert "; --min-share 5%; probes of tg8\n" in section
 
 
 def test_joint_line_says_each_outcome() -> None:
