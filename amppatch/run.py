@@ -360,6 +360,10 @@ class _Runner:
         return "done", {"manifest": str(manifest.path), "branch": manifest.branch,
                         "tunable_build": manifest.build_b, "paths": [str(manifest.path)]}
 
+    def token_ms(self) -> float | None:
+        """The profile's p50 token time (None from a profile stage recorded before it was kept)."""
+        return (self.outputs.get("profile") or {}).get("token_p50_ms")
+
     def bench_args(self) -> tuple[str, ...]:
         return ("--repack", str(self.o.repack)) if self.o.repack is not None else ()
 
@@ -370,7 +374,7 @@ class _Runner:
         assert o.threads is not None
         search: dict[str, Any] = dict(probe_tokens=16, probe_rounds=2, confirm_rounds=3, refine_levels=1,
                                       max_batch=6, grid_min=1024, grid_max=8192) if o.quick else \
-            {"probe_tokens": sample_tokens(self.outputs["profile"].get("token_p50_ms"), PROBE_SECONDS, PROBE_TOKENS)}
+            {"probe_tokens": sample_tokens(self.token_ms(), PROBE_SECONDS, PROBE_TOKENS)}
         # the profile gives the kernel shares: the budget split and --min-share
         result = tune(TuneOptions(
             repo=Path(self.outputs["fetch"]["repo"]), model=Path(self.outputs["model"]["model"]),
@@ -432,7 +436,7 @@ class _Runner:
             model=Path(self.outputs["model"]["model"]), gate_model=Path(gate) if gate else None,
             threads=tuple(o.threads), long_depth=o.long_depth, prompt_tokens=o.prompt_tokens, quick=o.quick,
             final_minutes=o.final_minutes, seed=o.seed, out=self.out / "final",
-            tokens=sample_tokens(self.outputs["profile"].get("token_p50_ms"), RACE_SECONDS, RACE_TOKENS))
+            tokens=sample_tokens(self.token_ms(), RACE_SECONDS, RACE_TOKENS))
         if o.lock is not None:
             progress(f"run: waiting for the measurement lock {o.lock} ...")
             with FileLock(o.lock):
