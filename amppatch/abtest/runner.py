@@ -78,6 +78,25 @@ def stop_rule(rounds_done: int, comps: Sequence[dict[str, Any]], *, all_failed: 
 
 
 
+def overrun_note(rounds_done: int, *, max_time: float | None, min_rounds: int, elapsed: float,
+                 round_seconds: float) -> str | None:
+    """A line saying the race will outlast `max_time` because the time limit does not stop it before
+    `min_rounds` rounds, or None when it will not (or no time limit was given).
+
+    `elapsed` and `round_seconds` are as in `stop_rule`; the projection takes the last round's time for each
+    round still owed."""
+    floor = max(MIN_ROUNDS, min_rounds)
+    if max_time is None or rounds_done >= floor:
+        return None
+    projected = elapsed + (floor - rounds_done) * round_seconds
+    if projected <= max_time:
+        return None
+    return (f"ab-test: a round takes ~{round_seconds / 60:.0f} min here, so the {floor} rounds a verdict needs "
+            f"end after ~{projected / 60:.0f} min, past the {max_time / 60:.0f} min limit; the race goes on "
+            "(no verdict is called on fewer rounds), and an interrupted race resumes from the rounds "
+            "it recorded")
+
+
 def _progress_line(round_index: int, total: str, comps: list[dict[str, Any]], elapsed: float) -> str:
     parts = []
     for c in comps:
@@ -297,6 +316,7 @@ def _timed_rounds(setup: Setup, executor: SlotExecutor | None, failures: dict[tu
         round_index = timed.resumed_rounds = earlier.rounds
         earlier_seconds = timed.resumed_seconds = earlier.elapsed_seconds
 
+    overrun_said = False  # the projection is said once, after the first round that shows it
     try:
         stop = resume.stopped_because
         if stop is not None:
@@ -315,6 +335,12 @@ def _timed_rounds(setup: Setup, executor: SlotExecutor | None, failures: dict[tu
                 resume.fingerprint, round_index, elapsed, tuple(samples), dict(failures),
                 tuple(resume.correctness), dict(getattr(bench, "traces", {})), ckpt.warmup_records(arms)))
             stop = _stop(setup, failures, round_index, comps, elapsed, round_seconds)
+            note = None if stop is not None or overrun_said else overrun_note(
+                round_index, max_time=options.max_time, min_rounds=options.min_rounds, elapsed=elapsed,
+                round_seconds=round_seconds)
+            if note is not None:
+                progress(note)
+                overrun_said = True
             if stop is not None:
                 timed.stopped_because = stop
     except KeyboardInterrupt:

@@ -125,6 +125,22 @@ def test_the_time_limit_waits_for_min_rounds(tmp_path: Path) -> None:
         abtest.validate(_options(tmp_path, "o", min_rounds=1))
 
 
+def test_a_race_that_will_outlast_its_time_limit_says_so_once(tmp_path: Path, offline: list[str],
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    kw: dict = {"max_time": 2400.0, "min_rounds": 5}
+    note = runner.overrun_note(1, elapsed=3670.0, round_seconds=3600.0, **kw)
+    assert note is not None and "~60 min here" in note and "5 rounds" in note and "~301 min" in note
+    assert "40 min limit" in note
+    assert runner.overrun_note(1, elapsed=60.0, round_seconds=60.0, **kw) is None  # five rounds fit
+    assert runner.overrun_note(5, elapsed=9e4, round_seconds=3600.0, **kw) is None  # the limit stops it now
+    assert runner.overrun_note(1, elapsed=9e4, round_seconds=3600.0, max_time=None, min_rounds=5) is None
+
+    replay = Replay()
+    abtest.run_abtest(_options(tmp_path, "slow", rounds=None, max_time=1e-6, min_rounds=5), replay)
+    assert {s.round for s in replay.slots} == {0, 1, 2, 3, 4}
+    assert capsys.readouterr().err.count("the race goes on") == 1
+
+
 def test_a_checkpoint_of_another_race_is_not_used(tmp_path: Path, offline: list[str],
                                                   capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(KeyboardInterrupt):
