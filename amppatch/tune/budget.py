@@ -111,7 +111,8 @@ class Budget:
         self.seconds = seconds
         self.clock = clock
         self.start = clock()
-        self.excluded = 0.0
+        self.excluded = 0.0  # seconds not counted as spent: lock waits and replays, less earlier sittings' charges
+        self.lock_waited = 0.0  # of them, the waits for the measurement lock (reported on their own)
         self._runs = 0.0  # llama-bench calls measured so far
         self._run_seconds = 0.0
 
@@ -123,6 +124,11 @@ class Budget:
 
     def exclude(self, seconds: float) -> None:
         self.excluded += max(0.0, seconds)
+
+    def wait_for_lock(self, seconds: float) -> None:
+        """Exclude `seconds` spent waiting for the measurement lock, and count them as such."""
+        self.exclude(seconds)
+        self.lock_waited += max(0.0, seconds)
 
     def charge(self, seconds: float) -> None:
         """Count `seconds` as spent now: what an earlier sitting measured of a batch this one replays from
@@ -157,6 +163,10 @@ class SubBudget(Budget):
     def exclude(self, seconds: float) -> None:
         super().exclude(seconds)
         self.parent.exclude(seconds)
+
+    def wait_for_lock(self, seconds: float) -> None:
+        super().wait_for_lock(seconds)
+        self.parent.lock_waited += max(0.0, seconds)  # the parent's exclusion came through exclude() above
 
     def charge(self, seconds: float) -> None:
         super().charge(seconds)

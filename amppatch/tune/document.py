@@ -131,7 +131,7 @@ class LearnedWriter:
             "threads": options.threads,
             "verify_threads": list(options.verify_threads or ()),
             "budget": {"minutes": options.budget_minutes, "spent_minutes": _minutes(budget.spent()),
-                       "lock_wait_minutes": _minutes(budget.excluded),
+                       "lock_wait_minutes": _minutes(budget.lock_waited),
                        "exhausted": budget.remaining() <= 0 or any(r["phases_skipped"] for r in sites),
                        "stopped_because": stopped, "split": self.split, "min_share": options.min_share,
                        "shares_from": str(options.profile) if options.profile else None},

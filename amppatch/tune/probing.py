@@ -109,7 +109,7 @@ class _Prober:
             report = run_abtest(ab)
         else:
             with FileLock(o.lock):
-                self.budget.exclude(clock() - start)
+                self.budget.wait_for_lock(clock() - start)
                 report = run_abtest(ab)
         earlier = float(report.diagnostics.get("resumed_seconds") or 0.0)
         if earlier > 0:

@@ -22,7 +22,7 @@ from amppatch.tune import (
     tune_site,
     verify_jointly,
 )
-from amppatch.tune.budget import JOINT_RESERVE_FRACTION, extension_rounds, joint_reserve, open_width
+from amppatch.tune.budget import JOINT_RESERVE_FRACTION, SubBudget, extension_rounds, joint_reserve, open_width
 from amppatch.tune.shares import kernel_share
 
 GRID = (512, 1024, 2048, 4096, 8192, 16384)
@@ -63,6 +63,16 @@ def test_extension_rounds_fit_the_slice() -> None:
     assert extension_rounds(100.0, 10.0, 8) == 9  # 10 rounds of 10 s, one of them the warmup
     assert extension_rounds(15.0, 10.0, 8) == 2  # never fewer than two blocks
     assert extension_rounds(100.0, None, 8) == 8  # nothing measured yet: the confirmation's rounds
+
+
+def test_lock_waits_are_excluded_and_counted_apart_from_replayed_time() -> None:
+    clock = FakeClock()
+    parent = Budget(1000.0, clock)
+    share = SubBudget(parent, 300.0)
+    share.wait_for_lock(40.0)
+    share.charge(100.0)  # an earlier sitting's batch, replayed
+    assert parent.spent() == pytest.approx(60.0) and share.spent() == pytest.approx(60.0)
+    assert parent.lock_waited == share.lock_waited == 40.0
 
 
 def test_joint_reserve() -> None:

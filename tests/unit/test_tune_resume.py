@@ -74,6 +74,7 @@ def test_a_rerun_replays_the_batches_already_measured_and_charges_their_time(
     assert '"resumed_rounds": 3' in report
     assert rerun.budget.spent() > 0.0  # the earlier sitting's time, charged as if spent now
     assert rerun.budget.spent() == pytest.approx(float(json.loads(report)["diagnostics"]["resumed_seconds"]))
+    assert rerun.budget.lock_waited == 0.0  # a replay is no wait for the lock (learned.json reports this)
 
 
 def test_without_resume_a_rerun_measures_again(tmp_path: Path, small_gguf: Path, bench: FakeBench) -> None:
