@@ -127,7 +127,7 @@ class Budget:
 
     def wait_for_lock(self, seconds: float) -> None:
         """Exclude `seconds` spent waiting for the measurement lock, and count them as such."""
-        self.exclude(seconds)
+        self.excluded += max(0.0, seconds)
         self.lock_waited += max(0.0, seconds)
 
     def charge(self, seconds: float) -> None:
@@ -166,7 +166,7 @@ class SubBudget(Budget):
 
     def wait_for_lock(self, seconds: float) -> None:
         super().wait_for_lock(seconds)
-        self.parent.lock_waited += max(0.0, seconds)  # the parent's exclusion came through exclude() above
+        self.parent.wait_for_lock(seconds)
 
     def charge(self, seconds: float) -> None:
         super().charge(seconds)
