@@ -127,7 +127,8 @@ class Budget:
 
     def wait_for_lock(self, seconds: float) -> None:
         """Exclude `seconds` spent waiting for the measurement lock, and count them as such."""
-        self.excluded += max(0.0, seconds)
+        # this budget's own exclusion only: a sub-budget reaches its parent through the parent's wait_for_lock
+        Budget.exclude(self, seconds)
         self.lock_waited += max(0.0, seconds)
 
     def charge(self, seconds: float) -> None:
